@@ -1,0 +1,14 @@
+"""Modality models: one module per modality behind one encoder protocol. No database code here."""
+
+from encoders.base import EncodeResult, Encoder, InputError, load_encoder
+from encoders.registry import DEFAULT_ENCODER, ENCODERS, encoder_class
+
+__all__ = [
+    "DEFAULT_ENCODER",
+    "ENCODERS",
+    "EncodeResult",
+    "Encoder",
+    "InputError",
+    "encoder_class",
+    "load_encoder",
+]

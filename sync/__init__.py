@@ -1,0 +1,1 @@
+"""Wires encoders to PostgreSQL: specs, connections, sources, sink, queue, workers, bridge, CLI."""

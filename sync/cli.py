@@ -1,0 +1,372 @@
+"""The ``vectorsync`` command line.
+
+Every command reads the config (``--config``, default ``./vectorsync.toml``) and connects by the
+precedence ``--database-url`` > ``VECTORSYNC_DATABASE_URL`` > ``[database] url`` > the embedded
+PostgreSQL. Expected failures print one line and exit 1; they never print a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import psycopg
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sync import db
+from sync.spec import Config, SpecError, load_config
+
+app = typer.Typer(
+    help="Keep vector embeddings of your PostgreSQL tables in sync, in pgvector columns.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+@dataclass
+class State:
+    config_path: Path
+    database_url: str | None
+    _config: Config | None = None
+    _url: str | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+    def config_or_empty(self) -> Config:
+        return self.config if self.config_path.exists() else Config()
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            config_url = self.config_or_empty().database.url
+            self._url = db.resolve_url(self.database_url, config_url, self.config_path)
+        return self._url
+
+
+def _state(ctx: typer.Context) -> State:
+    return ctx.obj
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option("--config", "-c", help="Spec file.", envvar="VECTORSYNC_CONFIG")] = Path(
+        "vectorsync.toml"
+    ),
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="PostgreSQL URL; overrides VECTORSYNC_DATABASE_URL and the config."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """vectorsync: embeddings of rows, images, faces, text and graphs, kept in sync in pgvector.
+
+    Without a database URL it runs an embedded PostgreSQL + pgvector in .vectorsync/ beside the
+    config file (or VECTORSYNC_DATA_DIR).
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ctx.obj = State(config, database_url)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@app.command("db-url")
+def db_url(ctx: typer.Context) -> None:
+    """Print the database URL in use (starts the embedded server if that is the one)."""
+    out.print(_state(ctx).url, highlight=False, soft_wrap=True)
+
+
+@app.command("db-stop")
+def db_stop(ctx: typer.Context) -> None:
+    """Stop the embedded PostgreSQL server cleanly (its data stays)."""
+    directory = db.data_dir(_state(ctx).config_path)
+    stopped = db.stop_embedded(directory)
+    console.print("embedded server stopped" if stopped else f"no embedded server is running in {directory}")
+
+
+@app.command()
+def migrate(
+    ctx: typer.Context,
+    downgrade: Annotated[bool, typer.Option("--downgrade", help="Remove everything vectorsync made.")] = False,
+    recreate: Annotated[
+        list[str] | None, typer.Option("--recreate", help="Drop and rebuild this embedding's table (e.g. after a dim change).")
+    ] = None,
+) -> None:
+    """Create or update vectorsync's schema, target tables, indexes and triggers (Alembic)."""
+    from sync import schema
+
+    state = _state(ctx)
+    if downgrade:
+        dropped = schema.downgrade(state.url)
+        console.print(f"removed vectorsync's schema and {len(dropped)} embedding table(s); your tables are untouched")
+        return
+    report = schema.upgrade(state.url, state.config, recreate=recreate)
+    changed = "up to date" if report.revision_before == report.revision_after else f"-> {report.revision_after}"
+    console.print(f"schema {changed}; embeddings: {', '.join(report.embeddings) or 'none'}")
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Embedding to train.")],
+    sample: Annotated[int | None, typer.Option(help="Train on at most this many rows.")] = None,
+) -> None:
+    """Train the embedding's encoder on its table's rows and store it as a new model version."""
+    from sync import catalog
+    from sync import train as training
+
+    state = _state(ctx)
+    spec = state.config.embedding(name)
+    with db.connection(state.url, autocommit=True) as conn:
+        emb = catalog.load(conn, spec)
+        with _progress() as bar:
+            task = bar.add_task(f"train {name}", total=None, info="")
+
+            def report(step: int, total: int, metrics: dict[str, float]) -> None:
+                info = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                bar.update(task, completed=step, total=total, info=info)
+
+            version, metrics, rows = training.train(state.url, conn, emb, progress=report, sample=sample)
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    console.print(f"{name}: model version {version} trained on {rows} rows ({shown})")
+
+
+def _sync_one(state: State, conn: psycopg.Connection, spec: Any, batch_size: int, bar: Progress) -> dict[str, Any]:
+    from sync import bulk, catalog, models
+    from sync import train as training
+    from sync.spec import GraphEmbeddingSpec
+
+    emb = catalog.load(conn, spec)
+    if isinstance(spec, GraphEmbeddingSpec):
+        from sync import graph
+
+        return graph.sync_graph(conn, emb, progress=bar)
+    if models.current_version(conn, spec.name) is None and models.new_encoder(spec).trainable:
+        console.print(f"{spec.name}: no model yet, training one first")
+        training.train(state.url, conn, emb)
+        emb = catalog.load(conn, spec)
+    task = bar.add_task(f"sync {spec.name}", total=None, info="")
+
+    def on_batch(done: int, total: int, failed: int) -> None:
+        bar.update(task, completed=done, total=total, info=f"failed={failed}" if failed else "")
+
+    return bulk.sync_embedding(conn, emb, state.config.worker, batch_size=batch_size, on_progress=on_batch)
+
+
+@app.command("sync")
+def sync_command(
+    ctx: typer.Context,
+    names: Annotated[list[str] | None, typer.Argument(help="Embeddings to sync (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 2048,
+) -> None:
+    """Embed every row that has no vector from the current model or whose inputs changed; remove
+    vectors of deleted rows. Exits 0 when nothing is pending; a second run does no work."""
+    state = _state(ctx)
+    specs = state.config.select(names)
+    with db.connection(state.url, autocommit=True) as conn, _progress() as bar:
+        for spec in specs:
+            counts = _sync_one(state, conn, spec, batch_size, bar)
+            bar.console.print(
+                f"{spec.name}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "seconds")
+            )
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Per embedding: source rows, embedded, pending, failed, model version, lag, throughput; live workers."""
+    from sync import monitor
+
+    state = _state(ctx)
+    with db.connection(state.url, autocommit=True) as conn:
+        report = monitor.status(conn, state.config_or_empty())
+    if as_json:
+        out.print_json(json.dumps(report, default=str))
+        return
+    table = Table(title="embeddings")
+    columns = ["name", "source_rows", "embedded", "pending", "failed", "model_version", "lag_seconds",
+               "per_second_1m", "last_sync"]
+    for column in columns:
+        table.add_column(column)
+    for row in report["embeddings"]:
+        table.add_row(*[("" if row.get(c) is None else str(row.get(c))) for c in columns])
+    out.print(table)
+    workers = Table(title="live workers")
+    for column in ["id", "embeddings", "embedded", "failed", "heartbeat_age_s"]:
+        workers.add_column(column)
+    for row in report["workers"]:
+        workers.add_row(row["id"], ",".join(row["embeddings"]), str(row["embedded"]), str(row["failed"]),
+                        f"{row['heartbeat_age_s']:.1f}")
+    out.print(workers)
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Embedding.")],
+    key: Annotated[str, typer.Argument(help="Key of the row whose neighbours you want.")],
+    k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print [{key, distance}, ...].")] = False,
+) -> None:
+    """The k nearest rows to row KEY (itself excluded), by the spec's distance, through the index."""
+    state = _state(ctx)
+    with db.connection(state.url, autocommit=True) as conn:
+        try:
+            rows = conn.execute("SELECT key, distance FROM vectorsync.nearest(%s, %s, %s)", (name, key, k)).fetchall()
+        except psycopg.errors.RaiseException as exc:
+            raise SpecError(str(exc.diag.message_primary).removeprefix("vectorsync: ")) from None
+    result = [{"key": r[0], "distance": r[1]} for r in rows]
+    if as_json:
+        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"nearest to {name} {key}")
+    table.add_column("key")
+    table.add_column("distance")
+    for row in result:
+        table.add_row(row["key"], f"{row['distance']:.4f}")
+    out.print(table)
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    names: Annotated[list[str] | None, typer.Argument(help="Embeddings (default: all).")] = None,
+) -> None:
+    """Re-queue items from vectorsync.failed (after you fixed their rows or files)."""
+    state = _state(ctx)
+    selected = [s.name for s in state.config.select(names)]
+    with db.connection(state.url) as conn:
+        cur = conn.execute(
+            "WITH moved AS (DELETE FROM vectorsync.failed WHERE embedding = ANY(%s) RETURNING embedding, key) "
+            "INSERT INTO vectorsync.queue (embedding, key) SELECT embedding, key FROM moved",
+            (selected,),
+        )
+        count = cur.rowcount
+        for name in selected:
+            conn.execute("SELECT pg_notify('vectorsync', %s)", (name,))
+        conn.commit()
+    console.print(f"re-queued {count} failed item(s)")
+
+
+@app.command()
+def worker(
+    ctx: typer.Context,
+    names: Annotated[list[str] | None, typer.Argument(help="Embeddings to serve (default: all).")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-n", min=1, help="Worker threads.")] = 1,
+    batch_size: Annotated[int | None, typer.Option(help="Items per batch (default: [worker] batch_size).")] = None,
+    max_wait_ms: Annotated[
+        int | None, typer.Option(help="Longest wait for a partial batch to fill after a change.")
+    ] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(help="Seconds to finish the current batch on stop.")] = 10.0,
+) -> None:
+    """Run until SIGTERM/SIGINT: wait for changes (LISTEN), embed them, keep graph bridges fresh."""
+    from sync.daemon import run_workers
+
+    state = _state(ctx)
+    run_workers(
+        state.url,
+        state.config,
+        names,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        max_wait_ms=max_wait_ms,
+        metrics_port=metrics_port,
+        shutdown_timeout=shutdown_timeout,
+        console=console,
+    )
+
+
+@app.command()
+def reindex(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Embedding.")],
+) -> None:
+    """Rebuild the embedding's vector index with the spec's parameters."""
+    from sync import bulk, catalog
+
+    state = _state(ctx)
+    spec = state.config.embedding(name)
+    with db.connection(state.url, autocommit=True) as conn:
+        emb = catalog.load(conn, spec)
+        started = time.perf_counter()
+        bulk.rebuild_index(conn, emb)
+    console.print(f"{name}: index rebuilt in {time.perf_counter() - started:.1f}s")
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    k: Annotated[int, typer.Option("-k", help="Neighbours to show per example.")] = 5,
+) -> None:
+    """Load a real dataset into the embedded database, migrate, train, sync, and show neighbours."""
+    from sync.demo import run_demo
+
+    state = _state(ctx)
+    run_demo(state, k=k, console=out, progress=_progress)
+
+
+KNOWN_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from migrations.operations import SchemaChangeError
+    from sync.catalog import NotMigrated
+    from sync.models import NoModel
+    from sync.schema import SpecMismatch
+
+    return (SpecError, db.DatabaseError, SpecMismatch, SchemaChangeError, NotMigrated, NoModel, ValueError)
+
+
+def run() -> None:
+    """Console-script entry point: expected failures become one line and exit status 1."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        app()
+    except _known_errors() as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(1)
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        console.print(f"[red]error:[/red] database connection failed: {reason}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "main"
+    run()

@@ -1,0 +1,130 @@
+"""Database connections: URL precedence, the embedded pgserver default, and start-up checks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+log = logging.getLogger(__name__)
+
+ENV_URL = "VECTORSYNC_DATABASE_URL"
+ENV_DATA_DIR = "VECTORSYNC_DATA_DIR"
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used; the message says why and what to do, in one sentence."""
+
+
+def data_dir(config_path: str | Path | None) -> Path:
+    """Where the embedded server keeps its files: ``VECTORSYNC_DATA_DIR`` or ``.vectorsync/``
+    beside the config file."""
+    if os.environ.get(ENV_DATA_DIR):
+        return Path(os.environ[ENV_DATA_DIR]).expanduser().resolve()
+    base = Path(config_path).resolve().parent if config_path else Path.cwd()
+    return base / ".vectorsync"
+
+
+def embedded_url(directory: Path) -> str:
+    """Start (or join) the embedded PostgreSQL + pgvector in ``directory`` and return its URL.
+
+    The server outlives this process so later commands and concurrent processes reuse it;
+    ``vectorsync db-stop`` stops it cleanly.
+    """
+    try:
+        import pgserver
+    except ImportError as exc:  # pragma: no cover - pgserver is a hard dependency
+        raise DatabaseError("the embedded database needs the 'pgserver' package: pip install pgserver") from exc
+    directory.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    server = pgserver.get_server(directory / "pgdata", cleanup_mode=None)
+    return server.get_uri()
+
+
+def stop_embedded(directory: Path) -> bool:
+    """Stop the embedded server in ``directory`` if it runs; return whether one was stopped."""
+    import pgserver
+
+    pgdata = directory / "pgdata"
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    server.cleanup()
+    return True
+
+
+def resolve_url(cli_url: str | None, config_url: str | None, config_path: str | Path | None) -> str:
+    """``--database-url`` > ``VECTORSYNC_DATABASE_URL`` > ``[database] url`` > embedded default."""
+    for candidate in (cli_url, os.environ.get(ENV_URL), config_url):
+        if candidate:
+            return candidate
+    return embedded_url(data_dir(config_path))
+
+
+def connect(url: str, *, autocommit: bool = False, vector: bool = True) -> psycopg.Connection:
+    """Open a connection with pgvector's types registered; one clear error when it fails."""
+    try:
+        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DatabaseError(f"cannot connect to the database at {redact(url)}: {reason}") from None
+    if vector:
+        try:
+            register_vector(conn)
+        except psycopg.ProgrammingError:
+            # The extension is not created yet (before the first migrate); types register later.
+            conn.rollback()
+    return conn
+
+
+@contextmanager
+def connection(url: str, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+    conn = connect(url, autocommit=autocommit)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def ensure_vector_extension(conn: psycopg.Connection) -> None:
+    """Create pgvector if missing; a server without it gets one clear error saying how to fix it."""
+    row = conn.execute(
+        "SELECT default_version, installed_version FROM pg_available_extensions WHERE name = 'vector'"
+    ).fetchone()
+    if row is None:
+        raise DatabaseError(
+            "the PostgreSQL server has no 'vector' extension available; install pgvector "
+            "(https://github.com/pgvector/pgvector#installation, e.g. apt install postgresql-16-pgvector) "
+            "or use the embedded default by unsetting VECTORSYNC_DATABASE_URL"
+        )
+    if row[1] is None:
+        try:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        except psycopg.errors.InsufficientPrivilege:
+            conn.rollback()
+            raise DatabaseError(
+                "the 'vector' extension is available but not created, and this role may not create it; "
+                "ask a superuser to run: CREATE EXTENSION vector"
+            ) from None
+    register_vector(conn)
+
+
+def redact(url: str) -> str:
+    """The URL with any password hidden, for messages."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<invalid url>"
+    if info.get("password"):
+        info["password"] = "***"
+    return psycopg.conninfo.make_conninfo(**{k: v for k, v in info.items() if v is not None})
+
+
+def qualified(schema: str | None, name: str) -> sql.Identifier:
+    return sql.Identifier(schema, name) if schema else sql.Identifier(name)

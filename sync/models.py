@@ -1,0 +1,97 @@
+"""The model registry: encoder weights, parameters and metrics, versioned, stored in Postgres.
+
+Every worker on every machine loads the same bytes, so every vector of one version is comparable.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+
+from encoders.base import Encoder, load_encoder
+from encoders.registry import encoder_class
+from sync.catalog import Embedding
+from sync.spec import EmbeddingSpec
+
+
+class NoModel(RuntimeError):
+    """The embedding needs a trained model and has none."""
+
+
+def encoder_params(spec: EmbeddingSpec) -> dict[str, Any]:
+    """The encoder's parameters: the spec's ``encoder`` table plus the modality's own fields."""
+    params: dict[str, Any] = {**spec.encoder.params, "seed": spec.encoder.seed}
+    for field in ("image_size", "channels", "detect_faces", "label_column", "encoding", "max_tokens", "long_text"):
+        if hasattr(spec, field):
+            params[field] = getattr(spec, field)
+    return params
+
+
+def new_encoder(spec: EmbeddingSpec) -> Encoder:
+    return encoder_class(spec.encoder_type)(spec.dim, spec.input_columns, encoder_params(spec))
+
+
+def store(
+    conn: psycopg.Connection,
+    emb: Embedding,
+    encoder: Encoder,
+    metrics: dict[str, float],
+    trained_rows: int | None,
+) -> int:
+    """Save a new model version and make it current; returns the version number."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('vectorsync.models:' || %s, 0))", (emb.name,))
+    version = conn.execute(
+        "SELECT coalesce(max(version), 0) + 1 FROM vectorsync.models WHERE embedding = %s", (emb.name,)
+    ).fetchone()[0]
+    conn.execute(
+        "INSERT INTO vectorsync.models (embedding, version, encoder_type, dim, weights, metrics, params, trained_rows) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            emb.name,
+            version,
+            encoder.type,
+            encoder.dim,
+            encoder.to_bytes(),
+            json.dumps(metrics),
+            json.dumps(encoder.params, default=str),
+            trained_rows,
+        ),
+    )
+    conn.execute("UPDATE vectorsync.embeddings SET current_version = %s WHERE name = %s", (version, emb.name))
+    return version
+
+
+def current_version(conn: psycopg.Connection, name: str) -> int | None:
+    row = conn.execute("SELECT current_version FROM vectorsync.embeddings WHERE name = %s", (name,)).fetchone()
+    return row[0] if row else None
+
+
+class ModelCache:
+    """Loads each (embedding, version) once per process."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, int], Encoder] = {}
+
+    def get(self, conn: psycopg.Connection, emb: Embedding, version: int) -> Encoder:
+        key = (emb.name, version)
+        if key not in self._models:
+            row = conn.execute(
+                "SELECT weights FROM vectorsync.models WHERE embedding = %s AND version = %s", key
+            ).fetchone()
+            if row is None:
+                raise NoModel(f"embedding {emb.name!r} has no model version {version}")
+            self._models[key] = load_encoder(bytes(row[0]))
+        return self._models[key]
+
+
+def ensure_model(conn: psycopg.Connection, emb: Embedding) -> int:
+    """The current version; pretrained encoders get version 1 registered on first use."""
+    version = current_version(conn, emb.name)
+    if version is not None:
+        return version
+    encoder = new_encoder(emb.spec)
+    if encoder.trainable:
+        raise NoModel(f"embedding {emb.name!r} has no trained model yet; run `vectorsync train {emb.name}`")
+    return store(conn, emb, encoder, {}, None)

@@ -1,0 +1,180 @@
+"""``vectorsync migrate``: check the specs against the database, run Alembic, reconcile embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from psycopg import sql
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
+from migrations import MIGRATIONS_DIR
+from migrations.operations import EmbeddingObjects, SchemaChangeError, create_embedding, drop_embedding
+from sync.db import ensure_vector_extension
+from sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, split_qualified
+
+
+class SpecMismatch(ValueError):
+    """The config names tables or columns that the database does not have."""
+
+
+@dataclass
+class MigrateReport:
+    revision_before: str | None
+    revision_after: str | None
+    embeddings: list[str]
+
+
+def objects_for(spec: EmbeddingSpec, source_schema: str) -> EmbeddingObjects:
+    return EmbeddingObjects(
+        name=spec.name,
+        modality=spec.modality,
+        source_schema=source_schema,
+        source_table=spec.source_name,
+        key_column=spec.key,
+        input_columns=spec.input_columns,
+        target_schema=(split_qualified(spec.target)[0] if spec.target else None) or source_schema,
+        target_table=spec.target_name,
+        dim=spec.dim,
+        distance=spec.distance,
+        index_kind=spec.index.kind,
+        m=spec.index.m,
+        ef_construction=spec.index.ef_construction,
+        ef_search=spec.index.ef_search,
+        lists=spec.index.lists,
+        probes=spec.index.probes,
+        capture=not isinstance(spec, GraphEmbeddingSpec),
+        spec=spec.model_dump(mode="json"),
+    )
+
+
+def resolve_schema(conn: psycopg.Connection, spec: EmbeddingSpec) -> str:
+    """The schema that holds the spec's source table (search_path decides when unqualified)."""
+    if spec.source_schema:
+        return spec.source_schema
+    row = conn.execute(
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = to_regclass(%s)",
+        (sql.Identifier(spec.source_name).as_string(conn),),
+    ).fetchone()
+    return row[0] if row else "public"
+
+
+def table_columns(conn: psycopg.Connection, schema: str, table: str) -> list[str] | None:
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped "
+        "ORDER BY a.attnum",
+        (schema, table),
+    ).fetchall()
+    return [r[0] for r in rows] or None
+
+
+def required_columns(spec: EmbeddingSpec) -> list[tuple[str, str]]:
+    """(field, column) pairs the source table must have."""
+    needed = [("key", spec.key)] + [("columns", c) for c in spec.input_columns]
+    label = getattr(spec, "label_column", None)
+    if label:
+        needed.append(("label_column", label))
+    return needed
+
+
+def check_specs(conn: psycopg.Connection, specs: list[EmbeddingSpec]) -> None:
+    """Every table and column the specs name must exist; report all problems at once."""
+    problems: list[str] = []
+    for spec in specs:
+        schema = resolve_schema(conn, spec)
+        columns = table_columns(conn, schema, spec.source_name)
+        if columns is None:
+            problems.append(f"embedding {spec.name!r}: table {spec.table!r} does not exist")
+            continue
+        for field_name, column in required_columns(spec):
+            if column not in columns:
+                problems.append(
+                    f"embedding {spec.name!r}, field {field_name!r}: column {column!r} not found in "
+                    f"table {spec.table!r} (columns: {', '.join(columns)})"
+                )
+        graph = getattr(spec, "graph", None)
+        if graph is not None:
+            gschema, gtable = (graph.edges.split(".", 1) if "." in graph.edges else (schema, graph.edges))
+            edge_columns = table_columns(conn, gschema, gtable)
+            if edge_columns is None:
+                problems.append(f"embedding {spec.name!r}, field 'graph.edges': table {graph.edges!r} does not exist")
+            else:
+                for field_name in ("source_column", "target_column", "weight_column"):
+                    column = getattr(graph, field_name)
+                    if column and column not in edge_columns:
+                        problems.append(
+                            f"embedding {spec.name!r}, field 'graph.{field_name}': column {column!r} "
+                            f"not found in table {graph.edges!r}"
+                        )
+    if problems:
+        raise SpecMismatch("the config does not match the database:\n  " + "\n  ".join(problems))
+
+
+def _alembic(conn_url: str) -> tuple[AlembicConfig, object]:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    engine = create_engine(sqlalchemy_url(conn_url), poolclass=NullPool)
+    return cfg, engine
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A libpq URL as SQLAlchemy wants it (psycopg 3 driver)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def current_revision(conn: psycopg.Connection) -> str | None:
+    exists = conn.execute("SELECT to_regclass('vectorsync.alembic_version')").fetchone()[0]
+    if exists is None:
+        return None
+    row = conn.execute("SELECT version_num FROM vectorsync.alembic_version").fetchone()
+    return row[0] if row else None
+
+
+def upgrade(url: str, config: Config, *, recreate: list[str] | None = None) -> MigrateReport:
+    """Bring the database up to the config; idempotent."""
+    cfg, engine = _alembic(url)
+    with engine.begin() as sa_conn:
+        raw: psycopg.Connection = sa_conn.connection.driver_connection  # type: ignore[assignment]
+        ensure_vector_extension(raw)
+        check_specs(raw, list(config.embeddings))
+        before = current_revision(raw)
+        cfg.attributes["connection"] = sa_conn
+        command.upgrade(cfg, "head")
+        for name in recreate or []:
+            config.embedding(name)
+            drop_embedding(sa_conn, name)
+        for spec in config.embeddings:
+            create_embedding(sa_conn, objects_for(spec, resolve_schema(raw, spec)))
+        after = current_revision(raw)
+    engine.dispose()
+    return MigrateReport(before, after, [s.name for s in config.embeddings])
+
+
+def downgrade(url: str) -> list[str]:
+    """Remove everything vectorsync made; the user's tables and data stay. Returns dropped names."""
+    cfg, engine = _alembic(url)
+    dropped: list[str] = []
+    with engine.begin() as sa_conn:
+        raw: psycopg.Connection = sa_conn.connection.driver_connection  # type: ignore[assignment]
+        if current_revision(raw) is None:
+            return dropped
+        for (name,) in raw.execute("SELECT name FROM vectorsync.embeddings ORDER BY name").fetchall():
+            drop_embedding(sa_conn, name)
+            dropped.append(name)
+        cfg.attributes["connection"] = sa_conn
+        command.downgrade(cfg, "base")
+        raw.execute("DROP SCHEMA IF EXISTS vectorsync CASCADE")
+    engine.dispose()
+    return dropped
+
+
+__all__ = ["SchemaChangeError", "SpecMismatch", "check_specs", "downgrade", "objects_for", "upgrade"]

@@ -1,0 +1,82 @@
+"""The write path: binary COPY into a staging table, then one upsert into the target table.
+
+Rows whose vector, model version and input hash are unchanged are not rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+from sync.catalog import Embedding
+
+STAGE = sql.Identifier("vectorsync_stage")
+
+
+def _ensure_stage(conn: psycopg.Connection) -> None:
+    if conn.adapters.types.get("vector") is None:  # connection opened before the extension existed
+        register_vector(conn)
+    conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} (key text, embedding vector, model_version integer, "
+            "input_hash text) ON COMMIT DELETE ROWS"
+        ).format(STAGE)
+    )
+
+
+def upsert(
+    conn: psycopg.Connection,
+    emb: Embedding,
+    keys: Sequence[str],
+    vectors: np.ndarray,
+    model_version: int,
+    input_hashes: Sequence[str | None] | None = None,
+) -> int:
+    """Write ``vectors`` for ``keys`` (text form) inside the caller's transaction; returns rows written."""
+    if len(keys) == 0:
+        return 0
+    if vectors.shape != (len(keys), emb.spec.dim):
+        raise ValueError(
+            f"embedding {emb.name!r}: got vectors of shape {vectors.shape}, expected ({len(keys)}, {emb.spec.dim})"
+        )
+    hashes = input_hashes if input_hashes is not None else [None] * len(keys)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    _ensure_stage(conn)
+    with conn.cursor() as cur:
+        with cur.copy(
+            sql.SQL("COPY {} (key, embedding, model_version, input_hash) FROM STDIN WITH (FORMAT BINARY)").format(STAGE)
+        ) as copy:
+            copy.set_types(["text", "vector", "int4", "text"])
+            for key, vector, digest in zip(keys, vectors, hashes, strict=True):
+                copy.write_row((key, vector, model_version, digest))
+        cur.execute(
+            sql.SQL(
+                """
+                INSERT INTO {target} AS t ({key}, embedding, model_version, input_hash, embedded_at)
+                SELECT CAST(s.key AS {ktype}), s.embedding, s.model_version, s.input_hash, now() FROM {stage} s
+                ON CONFLICT ({key}) DO UPDATE SET embedding = EXCLUDED.embedding,
+                    model_version = EXCLUDED.model_version, input_hash = EXCLUDED.input_hash,
+                    embedded_at = EXCLUDED.embedded_at
+                WHERE t.model_version IS DISTINCT FROM EXCLUDED.model_version
+                   OR t.input_hash IS DISTINCT FROM EXCLUDED.input_hash
+                   OR t.embedding IS DISTINCT FROM EXCLUDED.embedding
+                """
+            ).format(target=emb.target, key=emb.key, ktype=sql.SQL(emb.key_type), stage=STAGE)
+        )
+        written = cur.rowcount
+        cur.execute(sql.SQL("TRUNCATE {}").format(STAGE))
+    return written
+
+
+def delete_keys(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> int:
+    if not keys:
+        return 0
+    cur = conn.execute(
+        sql.SQL("DELETE FROM {} WHERE {} = ANY(CAST(%s AS {}))").format(emb.target, emb.key, emb.key_array_type),
+        (list(keys),),
+    )
+    return cur.rowcount

@@ -1,0 +1,331 @@
+"""The validated model of ``vectorsync.toml``: the single source of truth for migrations, workers
+and queries.
+
+Each ``[[embeddings]]`` entry declares one embedding. Errors name the embedding and the field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from encoders.registry import DEFAULT_ENCODER, ENCODERS
+
+Distance = Literal["cosine", "l2", "inner_product"]
+IndexKind = Literal["hnsw", "ivfflat", "none"]
+
+#: pgvector's opclass suffix and SQL operator for each distance.
+DISTANCE_OPS: dict[str, tuple[str, str]] = {
+    "cosine": ("vector_cosine_ops", "<=>"),
+    "l2": ("vector_l2_ops", "<->"),
+    "inner_product": ("vector_ip_ops", "<#>"),
+}
+
+
+class SpecError(ValueError):
+    """The spec file is missing or invalid; the message names the embedding and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IndexSpec(_Strict):
+    """Vector index on the target table. ``m``/``ef_construction``/``ef_search`` for HNSW,
+    ``lists``/``probes`` for IVFFlat."""
+
+    kind: IndexKind = "hnsw"
+    m: int = Field(16, ge=2, le=100)
+    ef_construction: int = Field(64, ge=4, le=1000)
+    ef_search: int = Field(40, ge=1, le=1000)
+    lists: int | None = Field(None, ge=1, le=32768)
+    probes: int = Field(10, ge=1, le=32768)
+
+
+class EncoderSpec(BaseModel):
+    """``type`` picks the encoder; every other key is passed to it as a parameter."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: str | None = None
+    seed: int = 0
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str | None) -> str | None:
+        if value is not None and value not in ENCODERS:
+            raise ValueError(f"unknown encoder type {value!r}; known: {', '.join(sorted(ENCODERS))}")
+        return value
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Neo4jSpec(_Strict):
+    """Where the Neo4j bridge reads node embeddings from."""
+
+    uri: str
+    user: str = "neo4j"
+    password_env: str = "NEO4J_PASSWORD"
+    database: str | None = None
+    label: str
+    key_property: str
+    property: str | None = None
+    algorithm: Literal["fastRP", "graphSage", "node2vec"] | None = None
+    relationship_types: list[str] = Field(default_factory=lambda: ["*"])
+    config: dict[str, Any] = Field(default_factory=dict)
+    page_size: int = Field(10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Neo4jSpec:
+        if (self.property is None) == (self.algorithm is None):
+            raise ValueError("set exactly one of 'property' (copy stored vectors) or 'algorithm'")
+        return self
+
+
+class GraphSpec(_Strict):
+    """Edges held in Postgres, for native FastRP."""
+
+    edges: str
+    source_column: str = "source"
+    target_column: str = "target"
+    weight_column: str | None = None
+    orientation: Literal["undirected", "natural", "reverse"] = "undirected"
+    feature_columns: list[str] = Field(default_factory=list)
+    iteration_weights: list[float] = Field(default_factory=lambda: [0.0, 1.0, 1.0])
+    node_self_influence: float = 0.0
+    normalization_strength: float = 0.0
+    property_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    random_seed: int = 42
+
+
+class EmbeddingSpec(_Strict):
+    """Fields shared by every modality."""
+
+    name: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    table: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+    modality: str
+    dim: int = Field(ge=1, le=16000)
+    distance: Distance = "cosine"
+    index: IndexSpec = Field(default_factory=IndexSpec)
+    encoder: EncoderSpec = Field(default_factory=EncoderSpec)
+    target: str | None = None
+    batch_size: int = Field(256, ge=1, le=100_000)
+    train_sample: int = Field(200_000, ge=10)
+
+    @field_validator("index", mode="before")
+    @classmethod
+    def _index_shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @property
+    def source_schema(self) -> str | None:
+        return split_qualified(self.table)[0]
+
+    @property
+    def source_name(self) -> str:
+        return split_qualified(self.table)[1]
+
+    @property
+    def target_name(self) -> str:
+        return split_qualified(self.target)[1] if self.target else f"{self.name}_embeddings"
+
+    @property
+    def encoder_type(self) -> str:
+        return self.encoder.type or DEFAULT_ENCODER[self.modality]
+
+    @property
+    def input_columns(self) -> list[str]:
+        """Source columns whose change must re-embed the row."""
+        raise NotImplementedError
+
+
+class TabularSpec(EmbeddingSpec):
+    modality: Literal["tabular"]
+    columns: list[str] = Field(min_length=1)
+
+    @property
+    def input_columns(self) -> list[str]:
+        return list(self.columns)
+
+
+class _MediaSpec(EmbeddingSpec):
+    """An input held in the row (``column``) or referenced by a path/``file://`` URI
+    (``path_column`` resolved against ``base_dir``)."""
+
+    column: str | None = None
+    path_column: str | None = None
+    base_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> _MediaSpec:
+        if (self.column is None) == (self.path_column is None):
+            raise ValueError("set exactly one of 'column' (data in the row) or 'path_column'")
+        return self
+
+    @property
+    def input_column(self) -> str:
+        return self.column or self.path_column  # type: ignore[return-value]
+
+
+class ImageSpec(_MediaSpec):
+    modality: Literal["image"]
+    image_size: int = Field(32, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+
+    @property
+    def input_columns(self) -> list[str]:
+        return [self.input_column]
+
+
+class FaceSpec(ImageSpec):
+    modality: Literal["face"]  # type: ignore[assignment]
+    label_column: str | None = None
+    detect_faces: bool = True
+
+    @model_validator(mode="after")
+    def _labels_for_training(self) -> FaceSpec:
+        if self.encoder_type == "identity_cnn" and not self.label_column:
+            raise ValueError("the identity_cnn encoder trains on identities: set 'label_column'")
+        return self
+
+
+class TextSpec(_MediaSpec):
+    modality: Literal["text"]
+    encoding: str = "utf-8"
+    max_tokens: int = Field(256, ge=1)
+    long_text: Literal["truncate", "chunk"] = "truncate"
+
+    @property
+    def input_columns(self) -> list[str]:
+        return [self.input_column]
+
+
+class GraphEmbeddingSpec(EmbeddingSpec):
+    modality: Literal["graph"]
+    neo4j: Neo4jSpec | None = None
+    graph: GraphSpec | None = None
+    schedule_seconds: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_graph_source(self) -> GraphEmbeddingSpec:
+        if (self.neo4j is None) == (self.graph is None):
+            raise ValueError("set exactly one of [embeddings.neo4j] (bridge) or [embeddings.graph]")
+        return self
+
+    @property
+    def encoder_type(self) -> str:
+        return "neo4j" if self.neo4j else "fastrp"
+
+    @property
+    def input_columns(self) -> list[str]:
+        return list(self.graph.feature_columns) if self.graph else []
+
+
+AnyEmbedding = Annotated[
+    TabularSpec | ImageSpec | FaceSpec | TextSpec | GraphEmbeddingSpec,
+    Field(discriminator="modality"),
+]
+
+
+class DatabaseSpec(_Strict):
+    url: str | None = None
+
+
+class WorkerSpec(_Strict):
+    batch_size: int = Field(256, ge=1)
+    max_wait_ms: int = Field(50, ge=0)
+    poll_seconds: float = Field(5.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    backoff_seconds: float = Field(2.0, ge=0)
+
+
+class Config(_Strict):
+    database: DatabaseSpec = Field(default_factory=DatabaseSpec)
+    worker: WorkerSpec = Field(default_factory=WorkerSpec)
+    embeddings: list[AnyEmbedding] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        seen: set[str] = set()
+        for spec in self.embeddings:
+            if spec.name in seen:
+                raise ValueError(f"embedding name {spec.name!r} is declared twice")
+            seen.add(spec.name)
+        return self
+
+    def embedding(self, name: str) -> EmbeddingSpec:
+        for spec in self.embeddings:
+            if spec.name == name:
+                return spec
+        known = ", ".join(s.name for s in self.embeddings) or "none"
+        raise SpecError(f"no embedding named {name!r} in the config (declared: {known})")
+
+    def select(self, names: list[str] | None) -> list[EmbeddingSpec]:
+        return [self.embedding(n) for n in names] if names else list(self.embeddings)
+
+
+def split_qualified(name: str) -> tuple[str | None, str]:
+    """Split ``schema.table`` (a quoted part may contain dots: ``"my.schema"."t"``)."""
+    parts: list[str] = []
+    current, quoted, i = "", False, 0
+    while i < len(name):
+        ch = name[i]
+        if ch == '"':
+            if quoted and i + 1 < len(name) and name[i + 1] == '"':
+                current += '"'
+                i += 1
+            else:
+                quoted = not quoted
+        elif ch == "." and not quoted:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+        i += 1
+    parts.append(current)
+    if len(parts) == 1:
+        return None, parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise SpecError(f"table name {name!r} has more than two dotted parts")
+
+
+def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = list(error["loc"])
+    where = "config"
+    if loc and loc[0] == "embeddings" and len(loc) > 1 and isinstance(loc[1], int):
+        index = loc[1]
+        entries = raw.get("embeddings") or []
+        name = entries[index].get("name") if index < len(entries) and isinstance(entries[index], dict) else None
+        where = f"embedding {name!r}" if name else f"embeddings[{index}]"
+        loc = loc[2:]
+        if loc and isinstance(loc[0], str) and loc[0] in {"tabular", "image", "face", "text", "graph"}:
+            loc = loc[1:]
+    field = ".".join(str(p) for p in loc) or "(entry)"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}, field {field!r}: {message}"
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, raw) for e in exc.errors()]
+        raise SpecError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"config file {str(path)!r} not found; create it or pass --config PATH")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path} is not valid TOML: {exc}") from None
+    return parse_config(raw, str(path))

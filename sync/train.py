@@ -1,0 +1,87 @@
+"""``vectorsync train``: fit an encoder on the table's own rows and register a new model version."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from encoders.base import Progress
+from sync import sources
+from sync.catalog import Embedding
+from sync.models import new_encoder, store
+from sync.worker import CHANNEL
+
+
+def count_rows(conn: psycopg.Connection, emb: Embedding) -> int:
+    return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(emb.source)).fetchone()[0]
+
+
+def train(
+    url: str,
+    conn: psycopg.Connection,
+    emb: Embedding,
+    *,
+    progress: Progress | None = None,
+    sample: int | None = None,
+) -> tuple[int, dict[str, float], int]:
+    """Train on up to ``sample`` rows (the spec's ``train_sample`` by default), store the model as a
+    new version, and queue the re-embedding of rows made by older versions.
+
+    Returns (version, metrics, rows used). Training data is streamed through server-side cursors on
+    a separate connection, chunk by chunk, once per epoch.
+    """
+    spec = emb.spec
+    encoder = new_encoder(spec)
+    rows = count_rows(conn, emb)
+    if rows == 0:
+        raise ValueError(f"embedding {spec.name!r}: table {spec.table!r} has no rows to train on")
+    limit = min(sample or spec.train_sample, rows)
+    holdout_rows = max(1, limit // 10) if rows >= 20 else 0
+    extra = [c for c in [getattr(spec, "label_column", None)] if c]
+    seed = spec.encoder.seed
+
+    def batches(holdout: bool, cap: int) -> Iterator[pd.DataFrame]:
+        with psycopg.connect(url) as reader:
+            yield from sources.stream_rows(
+                reader, emb, extra_columns=extra, holdout=holdout, sample=cap, seed=seed
+            )
+
+    def resolved(holdout: bool, cap: int) -> Iterator[pd.DataFrame]:
+        for chunk in batches(holdout, cap):
+            failures = sources.resolve_references(emb, chunk)
+            if failures:
+                chunk = chunk.drop(index=chunk.index[list(failures)]).reset_index(drop=True)
+            if len(chunk):
+                yield chunk
+
+    if holdout_rows:
+        metrics = encoder.fit(
+            lambda: resolved(False, limit - holdout_rows),
+            lambda: resolved(True, holdout_rows),
+            seed=seed,
+            progress=progress,
+        )
+    else:
+        metrics = encoder.fit(lambda: resolved(False, limit), None, seed=seed, progress=progress)
+    with conn.transaction():
+        version = store(conn, emb, encoder, {k: float(v) for k, v in metrics.items()}, limit)
+        requeue(conn, emb, version)
+    return version, metrics, limit
+
+
+def requeue(conn: psycopg.Connection, emb: Embedding, version: int) -> int:
+    """Queue rows stamped with an older model version; queries keep using their old vectors until
+    each row is replaced."""
+    cur = conn.execute(
+        sql.SQL(
+            "INSERT INTO vectorsync.queue (embedding, key) SELECT %s, t.{key}::text FROM {tgt} t "
+            "WHERE t.model_version < %s"
+        ).format(key=emb.key, tgt=emb.target),
+        (emb.name, version),
+    )
+    if cur.rowcount:
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, emb.name))
+    return cur.rowcount

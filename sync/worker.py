@@ -1,0 +1,358 @@
+"""Claiming and embedding queued changes: one batch, a one-pass drain, and the long-running worker.
+
+A batch is one transaction: claim queue rows with ``FOR UPDATE SKIP LOCKED`` (and a per-key
+advisory lock, so two workers never embed the same key at once), read the source rows, encode,
+upsert with binary COPY, and delete the claimed queue rows. A crash anywhere rolls the whole batch
+back, so the queue rows become claimable again: nothing is lost, nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from encoders.base import InputError, check_finite
+from sync import sink, sources
+from sync.catalog import Embedding, load
+from sync.db import connect
+from sync.models import ModelCache, ensure_model
+from sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, WorkerSpec
+
+log = logging.getLogger("vectorsync.worker")
+
+CHANNEL = "vectorsync"
+
+CLAIM = """
+WITH candidates AS (
+    SELECT id, key, attempts FROM vectorsync.queue
+    WHERE embedding = %(name)s AND not_before <= now()
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+SELECT id, key, attempts FROM candidates
+WHERE pg_try_advisory_xact_lock(hashtextextended(%(name)s || ':' || key, 0))
+"""
+
+
+@dataclass
+class BatchResult:
+    claimed: int = 0
+    embedded: int = 0
+    failed: int = 0
+    retried: int = 0
+    deleted: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Claim:
+    ids: list[int] = field(default_factory=list)
+    attempts: int = 0
+
+
+def queue_embeddable(spec: EmbeddingSpec) -> bool:
+    """Graph embeddings are computed for the whole graph at once, not from the queue."""
+    return not isinstance(spec, GraphEmbeddingSpec)
+
+
+def process_batch(
+    conn: psycopg.Connection,
+    emb: Embedding,
+    cache: ModelCache,
+    settings: WorkerSpec,
+    batch_size: int,
+) -> BatchResult | None:
+    """Claim and embed one batch in one transaction; None when nothing is claimable."""
+    started = time.perf_counter()
+    with conn.transaction():
+        rows = conn.execute(CLAIM, {"name": emb.name, "limit": batch_size}).fetchall()
+        if not rows:
+            return None
+        claims: dict[str, _Claim] = {}
+        for queue_id, key, attempts in rows:
+            claim = claims.setdefault(key, _Claim())
+            claim.ids.append(queue_id)
+            claim.attempts = max(claim.attempts, attempts)
+        version = ensure_model(conn, emb)
+        encoder = cache.get(conn, emb, version)
+
+        frame = sources.read_rows(conn, emb, list(claims))
+        present = set(frame[sources.KEY])
+        gone = [k for k in claims if k not in present]
+        result = BatchResult(claimed=len(rows), deleted=sink.delete_keys(conn, emb, gone))
+
+        failures = sources.resolve_references(emb, frame)
+        vectors, encode_failures = _encode(encoder, frame, failures, emb)
+        failures.update(encode_failures)
+        ok = np.array([i not in failures for i in range(len(frame))], dtype=bool)
+        keys = frame[sources.KEY].tolist()
+        hashes = frame[sources.HASH].tolist()
+        result.embedded = sink.upsert(
+            conn,
+            emb,
+            [k for k, good in zip(keys, ok, strict=True) if good],
+            vectors[ok],
+            version,
+            [h for h, good in zip(hashes, ok, strict=True) if good],
+        )
+        for position, error in failures.items():
+            key = keys[position]
+            if _record_failure(conn, emb, key, claims.pop(key), error, settings):
+                result.failed += 1
+            else:
+                result.retried += 1
+        done = [i for claim in claims.values() for i in claim.ids]
+        conn.execute("DELETE FROM vectorsync.queue WHERE id = ANY(%s)", (done,))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _encode(encoder, frame, failures: dict[int, InputError], emb: Embedding):  # noqa: ANN001, ANN202
+    """Encode the rows that resolved; an encoder crash fails those rows, not the worker."""
+    dim = emb.spec.dim
+    vectors = np.zeros((len(frame), dim), dtype=np.float32)
+    good = [i for i in range(len(frame)) if i not in failures]
+    if not good:
+        return vectors, {}
+    subset = frame.iloc[good].reset_index(drop=True)
+    try:
+        result = encoder.encode(subset)
+    except Exception as exc:  # the encoder's bug must not stop the queue: every row of it fails
+        message = f"encoder {encoder.type} failed: {type(exc).__name__}: {exc}"
+        return vectors, {i: InputError(None, message) for i in good}
+    if result.vectors.shape != (len(good), dim):
+        message = f"encoder returned shape {result.vectors.shape}, expected ({len(good)}, {dim})"
+        return vectors, {i: InputError(None, message) for i in good}
+    own = dict(result.failures)
+    check_finite(result.vectors, own, None)
+    vectors[good] = result.vectors
+    return vectors, {good[p]: err for p, err in own.items()}
+
+
+def _record_failure(
+    conn: psycopg.Connection, emb: Embedding, key: str, claim: _Claim, error: InputError, settings: WorkerSpec
+) -> bool:
+    """Log the error; retry later with backoff, or move the item to vectorsync.failed. True if moved."""
+    attempt = claim.attempts + 1
+    conn.execute(
+        "INSERT INTO vectorsync.errors (embedding, key, column_name, error, attempt) VALUES (%s, %s, %s, %s, %s)",
+        (emb.name, key, error.column, error.message, attempt),
+    )
+    if attempt >= settings.max_attempts:
+        conn.execute(
+            "INSERT INTO vectorsync.failed (embedding, key, column_name, error, attempts) VALUES (%s, %s, %s, %s, %s) "
+            "ON CONFLICT (embedding, key) DO UPDATE SET column_name = EXCLUDED.column_name, "
+            "error = EXCLUDED.error, attempts = EXCLUDED.attempts, failed_at = now()",
+            (emb.name, key, error.column, error.message, attempt),
+        )
+        conn.execute("DELETE FROM vectorsync.queue WHERE id = ANY(%s)", (claim.ids,))
+        return True
+    delay = settings.backoff_seconds * (2 ** (attempt - 1))
+    conn.execute(
+        "UPDATE vectorsync.queue SET attempts = %s, last_error = %s, "
+        "not_before = now() + make_interval(secs => %s) WHERE id = ANY(%s)",
+        (attempt, error.message, delay, claim.ids),
+    )
+    return False
+
+
+def enqueue_backfill(conn: psycopg.Connection, emb: Embedding, version: int | None) -> int:
+    """Queue, in one statement, every row with no vector, an older model version, or changed
+    inputs, unless it is already queued or failed. Returns the number queued."""
+    stale = sql.SQL("t.{key} IS NULL OR t.input_hash IS DISTINCT FROM {hash}").format(
+        key=emb.key, hash=emb.input_hash_expr("s")
+    )
+    if version is not None:
+        stale = stale + sql.SQL(" OR t.model_version <> {}").format(sql.Literal(version))
+    cur = conn.execute(
+        sql.SQL(
+            """
+            INSERT INTO vectorsync.queue (embedding, key)
+            SELECT %(name)s, s.{key}::text FROM {src} s LEFT JOIN {tgt} t ON t.{key} = s.{key}
+            WHERE ({stale})
+              AND NOT EXISTS (SELECT 1 FROM vectorsync.queue q WHERE q.embedding = %(name)s AND q.key = s.{key}::text)
+              AND NOT EXISTS (SELECT 1 FROM vectorsync.failed f WHERE f.embedding = %(name)s AND f.key = s.{key}::text)
+            """
+        ).format(key=emb.key, src=emb.source, tgt=emb.target, stale=stale),
+        {"name": emb.name},
+    )
+    if cur.rowcount:
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, emb.name))
+    return cur.rowcount
+
+
+def delete_orphans(conn: psycopg.Connection, emb: Embedding) -> int:
+    """Remove vectors whose source row is gone (e.g. deleted while triggers were disabled)."""
+    cur = conn.execute(
+        sql.SQL("DELETE FROM {tgt} t WHERE NOT EXISTS (SELECT 1 FROM {src} s WHERE s.{key} = t.{key})").format(
+            tgt=emb.target, src=emb.source, key=emb.key
+        )
+    )
+    return cur.rowcount
+
+
+def queue_depth(conn: psycopg.Connection, name: str, *, ready_only: bool = False) -> int:
+    condition = " AND not_before <= now()" if ready_only else ""
+    return conn.execute(
+        "SELECT count(*) FROM vectorsync.queue WHERE embedding = %s" + condition, (name,)
+    ).fetchone()[0]
+
+
+def drain(
+    conn: psycopg.Connection,
+    emb: Embedding,
+    settings: WorkerSpec,
+    *,
+    batch_size: int,
+    cache: ModelCache | None = None,
+    on_batch: Callable[[BatchResult], None] | None = None,
+) -> BatchResult:
+    """Process the embedding's queue until it is empty, waiting out retry backoffs."""
+    cache = cache or ModelCache()
+    total = BatchResult()
+    while True:
+        result = process_batch(conn, emb, cache, settings, batch_size)
+        if result is None:
+            remaining = conn.execute(
+                "SELECT min(not_before) - now() FROM vectorsync.queue WHERE embedding = %s", (emb.name,)
+            ).fetchone()[0]
+            conn.commit()
+            if remaining is None:
+                return total
+            time.sleep(min(max(remaining.total_seconds(), 0.05), 5.0))
+            continue
+        for name in ("claimed", "embedded", "failed", "retried", "deleted", "seconds"):
+            setattr(total, name, getattr(total, name) + getattr(result, name))
+        if on_batch:
+            on_batch(result)
+
+
+class Worker:
+    """A long-running worker: LISTEN for changes (slow poll as fallback), embed, heartbeat,
+    reconnect after database faults, stop cleanly on SIGTERM/SIGINT."""
+
+    def __init__(
+        self,
+        url: str,
+        config: Config,
+        names: Sequence[str] | None = None,
+        *,
+        batch_size: int | None = None,
+        max_wait_ms: int | None = None,
+        poll_seconds: float | None = None,
+        thread_index: int = 0,
+        metrics: object | None = None,
+    ) -> None:
+        self.url = url
+        self.specs = [s for s in config.select(list(names) if names else None) if queue_embeddable(s)]
+        self.settings = config.worker
+        self.batch_size = batch_size or config.worker.batch_size
+        self.max_wait = (max_wait_ms if max_wait_ms is not None else config.worker.max_wait_ms) / 1000
+        self.poll_seconds = poll_seconds or config.worker.poll_seconds
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{thread_index}"
+        self.stop = threading.Event()
+        self.metrics = metrics
+        self.embedded = 0
+        self.failed = 0
+        self._cache = ModelCache()
+        self._conn: psycopg.Connection | None = None
+
+    def run(self) -> None:
+        backoff = 0.5
+        while not self.stop.is_set():
+            try:
+                self._serve()
+                backoff = 0.5
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                if self.stop.is_set():
+                    break
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                log.warning("worker %s lost the database (%s); reconnecting in %.1fs", self.id, reason, backoff)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+        self._close()
+
+    def _serve(self) -> None:
+        conn = self._conn = connect(self.url, autocommit=True)
+        listener = connect(self.url, autocommit=True, vector=False)
+        try:
+            listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+            embeddings = [load(conn, s) for s in self.specs]
+            conn.commit()
+            self._heartbeat(conn, "running")
+            last_beat = time.monotonic()
+            while not self.stop.is_set():
+                busy = False
+                for emb in embeddings:
+                    result = process_batch(conn, emb, self._cache, self.settings, self.batch_size)
+                    if result is not None:
+                        busy = True
+                        self._count(emb, result)
+                if time.monotonic() - last_beat > 2.0:
+                    self._heartbeat(conn, "running")
+                    last_beat = time.monotonic()
+                if not busy:
+                    conn.commit()
+                    self._wait(listener)
+            self._heartbeat(conn, "stopped")
+        finally:
+            listener.close()
+
+    def _wait(self, listener: psycopg.Connection) -> None:
+        """Sleep until a NOTIFY (then linger max_wait to fill the batch), a poll tick, or stop."""
+        deadline = time.monotonic() + self.poll_seconds
+        while not self.stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            ready, _, _ = select.select([listener.fileno()], [], [], min(remaining, 0.5))
+            if ready:
+                got = list(listener.notifies(timeout=0))
+                if got:
+                    if self.max_wait > 0:
+                        self.stop.wait(self.max_wait)
+                    list(listener.notifies(timeout=0))
+                    return
+                listener.execute("SELECT 1")  # surfaces a dead connection as OperationalError
+
+    def _count(self, emb: Embedding, result: BatchResult) -> None:
+        self.embedded += result.embedded
+        self.failed += result.failed
+        if self.metrics is not None:
+            self.metrics.observe(emb.name, result)  # type: ignore[attr-defined]
+
+    def _heartbeat(self, conn: psycopg.Connection, status: str) -> None:
+        conn.execute(
+            """
+            INSERT INTO vectorsync.workers (id, hostname, pid, embeddings, embedded, failed, status)
+            VALUES (%s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), embedded = EXCLUDED.embedded,
+                failed = EXCLUDED.failed, status = EXCLUDED.status, embeddings = EXCLUDED.embeddings
+            """,
+            (self.id, socket.gethostname(), os.getpid(), [s.name for s in self.specs], self.embedded, self.failed, status),
+        )
+        conn.commit()
+        if self.metrics is not None:
+            depths = {s.name: queue_depth(conn, s.name) for s in self.specs}
+            conn.commit()
+            self.metrics.queue(depths)  # type: ignore[attr-defined]
+
+    def _close(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            self._conn.close()
+
+    def cancel_current(self) -> None:
+        """Abort the in-flight batch (its transaction rolls back, its items become claimable)."""
+        if self._conn is not None and not self._conn.closed:
+            self._conn.cancel_safe()
