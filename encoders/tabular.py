@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from encoders.base import Batches, EncodeResult, Encoder, InputError, Progress
+from encoders.base import Batches, EncodeResult, Encoder, InputError, Progress, torch_threads
 
 MAX_CATEGORIES = 50
 
@@ -222,6 +222,10 @@ class TabularAutoencoder(Encoder):
         seed: int = 0,
         progress: Progress | None = None,
     ) -> dict[str, float]:
+        with torch_threads(int(self.params.get("threads", 1))):
+            return self._fit(train, holdout, seed, progress)
+
+    def _fit(self, train: Batches, holdout: Batches | None, seed: int, progress: Progress | None) -> dict[str, float]:
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         self._fit_preprocessing(train)
@@ -273,7 +277,7 @@ class TabularAutoencoder(Encoder):
         if missing:
             raise ValueError(f"input columns missing from the batch: {', '.join(missing)}")
         matrix, failures = self.pre.transform(batch)
-        with torch.no_grad():
+        with torch.no_grad(), torch_threads(int(self.params.get("threads", 1))):
             vectors = self.model.encoder(torch.from_numpy(matrix)).numpy().astype(np.float32)
         return EncodeResult(vectors, failures)
 

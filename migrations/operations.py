@@ -29,6 +29,10 @@ TRIGGER_EVENTS = {
 }
 
 
+#: Target tables carry this comment so autogenerate filters (migrations.autogenerate) can skip them.
+MANAGED_COMMENT = "vectorsync: embeddings of"
+
+
 class SchemaChangeError(RuntimeError):
     """The database does not match what the embedding needs and vectorsync will not guess."""
 
@@ -152,7 +156,17 @@ def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool =
             target_table = EXCLUDED.target_table, dim = EXCLUDED.dim, distance = EXCLUDED.distance,
             index_kind = EXCLUDED.index_kind, ef_search = EXCLUDED.ef_search,
             probes = EXCLUDED.probes, spec = EXCLUDED.spec
-        WHERE (vectorsync.embeddings.*) IS DISTINCT FROM (EXCLUDED.*)
+        WHERE (vectorsync.embeddings.modality, vectorsync.embeddings.source_schema,
+               vectorsync.embeddings.source_table, vectorsync.embeddings.key_column,
+               vectorsync.embeddings.key_type, vectorsync.embeddings.input_columns,
+               vectorsync.embeddings.target_schema, vectorsync.embeddings.target_table,
+               vectorsync.embeddings.dim, vectorsync.embeddings.distance, vectorsync.embeddings.index_kind,
+               vectorsync.embeddings.ef_search, vectorsync.embeddings.probes, vectorsync.embeddings.spec)
+          IS DISTINCT FROM
+              (EXCLUDED.modality, EXCLUDED.source_schema, EXCLUDED.source_table, EXCLUDED.key_column,
+               EXCLUDED.key_type, EXCLUDED.input_columns, EXCLUDED.target_schema, EXCLUDED.target_table,
+               EXCLUDED.dim, EXCLUDED.distance, EXCLUDED.index_kind, EXCLUDED.ef_search, EXCLUDED.probes,
+               EXCLUDED.spec)
         """,
         {**values, "key_type": ktype, "spec": json.dumps(e.spec, sort_keys=True)},
     )
@@ -175,6 +189,10 @@ def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool =
             dim=sql.Literal(e.dim),
         )
     )
+    cur.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", (e.target.as_string(cur),))
+    comment = f"{MANAGED_COMMENT} {e.name}"
+    if cur.fetchone()[0] != comment:
+        cur.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(e.target, sql.Literal(comment)))
     statement = index_statement(e)
     if with_index and statement is not None:
         cur.execute(statement)
@@ -183,9 +201,18 @@ def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool =
 
 
 def install_triggers(cur: Any, e: EmbeddingObjects) -> None:
+    """Create the missing capture triggers; they are generic (the function reads the catalogue),
+    so an existing trigger is already right and is left alone."""
+    cur.execute(
+        "SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (e.source_schema, e.source_table),
+    )
+    existing = {row[0] for row in cur.fetchall()}
     for event, clause in TRIGGER_EVENTS.items():
+        if f"vectorsync_{e.name}_{event}" in existing:
+            continue
         trigger = sql.Identifier(f"vectorsync_{e.name}_{event}")
-        cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, e.source))
         cur.execute(
             sql.SQL("CREATE TRIGGER {} " + clause + " EXECUTE FUNCTION vectorsync.capture_changes({})").format(
                 trigger, sql.Literal(e.name), table=e.source

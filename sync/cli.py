@@ -338,9 +338,6 @@ def demo(
     run_demo(state, k=k, console=out, progress=_progress)
 
 
-KNOWN_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def _known_errors() -> tuple[type[BaseException], ...]:
     from migrations.operations import SchemaChangeError
     from sync.catalog import NotMigrated
@@ -350,23 +347,30 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (SpecError, db.DatabaseError, SpecMismatch, SchemaChangeError, NotMigrated, NoModel, ValueError)
 
 
-def run() -> None:
-    """Console-script entry point: expected failures become one line and exit status 1."""
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+def main_entry(argv: list[str] | None = None) -> int:
+    """Run the CLI; expected failures become one line on stderr and exit status 1."""
     try:
-        app()
+        app(args=argv, prog_name="vectorsync")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except _known_errors() as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
-        sys.exit(1)
+        return 1
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         console.print(f"[red]error:[/red] database connection failed: {reason}", highlight=False)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
         console.print("interrupted")
-        sys.exit(130)
+        return 130
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main_entry())
 
 
 if __name__ == "__main__":
-    threading.current_thread().name = "main"
     run()

@@ -8,7 +8,7 @@ import psycopg
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from psycopg import sql
-from sqlalchemy import create_engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import NullPool
 
 from migrations import MIGRATIONS_DIR
@@ -116,19 +116,15 @@ def check_specs(conn: psycopg.Connection, specs: list[EmbeddingSpec]) -> None:
         raise SpecMismatch("the config does not match the database:\n  " + "\n  ".join(problems))
 
 
-def _alembic(conn_url: str) -> tuple[AlembicConfig, object]:
+def _alembic(conn_url: str) -> tuple[AlembicConfig, Engine]:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    engine = create_engine(sqlalchemy_url(conn_url), poolclass=NullPool)
-    return cfg, engine
+    return cfg, engine_for(conn_url)
 
 
-def sqlalchemy_url(url: str) -> str:
-    """A libpq URL as SQLAlchemy wants it (psycopg 3 driver)."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
-    return url
+def engine_for(url: str) -> Engine:
+    """A SQLAlchemy engine (psycopg 3 driver) for any libpq URL or key=value conninfo."""
+    return create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(url), poolclass=NullPool)
 
 
 def current_revision(conn: psycopg.Connection) -> str | None:

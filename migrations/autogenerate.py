@@ -1,0 +1,35 @@
+"""Filters for Alembic autogenerate in a user's own project.
+
+vectorsync's internal schema and its target tables are managed by ``vectorsync migrate``; a user's
+autogenerate must neither drop them nor diff them. In the user's ``env.py``::
+
+    import pgvector.sqlalchemy  # registers the vector type for reflection
+    from migrations.autogenerate import include_name, include_object
+
+    context.configure(..., include_name=include_name, include_object=include_object)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pgvector.sqlalchemy  # noqa: F401  (registers "vector" with SQLAlchemy's PostgreSQL reflection)
+
+from migrations.operations import MANAGED_COMMENT
+
+INTERNAL_SCHEMA = "vectorsync"
+
+
+def include_name(name: str | None, type_: str, parent_names: dict[str, Any]) -> bool:
+    """Skip the internal ``vectorsync`` schema entirely (for ``include_schemas=True``)."""
+    return not (type_ == "schema" and name == INTERNAL_SCHEMA)
+
+
+def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    """Skip reflected tables (and their columns/indexes) that vectorsync manages."""
+    table = obj if type_ == "table" else getattr(obj, "table", None)
+    if table is None or not reflected:
+        return True
+    if getattr(table, "schema", None) == INTERNAL_SCHEMA:
+        return False
+    return not (getattr(table, "comment", None) or "").startswith(MANAGED_COMMENT)
