@@ -1,2 +1,28 @@
 """SQL and ORM access to the vectors: SQL functions (installed by the migrations) and the
-SQLAlchemy / psycopg integration. Knows nothing of workers."""
+SQLAlchemy / psycopg integration. Knows nothing of workers.
+
+    from embedding_sql import Vector, attach_embedding, nearest, similar_to
+
+    attach_embedding(Item, "items", dim=16)              # Item.embedding_row, read-only
+    session.execute(similar_to(item, k=5)).all()         # [(Item, distance), ...]
+    session.execute(nearest(Item, to=vector, k=10, where=Item.in_stock)).all()
+"""
+
+from pgvector.sqlalchemy import Vector
+
+from embedding_sql.distance import COMPARATORS, distance
+from embedding_sql.orm import EmbeddingInfo, attach_embedding, embedding_info
+from embedding_sql.query import embedding_distance, nearest, search_settings, similar_to
+
+__all__ = [
+    "COMPARATORS",
+    "EmbeddingInfo",
+    "Vector",
+    "attach_embedding",
+    "distance",
+    "embedding_distance",
+    "embedding_info",
+    "nearest",
+    "search_settings",
+    "similar_to",
+]

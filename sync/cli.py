@@ -197,7 +197,7 @@ def sync_command(
         for spec in specs:
             counts = _sync_one(state, conn, spec, batch_size, bar)
             bar.console.print(
-                f"{spec.name}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "seconds")
+                f"{spec.name}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if not k.endswith("seconds"))
             )
 
 

@@ -43,7 +43,10 @@ def run_workers(
 
     def request_stop(signum: int, _frame: object) -> None:
         if console:
-            console.print(f"received {signal.Signals(signum).name}, finishing the current batch")
+            console.print(
+                f"received {signal.Signals(signum).name}, finishing the current batch "
+                f"(or releasing it after {shutdown_timeout:g}s)"
+            )
         stop.set()
         for w in workers:
             w.stop.set()

