@@ -1,25 +1,39 @@
-"""One-pass sync (``vectorsync sync``): queue what is stale in one statement, drain the queue with
-the worker's own batch code, and build the vector index after a large backfill rather than
-maintaining it row by row during it."""
+"""One-pass sync (``vectorsync sync``).
+
+Small amounts of work go through the queue: one set-based statement queues what is stale and the
+worker's own batch code drains it. A large backfill (no vectors yet, or a new model version) takes
+the bulk path instead: it streams the stale rows straight from the source through a server-side
+cursor, encodes on one thread while the other writes with binary COPY, and builds the vector index
+once afterwards rather than maintaining it row by row. The bulk path is safe next to running
+workers: it only replaces vectors made by an older model version, the capture triggers keep
+queueing concurrent changes, and rows that fail are handed to the queue, whose retry and
+failed-item handling is the one place errors are dealt with.
+"""
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from migrations.operations import index_statement
+from sync import sink, sources
 from sync.catalog import Embedding
-from sync.models import ModelCache, current_version
+from sync.models import ModelCache, ensure_model
 from sync.schema import objects_for
 from sync.spec import WorkerSpec
-from sync.worker import BatchResult, delete_orphans, drain, enqueue_backfill, queue_depth
+from sync.worker import CHANNEL, BatchResult, delete_orphans, drain, encode_frame, enqueue_backfill, queue_depth
 
 #: A backfill at least this large (and at least half the table) drops the index and rebuilds it after.
 BULK_THRESHOLD = 10_000
+#: maintenance_work_mem and parallel workers for index builds after a backfill and for reindex.
+INDEX_BUILD_MEMORY = "512MB"
+INDEX_BUILD_WORKERS = 1
 
 
 def target_rows(conn: psycopg.Connection, emb: Embedding) -> int:
@@ -35,15 +49,85 @@ def drop_index(conn: psycopg.Connection, emb: Embedding) -> None:
 
 
 def create_index(conn: psycopg.Connection, emb: Embedding) -> None:
+    """Build the index in one go, with room to keep the HNSW graph in memory (a build that spills
+    is many times slower) and one parallel maintenance worker (pgvector ≥ 0.6 builds in parallel)."""
     objects = objects_for(emb.spec, emb.source_schema)
     statement = index_statement(objects, rows=target_rows(conn, emb))
-    if statement is not None:
+    if statement is None:
+        return
+    with conn.transaction():
+        conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (INDEX_BUILD_MEMORY,))
+        conn.execute("SELECT set_config('max_parallel_maintenance_workers', %s, true)", (str(INDEX_BUILD_WORKERS),))
         conn.execute(statement)
 
 
 def rebuild_index(conn: psycopg.Connection, emb: Embedding) -> None:
     drop_index(conn, emb)
     create_index(conn, emb)
+
+
+def _encoded_chunks(url: str, emb: Embedding, version: int, cache: ModelCache, chunk_rows: int) -> Iterator[Any]:
+    """Read and encode stale rows on a background thread, two chunks ahead of the writer."""
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=2)
+    done = object()
+
+    def produce() -> None:
+        try:
+            with psycopg.connect(url) as reader:
+                encoder = cache.get(reader, emb, version)
+                for frame in sources.stream_stale(reader, emb, version, chunk_rows=chunk_rows):
+                    failures = sources.resolve_references(emb, frame)
+                    vectors, encode_failures = encode_frame(encoder, frame, failures, emb)
+                    failures.update(encode_failures)
+                    handoff.put((frame, vectors, failures))
+            handoff.put(done)
+        except BaseException as exc:  # re-raised in the writer's thread
+            handoff.put(exc)
+
+    thread = threading.Thread(target=produce, name="vectorsync-bulk-reader", daemon=True)
+    thread.start()
+    while (item := handoff.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+    thread.join()
+
+
+def bulk_load(
+    url: str,
+    conn: psycopg.Connection,
+    emb: Embedding,
+    version: int,
+    *,
+    batch_size: int,
+    on_batch: Callable[[BatchResult], None] | None = None,
+) -> BatchResult:
+    """Embed every row with no vector (or an older model's) straight from the source."""
+    total = BatchResult()
+    for frame, vectors, failures in _encoded_chunks(url, emb, version, ModelCache(), batch_size):
+        started = time.perf_counter()
+        keys = frame[sources.KEY].tolist()
+        ok = [i not in failures for i in range(len(frame))]
+        good = [k for k, g in zip(keys, ok, strict=True) if g]
+        hashes = [h for h, g in zip(frame[sources.HASH].tolist(), ok, strict=True) if g]
+        with conn.transaction():
+            sink.upsert(conn, emb, good, vectors[ok], version, hashes, only_older=True)
+            if failures:  # the queue retries them and records their errors
+                conn.execute(
+                    "INSERT INTO vectorsync.queue (embedding, key) SELECT %s, unnest(%s::text[])",
+                    (emb.name, [keys[i] for i in failures]),
+                )
+        result = BatchResult(
+            claimed=len(frame), embedded=len(good), retried=len(failures), seconds=time.perf_counter() - started
+        )
+        total.claimed += result.claimed
+        total.embedded += result.embedded
+        total.retried += result.retried
+        if on_batch:
+            on_batch(result)
+    if total.retried:
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, emb.name))
+    return total
 
 
 def sync_embedding(
@@ -53,31 +137,43 @@ def sync_embedding(
     *,
     batch_size: int,
     on_progress: Callable[[int, int, int], None] | None = None,
+    url: str | None = None,
 ) -> dict[str, Any]:
-    """Bring one embedding up to date; ``conn`` must be in autocommit mode. Returns counts."""
+    """Bring one embedding up to date; ``conn`` must be in autocommit mode. Returns counts.
+
+    ``url`` enables the bulk path (it opens a second connection for reading).
+    """
     started = time.perf_counter()
     run_id = conn.execute(
         "INSERT INTO vectorsync.runs (embedding, kind) VALUES (%s, 'sync') RETURNING id", (emb.name,)
     ).fetchone()[0]
     orphans = delete_orphans(conn, emb)
-    queued = enqueue_backfill(conn, emb, current_version(conn, emb.name))
-    pending = queue_depth(conn, emb.name)
-    bulk = pending >= BULK_THRESHOLD and pending * 2 >= target_rows(conn, emb) + pending
-    if bulk:
-        drop_index(conn, emb)
+    version = ensure_model(conn, emb)
+    stale = sources.count_stale(conn, emb, version) if url else 0
+    bulk = stale >= BULK_THRESHOLD and stale * 2 >= target_rows(conn, emb)
     done = failed = 0
+    expected = stale if bulk else 0
 
     def progress(result: BatchResult) -> None:
         nonlocal done, failed
         done += result.claimed
         failed += result.failed
         if on_progress:
-            on_progress(done, max(pending, done), failed)
+            on_progress(done, max(expected, done), failed)
 
-    if on_progress:
-        on_progress(0, pending, 0)
     index_seconds = 0.0
+    loaded = BatchResult()
+    if bulk:
+        drop_index(conn, emb)
     try:
+        if bulk:
+            if on_progress:
+                on_progress(0, expected, 0)
+            loaded = bulk_load(url or "", conn, emb, version, batch_size=batch_size, on_batch=progress)
+        queued = enqueue_backfill(conn, emb, version)
+        expected = done + queue_depth(conn, emb.name)
+        if on_progress:
+            on_progress(done, expected, failed)
         total = drain(conn, emb, settings, batch_size=batch_size, cache=ModelCache(), on_batch=progress)
     finally:
         if bulk:
@@ -86,14 +182,16 @@ def sync_embedding(
             index_seconds = time.perf_counter() - index_started
             # fresh statistics, so the planner weighs the index against filters on the new rows
             conn.execute(sql.SQL("ANALYZE {}").format(emb.target))
+    orphans += delete_orphans(conn, emb)  # rows deleted while the bulk path read its snapshot
+    embedded = loaded.embedded + total.embedded
     conn.execute(
         "UPDATE vectorsync.runs SET finished_at = now(), embedded = %s, failed = %s, deleted = %s WHERE id = %s",
-        (total.embedded, total.failed, orphans + total.deleted, run_id),
+        (embedded, total.failed, orphans + total.deleted, run_id),
     )
     conn.execute("UPDATE vectorsync.embeddings SET last_sync = now() WHERE name = %s", (emb.name,))
     return {
-        "queued": queued,
-        "embedded": total.embedded,
+        "queued": queued + loaded.claimed,
+        "embedded": embedded,
         "failed": total.failed,
         "deleted": orphans + total.deleted,
         "seconds": round(time.perf_counter() - started, 3),

@@ -180,7 +180,9 @@ def _sync_one(state: State, conn: psycopg.Connection, spec: Any, batch_size: int
     def on_batch(done: int, total: int, failed: int) -> None:
         bar.update(task, completed=done, total=total, info=f"failed={failed}" if failed else "")
 
-    return bulk.sync_embedding(conn, emb, state.config.worker, batch_size=batch_size, on_progress=on_batch)
+    return bulk.sync_embedding(
+        conn, emb, state.config.worker, batch_size=batch_size, on_progress=on_batch, url=state.url
+    )
 
 
 @app.command("sync")
@@ -342,9 +344,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from migrations.operations import SchemaChangeError
     from sync.catalog import NotMigrated
     from sync.models import NoModel
+    from sync.neo4j_bridge import BridgeError
     from sync.schema import SpecMismatch
 
-    return (SpecError, db.DatabaseError, SpecMismatch, SchemaChangeError, NotMigrated, NoModel, ValueError)
+    return (
+        SpecError, db.DatabaseError, SpecMismatch, SchemaChangeError, NotMigrated, NoModel, BridgeError, ValueError
+    )
 
 
 def main_entry(argv: list[str] | None = None) -> int:

@@ -88,7 +88,7 @@ def run_demo(state: Any, *, k: int, console: Console, progress: Callable[[], Pro
             emb = catalog.load(conn, spec)
             task2 = bar.add_task("sync", total=None, info="")
             counts = sync_embedding(
-                conn, emb, config.worker, batch_size=512,
+                conn, emb, config.worker, batch_size=512, url=url,
                 on_progress=lambda d, t, f: bar.update(task2, completed=d, total=t, info=""),
             )
         console.print(

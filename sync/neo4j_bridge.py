@@ -366,15 +366,21 @@ def _pages(rows: Iterator[tuple[Any, Any]], spec: Neo4jSpec, dim: int) -> Iterat
         yield flush()
 
 
-def stream_embeddings(spec: Neo4jSpec, dim: int) -> Iterator[tuple[list[Any], np.ndarray]]:
+def stream_embeddings(
+    spec: Neo4jSpec, dim: int, info: dict[str, Any] | None = None
+) -> Iterator[tuple[list[Any], np.ndarray]]:
     """Node embeddings of ``spec.label`` as pages of ``(keys, float32 (len(keys), dim))``.
 
     Keys are the values of ``spec.key_property``; at most ``spec.page_size`` rows per page.
+    ``info``, when given, receives ``dialect``, ``agent`` and ``nodes`` (the label's node count)
+    before the first page, for the caller's run record.
     """
     with connect(spec) as driver:
         dialect = detect_dialect(driver)
         reader = _Reader(driver, spec)
         count = _check_nodes(reader, spec)
+        if info is not None:
+            info.update(dialect=dialect, agent=driver.get_server_info().agent, nodes=count)
         log.info("reading %d %s node embeddings from %s (%s)", count, spec.label, spec.uri, dialect)
         if spec.property is not None:
             rows = _property_rows(reader, spec)

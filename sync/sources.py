@@ -7,6 +7,7 @@ cannot be resolved becomes an ``InputError`` for that row only.
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -17,7 +18,7 @@ from psycopg import sql
 
 from encoders.base import InputError
 from sync.catalog import Embedding
-from sync.spec import TextSpec
+from sync.spec import SpecError, TextSpec
 
 KEY = "__key__"
 HASH = "__input_hash__"
@@ -92,6 +93,40 @@ def stream_rows(
             yield pd.DataFrame(rows, columns=names, dtype=object)
 
 
+def stream_stale(
+    conn: psycopg.Connection, emb: Embedding, version: int, *, chunk_rows: int
+) -> Iterator[pd.DataFrame]:
+    """Stream the rows with no vector, or one from an older model, that are not failed items."""
+    query = sql.SQL(
+        "SELECT {cols} FROM {src} s LEFT JOIN {tgt} t ON t.{key} = s.{key} "
+        "WHERE (t.{key} IS NULL OR t.model_version <> {version}) AND NOT EXISTS "
+        "(SELECT 1 FROM vectorsync.failed f WHERE f.embedding = {name} AND f.key = s.{key}::text)"
+    ).format(
+        cols=_select_columns(emb),
+        src=emb.source,
+        tgt=emb.target,
+        key=emb.key,
+        version=sql.Literal(version),
+        name=sql.Literal(emb.name),
+    )
+    with conn.cursor(name="vectorsync_stale") as cur:
+        cur.itersize = chunk_rows
+        cur.execute(query)
+        names = [d.name for d in cur.description]
+        while rows := cur.fetchmany(chunk_rows):
+            yield pd.DataFrame(rows, columns=names, dtype=object)
+
+
+def count_stale(conn: psycopg.Connection, emb: Embedding, version: int) -> int:
+    return conn.execute(
+        sql.SQL(
+            "SELECT count(*) FROM {src} s LEFT JOIN {tgt} t ON t.{key} = s.{key} "
+            "WHERE t.{key} IS NULL OR t.model_version <> %s"
+        ).format(src=emb.source, tgt=emb.target, key=emb.key),
+        (version,),
+    ).fetchone()[0]
+
+
 def resolve_references(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputError]:
     """Replace reference values by file contents in place; return failures by row position."""
     spec = emb.spec
@@ -100,6 +135,13 @@ def resolve_references(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputEr
         return {}
     base = Path(getattr(spec, "base_dir", None) or ".").expanduser().resolve()
     is_text = isinstance(spec, TextSpec)
+    if is_text:
+        try:
+            codecs.lookup(spec.encoding)  # type: ignore[attr-defined]
+        except LookupError:  # a spec error, not a per-row one: every file would fail the same way
+            raise SpecError(
+                f"embedding {spec.name!r}: unknown text encoding {spec.encoding!r}; fix 'encoding' in the spec"  # type: ignore[attr-defined]
+            ) from None
     failures: dict[int, InputError] = {}
     values: list[object] = []
     for position, reference in enumerate(frame[column].tolist()):

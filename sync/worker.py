@@ -106,7 +106,7 @@ def process_batch(
         result.unchanged = len(unchanged)
 
         failures = sources.resolve_references(emb, frame)
-        vectors, encode_failures = _encode(encoder, frame, failures, emb)
+        vectors, encode_failures = encode_frame(encoder, frame, failures, emb)
         failures.update(encode_failures)
         ok = np.array([i not in failures for i in range(len(frame))], dtype=bool)
         keys = frame[sources.KEY].tolist()
@@ -159,7 +159,7 @@ def _without_unchanged(
     return frame[~same].reset_index(drop=True), frame[sources.KEY][same].tolist()
 
 
-def _encode(encoder, frame, failures: dict[int, InputError], emb: Embedding):
+def encode_frame(encoder, frame, failures: dict[int, InputError], emb: Embedding):  # noqa: ANN001
     """Encode the rows that resolved; an encoder crash fails those rows, not the worker."""
     dim = emb.spec.dim
     vectors = np.zeros((len(frame), dim), dtype=np.float32)

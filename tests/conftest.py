@@ -14,15 +14,13 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-@pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real PostgreSQL 16 with pgvector, started for this session and stopped after it."""
-    import pgserver
+from tests.pg_support import embedded_server
 
-    root = tmp_path_factory.mktemp("pg")
-    server = pgserver.get_server(root / "pgdata", cleanup_mode="stop")
-    yield server.get_uri()
-    server.cleanup()
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """The session's PostgreSQL server; each test gets its own database in it (``db_url``)."""
+    with embedded_server() as server:
+        yield server.get_uri()
 
 
 def with_dbname(url: str, dbname: str) -> str:
@@ -84,3 +82,49 @@ def cli(
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+# --- a real Bolt server ------------------------------------------------------------------------
+
+ARCADEDB_PASSWORD_ENV = "VECTORSYNC_TEST_ARCADEDB_PASSWORD"
+
+
+@dataclass(frozen=True)
+class BoltServer:
+    """A running Bolt server; its password is in the environment variable ``password_env``."""
+
+    uri: str
+    user: str
+    password: str
+    database: str | None
+    password_env: str = ARCADEDB_PASSWORD_ENV
+
+    def run(self, query: str, **params: object) -> list[dict[str, object]]:
+        import neo4j
+
+        with (
+            neo4j.GraphDatabase.driver(self.uri, auth=(self.user, self.password)) as driver,
+            driver.session(database=self.database) as session,
+        ):
+            return [record.data() for record in session.run(query, params)]
+
+
+@pytest.fixture(scope="session")
+def arcadedb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BoltServer]:
+    """ArcadeDB (from the ``arcadedb-embedded`` wheel) with Bolt on 127.0.0.1, for the whole session."""
+    import os
+    from contextlib import ExitStack
+
+    pytest.importorskip("neo4j")
+    from tests.bolt_server import ArcadeDBUnavailable, start_arcadedb
+
+    with ExitStack() as stack:
+        try:
+            uri, user, password, database = stack.enter_context(start_arcadedb(tmp_path_factory.mktemp("arcadedb")))
+        except ArcadeDBUnavailable as exc:
+            pytest.skip(f"no ArcadeDB Bolt server: {exc}")
+        os.environ[ARCADEDB_PASSWORD_ENV] = password
+        try:
+            yield BoltServer(uri, user, password, database)
+        finally:
+            os.environ.pop(ARCADEDB_PASSWORD_ENV, None)

@@ -176,13 +176,11 @@ def test_similarity_queries_use_the_vector_index(conn, items):
     join = conn.execute(f"SELECT vectorsync._knn_join_sql({e})").fetchone()[0]
     plan = explain(conn, join, "text[], integer", ["{1,2}", 5])
     assert "Index Scan using items_embeddings_embedding_idx" in plan and "Order By: (embedding <=> q.embedding)" in plan
-    # vectorsync.nearest / nearest_to (0003) run this text; an HNSW scan returns at most ef_search rows,
-    # so ef_search => 1 giving one row shows that their query went through the index.
-    v1 = ("SELECT t.id::text, (t.embedding <=> $1)::float8 FROM public.items_embeddings t "
-          "ORDER BY t.embedding <=> $1 LIMIT $2")
-    assert "embedding_idx" in explain(conn, v1, "vector, integer", [q, 10])
+    # vectorsync.nearest / nearest_to (v2, migration 0005) run the unfiltered text above, with
+    # ef_search raised to k: asking for 10 with ef_search => 1 still gives 10 rows.
     assert conn.execute("SELECT count(*) FROM vectorsync.nearest_to('items', %s, 10, ef_search => 1)",
-                        (q,)).fetchone()[0] == 1
+                        (q,)).fetchone()[0] == 10
+    assert conn.execute("SELECT count(*) FROM vectorsync.nearest('items', '0', 10, ef_search => 1)").fetchone()[0] == 10
 
 
 def test_search_settings_come_from_the_call_or_the_spec(conn, db_url):

@@ -12,6 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.pg_support import embedded_server
+
 from tests.worker_support import (
     WorkerProcess,
     add_slow_writes,
@@ -81,15 +83,10 @@ def test_sigkill_mid_batch_loses_nothing_and_duplicates_nothing(conn, db_url, tm
 
 
 @pytest.fixture
-def own_server(tmp_path):
+def own_server():
     """A PostgreSQL server of this test's own, so it can be restarted without disturbing others."""
-    import pgserver
-
-    server = pgserver.get_server(tmp_path / "pgdata", cleanup_mode="stop")
-    try:
+    with embedded_server() as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 def restart(server) -> None:

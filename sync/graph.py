@@ -1,0 +1,553 @@
+"""Graph embeddings: native FastRP over edges held in Postgres, and the Neo4j bridge.
+
+A node's graph embedding depends on its neighbourhood, so a change to one row can move vectors
+several hops away: both paths recompute the whole graph on every run (``vectorsync sync NAME``, or
+the worker every ``schedule_seconds``) and write through the ordinary binary-COPY upsert, which
+leaves identical vectors untouched. Each run is one write transaction, so readers see the previous
+run's vectors or the new ones, never a mix of two random projections; it is recorded in
+``vectorsync.runs`` with its counts.
+
+Model versions: a graph embedding has no trained weights, but its vectors are only comparable when
+they were made with the same parameters. Each distinct parameter set (FastRP's parameters, or the
+bridge's label / key / property or algorithm and config) is registered once in
+``vectorsync.models`` with empty weights; runs with the same parameters reuse that version, and
+changing a parameter makes a new version current, which rewrites every vector once.
+
+Edges whose source or target is not a node key (a deleted node whose edges remain, say) are left
+out of the graph, with a warning and a count in the run's details: a continuously synced graph must
+survive them. When no edge at all matches a node, the columns are wrong and the run stops with an
+error naming the table, column and an example value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from encoders.fastrp import fastrp, node_keys
+from sync import sink
+from sync.catalog import Embedding
+from sync.neo4j_bridge import BridgeError, stream_embeddings
+from sync.spec import GraphEmbeddingSpec, GraphSpec, split_qualified
+
+log = logging.getLogger(__name__)
+
+#: Vectors per ``sink.upsert`` call (one binary COPY each).
+CHUNK_ROWS = 20_000
+#: The version of this module's FastRP; bumping it re-embeds every native graph.
+FASTRP_IMPLEMENTATION = 1
+_INTEGER_KEYS = {"smallint", "integer", "bigint"}
+_NODES = sql.Identifier("vectorsync_graph_nodes")
+_SEEN = sql.Identifier("vectorsync_graph_seen")
+
+#: ``advance(done, info, total=None)`` moves the progress bar.
+Advance = Callable[..., None]
+
+
+def sync_graph(conn: psycopg.Connection, emb: Embedding, progress: Any = None) -> dict[str, int]:
+    """Recompute and store every node embedding of a graph spec; ``conn`` must be in autocommit mode.
+
+    Returns ``run_id``, ``embedded`` (rows written), ``unchanged`` (identical vectors left as they
+    were), ``deleted`` (vectors of vanished nodes) and, for native FastRP, ``nodes``, ``edges`` and
+    ``skipped_edges``. ``progress`` is an optional ``rich.progress.Progress``.
+    """
+    spec = emb.spec
+    if not isinstance(spec, GraphEmbeddingSpec):
+        raise ValueError(f"embedding {emb.name!r} is a {spec.modality} embedding, not a graph")
+    kind = "bridge" if spec.neo4j else "fastrp"
+    run_id = conn.execute(
+        "INSERT INTO vectorsync.runs (embedding, kind) VALUES (%s, %s) RETURNING id", (emb.name, kind)
+    ).fetchone()[0]
+    started = time.perf_counter()
+    task = progress.add_task(f"sync {emb.name}", total=None, info=kind) if progress is not None else None
+
+    def advance(done: int, info: str, total: int | None = None) -> None:
+        if progress is not None:
+            progress.update(task, completed=done, info=info, **({"total": total} if total is not None else {}))
+
+    try:
+        counts, details = _bridge(conn, emb, advance) if spec.neo4j else _native(conn, emb, advance)
+    except BaseException as exc:
+        _record_failure(conn, run_id, exc)
+        raise
+    details["seconds"] = round(time.perf_counter() - started, 3)
+    conn.execute(
+        "UPDATE vectorsync.runs SET finished_at = now(), embedded = %s, unchanged = %s, deleted = %s, "
+        "details = %s WHERE id = %s",
+        (counts["embedded"], counts["unchanged"], counts["deleted"], json.dumps(details, default=str), run_id),
+    )
+    conn.execute("UPDATE vectorsync.embeddings SET last_sync = now() WHERE name = %s", (emb.name,))
+    return {"run_id": run_id, **counts}
+
+
+def _record_failure(conn: psycopg.Connection, run_id: int, exc: BaseException) -> None:
+    try:
+        conn.execute(
+            "UPDATE vectorsync.runs SET finished_at = now(), details = %s WHERE id = %s",
+            (json.dumps({"error": str(exc) or type(exc).__name__}), run_id),
+        )
+    except psycopg.Error as record_error:  # e.g. the connection itself broke: the original error matters
+        log.warning("could not record the failure of run %s: %s", run_id, record_error)
+
+
+def _lock(conn: psycopg.Connection, emb: Embedding) -> None:
+    """One run of an embedding at a time (a CLI sync next to a scheduled worker run waits)."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('vectorsync.graph:' || %s, 0))", (emb.name,))
+
+
+def model_version(conn: psycopg.Connection, emb: Embedding, encoder_type: str, params: dict[str, Any]) -> int:
+    """The registry version for this parameter set, registered (with empty weights) on first use and
+    made current. Call inside the run's transaction, so a failed run registers nothing."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('vectorsync.models:' || %s, 0))", (emb.name,))
+    encoded = json.dumps(params, sort_keys=True)
+    row = conn.execute(
+        "SELECT version FROM vectorsync.models WHERE embedding = %s AND encoder_type = %s AND params = %s::jsonb "
+        "ORDER BY version DESC LIMIT 1",
+        (emb.name, encoder_type, encoded),
+    ).fetchone()
+    if row is not None:
+        version = row[0]
+    else:
+        version = conn.execute(
+            "SELECT coalesce(max(version), 0) + 1 FROM vectorsync.models WHERE embedding = %s", (emb.name,)
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO vectorsync.models (embedding, version, encoder_type, dim, weights, params) "
+            "VALUES (%s, %s, %s, %s, %s, %s::jsonb)",
+            (emb.name, version, encoder_type, emb.spec.dim, b"", encoded),
+        )
+    conn.execute(
+        "UPDATE vectorsync.embeddings SET current_version = %s WHERE name = %s AND current_version IS DISTINCT FROM %s",
+        (version, emb.name, version),
+    )
+    return version
+
+
+def _upsert_chunks(
+    conn: psycopg.Connection, emb: Embedding, keys: list[str], vectors: np.ndarray, version: int, advance: Advance
+) -> int:
+    written = 0
+    for start in range(0, len(keys), CHUNK_ROWS):
+        stop = min(start + CHUNK_ROWS, len(keys))
+        written += sink.upsert(conn, emb, keys[start:stop], vectors[start:stop], version)
+        advance(stop, "writing")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Native FastRP
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Graph:
+    keys: list[str]
+    ids: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+    weights: np.ndarray | None
+    features: np.ndarray | None
+    edge_rows: int
+    skipped_edges: int
+
+
+def fastrp_params(spec: GraphEmbeddingSpec) -> dict[str, Any]:
+    """What determines the vectors besides the data: the model version's identity."""
+    assert spec.graph is not None
+    g = spec.graph
+    return {
+        "algorithm": "fastRP",
+        "implementation": FASTRP_IMPLEMENTATION,
+        "dim": spec.dim,
+        "orientation": g.orientation,
+        "weight_column": g.weight_column,
+        "feature_columns": list(g.feature_columns),
+        "iteration_weights": list(g.iteration_weights),
+        "node_self_influence": g.node_self_influence,
+        "normalization_strength": g.normalization_strength,
+        "property_ratio": g.property_ratio,
+        "random_seed": g.random_seed,
+    }
+
+
+def _native(conn: psycopg.Connection, emb: Embedding, advance: Advance) -> tuple[dict[str, int], dict[str, Any]]:
+    spec = emb.spec
+    assert isinstance(spec, GraphEmbeddingSpec) and spec.graph is not None
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    advance(0, "reading the graph")
+    graph = read_graph(conn, emb, spec.graph)
+    timings["read_seconds"] = time.perf_counter() - clock
+    n = len(graph.keys)
+    advance(0, f"FastRP over {n} nodes, {len(graph.src)} edges", n)
+    clock = time.perf_counter()
+    try:
+        vectors = fastrp(
+            n,
+            graph.src,
+            graph.dst,
+            graph.weights,
+            dim=spec.dim,
+            iteration_weights=spec.graph.iteration_weights,
+            node_self_influence=spec.graph.node_self_influence,
+            normalization_strength=spec.graph.normalization_strength,
+            orientation=spec.graph.orientation,
+            features=graph.features,
+            property_ratio=spec.graph.property_ratio,
+            node_ids=graph.ids,
+            random_seed=spec.graph.random_seed,
+        )
+    except ValueError as exc:
+        raise ValueError(f"embedding {emb.name!r}: {exc}") from None
+    timings["compute_seconds"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    with conn.transaction():
+        _lock(conn, emb)
+        version = model_version(conn, emb, "fastrp", fastrp_params(spec))
+        rebuild = _drop_index_for_large_load(conn, emb, n)
+        written = _upsert_chunks(conn, emb, graph.keys, vectors, version, advance)
+        deleted = conn.execute(
+            sql.SQL(
+                "DELETE FROM {target} t WHERE NOT EXISTS (SELECT 1 FROM {source} s WHERE s.{key} = t.{key})"
+            ).format(target=emb.target, source=emb.source, key=emb.key)
+        ).rowcount
+        if rebuild:
+            from sync.bulk import create_index
+
+            create_index(conn, emb)
+    timings["write_seconds"] = time.perf_counter() - clock
+    counts = {
+        "embedded": written,
+        "unchanged": n - written,
+        "deleted": deleted,
+        "nodes": n,
+        "edges": len(graph.src),
+        "skipped_edges": graph.skipped_edges,
+        "model_version": version,
+    }
+    details = {
+        "nodes": n,
+        "edges": len(graph.src),
+        "skipped_edges": graph.skipped_edges,
+        "model_version": version,
+        "edges_table": spec.graph.edges,
+        **{k: round(v, 3) for k, v in timings.items()},
+    }
+    return counts, details
+
+
+def _drop_index_for_large_load(conn: psycopg.Connection, emb: Embedding, nodes: int) -> bool:
+    """Like the tabular bulk path: a first load of many vectors builds the index once afterwards."""
+    from sync.bulk import BULK_THRESHOLD, drop_index, target_rows
+
+    if emb.spec.index.kind == "none" or nodes < BULK_THRESHOLD or target_rows(conn, emb) * 2 >= nodes:
+        return False
+    drop_index(conn, emb)
+    return True
+
+
+def _edges_table(emb: Embedding, graph: GraphSpec) -> sql.Identifier:
+    schema, table = split_qualified(graph.edges)
+    return sql.Identifier(schema or emb.source_schema, table)
+
+
+def _column_type(conn: psycopg.Connection, emb: Embedding, column: str) -> str:
+    row = conn.execute(
+        "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) "
+        "AND a.attname = %s AND a.attnum > 0 AND NOT a.attisdropped",
+        (emb.source.as_string(conn), column),
+    ).fetchone()
+    if row is None:
+        raise ValueError(f"embedding {emb.name!r}: feature column {column!r} not found in table {emb.source_table!r}")
+    return row[0]
+
+
+def _feature_expression(column: str, type_name: str) -> sql.Composable:
+    """Every feature column read as float8 or float8[] (booleans as 0/1)."""
+    ident = sql.Identifier(column)
+    if type_name == "boolean":
+        return sql.SQL("CAST(CAST({} AS integer) AS float8)").format(ident)
+    if type_name.endswith("[]"):
+        return sql.SQL("CAST({} AS float8[])").format(ident)
+    return sql.SQL("CAST({} AS float8)").format(ident)
+
+
+def read_graph(conn: psycopg.Connection, emb: Embedding, graph: GraphSpec) -> _Graph:
+    """Nodes, edges and features from one consistent snapshot. Node ``i`` is the ``i``-th key in key
+    order, so the same data always gives the same sparse matrix and bit-identical vectors."""
+    edges = _edges_table(emb, graph)
+    columns = [(c, _column_type(conn, emb, c)) for c in graph.feature_columns]
+    try:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_NODES))
+            features = [
+                sql.SQL(", {} AS {}").format(_feature_expression(c, t), sql.Identifier(f"f{i}"))
+                for i, (c, t) in enumerate(columns)
+            ]
+            conn.execute(
+                sql.SQL(
+                    "CREATE TEMP TABLE {nodes} ON COMMIT DROP AS SELECT {key} AS key, "
+                    "(row_number() OVER (ORDER BY {key}) - 1)::integer AS i{features} FROM {source} "
+                    "WHERE {key} IS NOT NULL"
+                ).format(nodes=_NODES, key=emb.key, features=sql.SQL("").join(features), source=emb.source)
+            )
+            conn.execute(sql.SQL("ANALYZE {}").format(_NODES))
+            keys = _read_keys(conn)
+            _check_unique(emb, keys)
+            matrix = _read_features(conn, emb, keys, columns) if columns else None
+            src, dst, weights = _read_edges(conn, edges, graph)
+            edge_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(edges)).fetchone()[0]
+            skipped = edge_rows - len(src)
+            if skipped:
+                _report_dangling(conn, emb, edges, graph, edge_rows, skipped)
+    except psycopg.errors.UndefinedFunction as exc:  # e.g. text edge columns against integer node keys
+        message = str(exc).strip().splitlines()[0]
+        raise ValueError(
+            f"embedding {emb.name!r}: the edge columns of {graph.edges!r} cannot be compared with the node keys "
+            f"({emb.key_column}, {emb.key_type}): {message}; give them the same type"
+        ) from None
+    if weights is not None:
+        _check_weights(emb, graph, keys, src, dst, weights)
+        # Duplicate edges' weights are summed: a fixed order keeps the float sums bit-identical.
+        order = np.lexsort((weights, dst, src))
+        src, dst, weights = src[order], dst[order], weights[order]
+    integer_keys = emb.key_type in _INTEGER_KEYS
+    ids = node_keys(pd.Series(keys, dtype=str).astype(np.int64).to_numpy() if integer_keys else keys)
+    return _Graph(keys, ids, src, dst, weights, matrix, edge_rows, skipped)
+
+
+def _copy_out(conn: psycopg.Connection, statement: sql.Composable) -> bytes:
+    buffer = BytesIO()
+    with conn.cursor() as cur, cur.copy(statement) as copy:
+        for block in copy:
+            buffer.write(block)
+    return buffer.getvalue()
+
+
+def _read_keys(conn: psycopg.Connection) -> list[str]:
+    data = _copy_out(
+        conn, sql.SQL("COPY (SELECT key::text FROM {} ORDER BY i) TO STDOUT WITH (FORMAT csv)").format(_NODES)
+    )
+    if not data:
+        return []
+    frame = pd.read_csv(BytesIO(data), header=None, dtype=str, keep_default_na=False, na_filter=False)
+    return frame[0].tolist()
+
+
+def _check_unique(emb: Embedding, keys: list[str]) -> None:
+    duplicated = pd.Series(keys).duplicated()
+    if duplicated.any():
+        example = keys[int(np.flatnonzero(duplicated.to_numpy())[0])]
+        raise ValueError(
+            f"embedding {emb.name!r}: key {example!r} appears more than once in {emb.source_table!r}; "
+            f"{emb.key_column!r} must be unique"
+        )
+
+
+def _read_edges(
+    conn: psycopg.Connection, edges: sql.Identifier, graph: GraphSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Edges as node indexes, mapped to indexes inside Postgres and read as fixed-width binary COPY
+    records (NULL weights arrive as NaN, so every record has the same width)."""
+    weight = (
+        sql.SQL(", coalesce(CAST(e.{} AS float8), 'NaN')").format(sql.Identifier(graph.weight_column))
+        if graph.weight_column
+        else sql.SQL("")
+    )
+    data = _copy_out(
+        conn,
+        sql.SQL(
+            "COPY (SELECT a.i, b.i{weight} FROM {edges} e JOIN {nodes} a ON a.key = e.{source} "
+            "JOIN {nodes} b ON b.key = e.{target}) TO STDOUT WITH (FORMAT binary)"
+        ).format(
+            weight=weight,
+            edges=edges,
+            nodes=_NODES,
+            source=sql.Identifier(graph.source_column),
+            target=sql.Identifier(graph.target_column),
+        ),
+    )
+    fields = [("count", ">i2"), ("len_a", ">i4"), ("a", ">i4"), ("len_b", ">i4"), ("b", ">i4")]
+    if graph.weight_column:
+        fields += [("len_w", ">i4"), ("w", ">f8")]
+    record = np.dtype(fields)
+    header = 11 + 4 + 4 + int.from_bytes(data[15:19], "big")  # signature, flags, extension length
+    rows = (len(data) - header - 2) // record.itemsize
+    table = np.frombuffer(data, dtype=record, count=rows, offset=header)
+    src = table["a"].astype(np.int32)
+    dst = table["b"].astype(np.int32)
+    weights = table["w"].astype(np.float64) if graph.weight_column else None
+    return src, dst, weights
+
+
+def _report_dangling(
+    conn: psycopg.Connection, emb: Embedding, edges: sql.Identifier, graph: GraphSpec, total: int, skipped: int
+) -> None:
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*) FILTER (WHERE a.i IS NULL), "
+            "min(coalesce(e.{s}::text, 'NULL')) FILTER (WHERE a.i IS NULL), "
+            "count(*) FILTER (WHERE b.i IS NULL), "
+            "min(coalesce(e.{t}::text, 'NULL')) FILTER (WHERE b.i IS NULL) "
+            "FROM {edges} e LEFT JOIN {nodes} a ON a.key = e.{s} LEFT JOIN {nodes} b ON b.key = e.{t} "
+            "WHERE a.i IS NULL OR b.i IS NULL"
+        ).format(
+            s=sql.Identifier(graph.source_column), t=sql.Identifier(graph.target_column), edges=edges, nodes=_NODES
+        )
+    ).fetchone()
+    bad_source, source_example, bad_target, target_example = row
+    column, example = (graph.source_column, source_example) if bad_source else (graph.target_column, target_example)
+    where = f"{column!r} value {example!r} in edge table {graph.edges!r} is not a key of {emb.source_table!r}"
+    if skipped == total:
+        raise ValueError(
+            f"embedding {emb.name!r}: none of the {total} edges connects two nodes ({where}); "
+            "check graph.source_column / graph.target_column and the node table's key"
+        )
+    log.warning(
+        "embedding %s: skipping %d of %d edges whose source (%d) or target (%d) is not a node, e.g. %s",
+        emb.name, skipped, total, bad_source, bad_target, where,
+    )
+
+
+def _check_weights(
+    emb: Embedding, graph: GraphSpec, keys: list[str], src: np.ndarray, dst: np.ndarray, weights: np.ndarray
+) -> None:
+    bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"embedding {emb.name!r}: edge {keys[src[i]]} -> {keys[dst[i]]} in table {graph.edges!r} has weight "
+            f"{'NULL or NaN' if np.isnan(weights[i]) else weights[i]} in column {graph.weight_column!r} "
+            f"({bad.size} such edges); weights must be finite and >= 0"
+        )
+
+
+def _read_features(
+    conn: psycopg.Connection, emb: Embedding, keys: list[str], columns: list[tuple[str, str]]
+) -> np.ndarray:
+    names = sql.SQL(", ").join(sql.Identifier(f"f{i}") for i in range(len(columns)))
+    with conn.cursor(binary=True) as cur:
+        cur.execute(sql.SQL("SELECT {} FROM {} ORDER BY i").format(names, _NODES))
+        rows = cur.fetchall()
+    blocks: list[np.ndarray] = []
+    for position, (column, type_name) in enumerate(columns):
+        values = [row[position] for row in rows]
+        if type_name.endswith("[]"):
+            block = _array_feature(emb, keys, column, values)
+        else:
+            block = np.array(values, dtype=np.float64).reshape(-1, 1)
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        if bad.size:
+            raise ValueError(
+                f"embedding {emb.name!r}: node {keys[bad[0]]} has a NULL, NaN or infinite value in feature column "
+                f"{column!r} ({bad.size} such nodes); fill it in or leave the column out of graph.feature_columns"
+            )
+        blocks.append(block)
+    return np.hstack(blocks) if blocks else np.zeros((len(keys), 0))
+
+
+def _array_feature(emb: Embedding, keys: list[str], column: str, values: list[Any]) -> np.ndarray:
+    lengths = np.array([-1 if v is None else len(v) for v in values])
+    if len(lengths) == 0:
+        return np.zeros((0, 0))
+    expected = int(np.bincount(lengths[lengths >= 0]).argmax()) if (lengths >= 0).any() else 0
+    odd = np.flatnonzero(lengths != expected)
+    if odd.size:
+        i = int(odd[0])
+        got = "NULL" if lengths[i] < 0 else f"{lengths[i]} values"
+        raise ValueError(
+            f"embedding {emb.name!r}: node {keys[i]} has {got} in feature column {column!r} where the other nodes "
+            f"have {expected}; every node needs an array of the same length"
+        )
+    return np.array(values, dtype=np.float64).reshape(len(values), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Neo4j bridge
+# ---------------------------------------------------------------------------------------------
+
+
+def bridge_params(spec: GraphEmbeddingSpec) -> dict[str, Any]:
+    """What determines the vectors besides the graph (not where the server is or how to log in)."""
+    assert spec.neo4j is not None
+    n = spec.neo4j
+    return {
+        "source": "neo4j",
+        "dim": spec.dim,
+        "label": n.label,
+        "key_property": n.key_property,
+        "property": n.property,
+        "algorithm": n.algorithm,
+        "relationship_types": list(n.relationship_types),
+        "config": dict(n.config),
+    }
+
+
+def _bridge(conn: psycopg.Connection, emb: Embedding, advance: Advance) -> tuple[dict[str, int], dict[str, Any]]:
+    spec = emb.spec
+    assert isinstance(spec, GraphEmbeddingSpec) and spec.neo4j is not None
+    neo = spec.neo4j
+    info: dict[str, Any] = {}
+    embedded = seen = pages = 0
+    advance(0, f"connecting to {neo.uri}")
+    with conn.transaction():
+        _lock(conn, emb)
+        version = model_version(conn, emb, "neo4j", bridge_params(spec))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_SEEN))
+        conn.execute(
+            sql.SQL("CREATE TEMP TABLE {seen} ON COMMIT DROP AS SELECT {key} AS key FROM {target} WITH NO DATA").format(
+                seen=_SEEN, key=emb.key, target=emb.target
+            )
+        )
+        with closing(stream_embeddings(neo, spec.dim, info=info)) as stream:
+            for keys, vectors in _with_text_keys(stream):
+                try:
+                    embedded += sink.upsert(conn, emb, keys, vectors, version)
+                    conn.execute(
+                        sql.SQL("INSERT INTO {} SELECT unnest(CAST(%s AS {}))").format(_SEEN, emb.key_array_type),
+                        (keys,),
+                    )
+                except psycopg.errors.DataError as exc:
+                    message = str(exc).strip().splitlines()[0]
+                    raise BridgeError(
+                        f"the {neo.label!r} nodes' {neo.key_property!r} values (e.g. {keys[0]!r}) cannot be stored "
+                        f"in {emb.key_column!r} of type {emb.key_type}: {message}; use a key_property of that type"
+                    ) from None
+                seen += len(keys)
+                pages += 1
+                advance(seen, f"{info.get('dialect', '')} page {pages}", int(info.get("nodes") or 0) or None)
+        conn.execute(sql.SQL("ANALYZE {}").format(_SEEN))
+        deleted = conn.execute(
+            sql.SQL("DELETE FROM {target} t WHERE NOT EXISTS (SELECT 1 FROM {seen} s WHERE s.key = t.{key})").format(
+                target=emb.target, seen=_SEEN, key=emb.key
+            )
+        ).rowcount
+    counts = {"embedded": embedded, "unchanged": seen - embedded, "deleted": deleted, "model_version": version}
+    details = {
+        **info,
+        "uri": neo.uri,
+        "database": neo.database,
+        "label": neo.label,
+        "source": f"property {neo.property}" if neo.property else f"algorithm {neo.algorithm}",
+        "pages": pages,
+        "model_version": version,
+    }
+    return counts, details
+
+
+def _with_text_keys(pages: Iterator[tuple[list[Any], np.ndarray]]) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Keys in their text form: the sink casts them to the Postgres key type."""
+    for keys, vectors in pages:
+        yield [str(k) for k in keys], vectors
