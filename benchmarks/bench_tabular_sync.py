@@ -3,7 +3,7 @@
 The raw bound reads the same columns of the same rows and writes precomputed vectors of the same
 dimension with binary COPY into an unindexed table: the least work any loader must do. vectorsync
 does that plus queueing, preprocessing, encoding, the upsert, and the index build after the
-backfill (reported separately). Target: sync ≥ 0.5 × raw.
+backfill (reported separately). Target: sync ≥ 0.5 x raw.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ class Figure:
     def line(self) -> str:
         ratio = f"{self.ratio:.2f}" if self.ratio is not None else "-"
         baseline = f"{self.baseline_value:,.1f} ({self.baseline_name})" if self.baseline_value is not None else "-"
-        return f"| {self.benchmark} | {self.name} | {self.value:,.1f} {self.unit} | {baseline} | {ratio} | {self.target or '-'} |"
+        value = f"{self.value:,.1f} {self.unit}"
+        return f"| {self.benchmark} | {self.name} | {value} | {baseline} | {ratio} | {self.target or '-'} |"
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """Modality models: one module per modality behind one encoder protocol. No database code here."""
 
-from encoders.base import EncodeResult, Encoder, InputError, load_encoder
+from encoders.base import Encoder, EncodeResult, InputError, load_encoder
 from encoders.registry import DEFAULT_ENCODER, ENCODERS, encoder_class
 
 __all__ = [

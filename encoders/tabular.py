@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from encoders.base import Batches, EncodeResult, Encoder, InputError, Progress, torch_threads
+from encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, torch_threads
 
 MAX_CATEGORIES = 50
 
@@ -132,12 +133,12 @@ class _Autoencoder(nn.Module):
         super().__init__()
         sizes = [width, *hidden, dim]
         encoder: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        for a, b in itertools.pairwise(sizes):
             encoder += [nn.Linear(a, b), nn.GELU()]
         self.encoder = nn.Sequential(*encoder[:-1])  # linear bottleneck
         decoder: list[nn.Module] = []
         back = sizes[::-1]
-        for a, b in zip(back[:-1], back[1:], strict=True):
+        for a, b in itertools.pairwise(back):
             decoder += [nn.Linear(a, b), nn.GELU()]
         self.decoder = nn.Sequential(*decoder[:-1])
 

@@ -118,9 +118,7 @@ def index_statement(e: EmbeddingObjects, rows: int = 0) -> sql.Composed | None:
     opclass = sql.SQL(OPCLASS[e.distance])
     if e.index_kind == "hnsw":
         method = sql.SQL("hnsw")
-        options = sql.SQL("m = {}, ef_construction = {}").format(
-            sql.Literal(e.m), sql.Literal(e.ef_construction)
-        )
+        options = sql.SQL("m = {}, ef_construction = {}").format(sql.Literal(e.m), sql.Literal(e.ef_construction))
     else:
         method = sql.SQL("ivfflat")
         lists = e.lists or max(10, rows // 1000)
@@ -224,8 +222,7 @@ def drop_embedding(connection: Any, name: str) -> bool:
     """Remove the triggers, target table and bookkeeping of embedding ``name``; the source stays."""
     cur = _cursor(connection)
     cur.execute(
-        "SELECT source_schema, source_table, target_schema, target_table FROM vectorsync.embeddings "
-        "WHERE name = %s",
+        "SELECT source_schema, source_table, target_schema, target_table FROM vectorsync.embeddings WHERE name = %s",
         (name,),
     )
     row = cur.fetchone()

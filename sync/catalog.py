@@ -55,11 +55,15 @@ class Embedding:
 
 
 def load(conn: psycopg.Connection, spec: EmbeddingSpec) -> Embedding:
-    row = conn.execute(
-        "SELECT source_schema, source_table, key_column, key_type, target_schema, target_table, "
-        "current_version FROM vectorsync.embeddings WHERE name = %s",
-        (spec.name,),
-    ).fetchone() if _migrated(conn) else None
+    row = (
+        conn.execute(
+            "SELECT source_schema, source_table, key_column, key_type, target_schema, target_table, "
+            "current_version FROM vectorsync.embeddings WHERE name = %s",
+            (spec.name,),
+        ).fetchone()
+        if _migrated(conn)
+        else None
+    )
     if row is None:
         raise NotMigrated(f"embedding {spec.name!r} has no schema yet; run `vectorsync migrate` first")
     return Embedding(spec, *row)

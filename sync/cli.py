@@ -11,7 +11,6 @@ import json
 import logging
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +118,8 @@ def migrate(
     ctx: typer.Context,
     downgrade: Annotated[bool, typer.Option("--downgrade", help="Remove everything vectorsync made.")] = False,
     recreate: Annotated[
-        list[str] | None, typer.Option("--recreate", help="Drop and rebuild this embedding's table (e.g. after a dim change).")
+        list[str] | None,
+        typer.Option("--recreate", help="Drop and rebuild this embedding's table (e.g. after a dim change)."),
     ] = None,
 ) -> None:
     """Create or update vectorsync's schema, target tables, indexes and triggers (Alembic)."""
@@ -218,8 +218,17 @@ def status(
         out.print_json(json.dumps(report, default=str))
         return
     table = Table(title="embeddings")
-    columns = ["name", "source_rows", "embedded", "pending", "failed", "model_version", "lag_seconds",
-               "per_second_1m", "last_sync"]
+    columns = [
+        "name",
+        "source_rows",
+        "embedded",
+        "pending",
+        "failed",
+        "model_version",
+        "lag_seconds",
+        "per_second_1m",
+        "last_sync",
+    ]
     for column in columns:
         table.add_column(column)
     for row in report["embeddings"]:
@@ -229,8 +238,13 @@ def status(
     for column in ["id", "embeddings", "embedded", "failed", "heartbeat_age_s"]:
         workers.add_column(column)
     for row in report["workers"]:
-        workers.add_row(row["id"], ",".join(row["embeddings"]), str(row["embedded"]), str(row["failed"]),
-                        f"{row['heartbeat_age_s']:.1f}")
+        workers.add_row(
+            row["id"],
+            ",".join(row["embeddings"]),
+            str(row["embedded"]),
+            str(row["failed"]),
+            f"{row['heartbeat_age_s']:.1f}",
+        )
     out.print(workers)
 
 
@@ -347,9 +361,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from sync.neo4j_bridge import BridgeError
     from sync.schema import SpecMismatch
 
-    return (
-        SpecError, db.DatabaseError, SpecMismatch, SchemaChangeError, NotMigrated, NoModel, BridgeError, ValueError
-    )
+    return (SpecError, db.DatabaseError, SpecMismatch, SchemaChangeError, NotMigrated, NoModel, BridgeError, ValueError)
 
 
 def main_entry(argv: list[str] | None = None) -> int:

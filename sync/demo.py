@@ -48,7 +48,9 @@ def load_wine_table(conn: psycopg.Connection) -> list[str]:
     features = [c for c in frame.columns if c != "target"]
     names = list(data.target_names)
     exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE,)).fetchone()[0]
-    if exists and conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(TABLE))).fetchone()[0] == len(frame):
+    if exists and conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(TABLE))).fetchone()[0] == len(
+        frame
+    ):
         return features
     with conn.transaction():
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(TABLE)))
@@ -83,19 +85,28 @@ def run_demo(state: Any, *, k: int, console: Console, progress: Callable[[], Pro
         with progress() as bar:
             task = bar.add_task("train", total=None, info="")
             version, metrics, rows = training.train(
-                url, conn, emb, progress=lambda s, t, m: bar.update(task, completed=s, total=t, info=f"loss={m['loss']:.4f}")
+                url,
+                conn,
+                emb,
+                progress=lambda s, t, m: bar.update(task, completed=s, total=t, info=f"loss={m['loss']:.4f}"),
             )
             emb = catalog.load(conn, spec)
             task2 = bar.add_task("sync", total=None, info="")
             counts = sync_embedding(
-                conn, emb, config.worker, batch_size=512, url=url,
+                conn,
+                emb,
+                config.worker,
+                batch_size=512,
+                url=url,
                 on_progress=lambda d, t, f: bar.update(task2, completed=d, total=t, info=""),
             )
         console.print(
             f"model version {version}: trained on {rows} rows, holdout reconstruction MSE "
             f"{metrics.get('holdout_reconstruction_mse', float('nan')):.4f}; embedded {counts['embedded']} rows"
         )
-        labels = dict(conn.execute(sql.SQL("SELECT id::text, cultivar FROM {}").format(sql.Identifier(TABLE))).fetchall())
+        labels = dict(
+            conn.execute(sql.SQL("SELECT id::text, cultivar FROM {}").format(sql.Identifier(TABLE))).fetchall()
+        )
         agree = total = 0
         for key in labels:
             for neighbour, _ in conn.execute("SELECT * FROM vectorsync.nearest(%s, %s, %s)", (spec.name, key, k)):

@@ -56,8 +56,7 @@ def resolve_schema(conn: psycopg.Connection, spec: EmbeddingSpec) -> str:
     if spec.source_schema:
         return spec.source_schema
     row = conn.execute(
-        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.oid = to_regclass(%s)",
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
         (sql.Identifier(spec.source_name).as_string(conn),),
     ).fetchone()
     return row[0] if row else "public"
@@ -100,7 +99,7 @@ def check_specs(conn: psycopg.Connection, specs: list[EmbeddingSpec]) -> None:
                 )
         graph = getattr(spec, "graph", None)
         if graph is not None:
-            gschema, gtable = (graph.edges.split(".", 1) if "." in graph.edges else (schema, graph.edges))
+            gschema, gtable = graph.edges.split(".", 1) if "." in graph.edges else (schema, graph.edges)
             edge_columns = table_columns(conn, gschema, gtable)
             if edge_columns is None:
                 problems.append(f"embedding {spec.name!r}, field 'graph.edges': table {graph.edges!r} does not exist")

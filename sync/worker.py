@@ -159,7 +159,7 @@ def _without_unchanged(
     return frame[~same].reset_index(drop=True), frame[sources.KEY][same].tolist()
 
 
-def encode_frame(encoder, frame, failures: dict[int, InputError], emb: Embedding):  # noqa: ANN001
+def encode_frame(encoder, frame, failures: dict[int, InputError], emb: Embedding):
     """Encode the rows that resolved; an encoder crash fails those rows, not the worker."""
     dim = emb.spec.dim
     vectors = np.zeros((len(frame), dim), dtype=np.float32)

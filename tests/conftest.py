@@ -16,6 +16,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.pg_support import embedded_server
 
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """The session's PostgreSQL server; each test gets its own database in it (``db_url``)."""

@@ -66,7 +66,9 @@ def embedded_at(conn: psycopg.Connection) -> dict[int, object]:
 
 
 def test_spec_error_names_embedding_and_field():
-    raw = {"embeddings": [{"name": "items", "table": "t", "key": "id", "modality": "tabular", "dim": 0, "columns": ["a"]}]}
+    raw = {
+        "embeddings": [{"name": "items", "table": "t", "key": "id", "modality": "tabular", "dim": 0, "columns": ["a"]}]
+    }
     with pytest.raises(SpecError, match=r"embedding 'items', field 'dim'"):
         parse_config(raw)
 
@@ -74,8 +76,19 @@ def test_spec_error_names_embedding_and_field():
 def test_spec_rejects_unknown_modality_and_encoder():
     with pytest.raises(SpecError, match="modality"):
         parse_config({"embeddings": [{"name": "x", "table": "t", "key": "id", "modality": "audio", "dim": 4}]})
-    raw = {"embeddings": [{"name": "x", "table": "t", "key": "id", "modality": "tabular", "dim": 4,
-                           "columns": ["a"], "encoder": {"type": "nope"}}]}
+    raw = {
+        "embeddings": [
+            {
+                "name": "x",
+                "table": "t",
+                "key": "id",
+                "modality": "tabular",
+                "dim": 4,
+                "columns": ["a"],
+                "encoder": {"type": "nope"},
+            }
+        ]
+    }
     with pytest.raises(SpecError, match=r"embedding 'x', field 'encoder.type': unknown encoder type 'nope'"):
         parse_config(raw)
 
@@ -89,8 +102,9 @@ def test_spec_rejects_duplicate_names_and_sql_like_names():
 
 
 def test_spec_defaults():
-    config = parse_config({"embeddings": [{"name": "x", "table": "s.t", "key": "id", "modality": "tabular",
-                                           "dim": 4, "columns": ["a"]}]})
+    config = parse_config(
+        {"embeddings": [{"name": "x", "table": "s.t", "key": "id", "modality": "tabular", "dim": 4, "columns": ["a"]}]}
+    )
     spec = config.embeddings[0]
     assert (spec.distance, spec.index.kind, spec.encoder_type) == ("cosine", "hnsw", "autoencoder")
     assert (spec.source_schema, spec.source_name, spec.target_name) == ("s", "t", "x_embeddings")
@@ -155,14 +169,18 @@ def test_migrate_twice_changes_nothing_and_downgrade_keeps_user_data(conn, write
             "SELECT (SELECT xmin::text FROM vectorsync.embeddings), "
             "(SELECT array_agg(tgname::text || ':' || oid::text ORDER BY tgname) FROM pg_trigger "
             " WHERE tgrelid = 'items'::regclass), "
-            "(SELECT array_agg(indexname::text ORDER BY indexname) FROM pg_indexes WHERE tablename = 'items_embeddings'), "
+            "(SELECT array_agg(indexname::text ORDER BY indexname) FROM pg_indexes "
+            " WHERE tablename = 'items_embeddings'), "
             "(SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
             " WHERE attrelid = 'items_embeddings'::regclass AND attname = 'embedding')"
         ).fetchone()
 
     first = snapshot()
     assert [t.split(":")[0] for t in first[1]] == [
-        "vectorsync_items_delete", "vectorsync_items_insert", "vectorsync_items_truncate", "vectorsync_items_update"
+        "vectorsync_items_delete",
+        "vectorsync_items_insert",
+        "vectorsync_items_truncate",
+        "vectorsync_items_update",
     ]
     assert "items_embeddings_embedding_idx" in first[2]
     assert first[3] == "vector(4)"
@@ -171,8 +189,16 @@ def test_migrate_twice_changes_nothing_and_downgrade_keeps_user_data(conn, write
     assert snapshot() == first
 
     assert cli("migrate", "--downgrade", config=config).code == 0
-    assert conn.execute("SELECT to_regnamespace('vectorsync'), to_regclass('items_embeddings')").fetchone() == (None, None)
-    assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'items'::regclass AND NOT tgisinternal").fetchone()[0] == 0
+    assert conn.execute("SELECT to_regnamespace('vectorsync'), to_regclass('items_embeddings')").fetchone() == (
+        None,
+        None,
+    )
+    assert (
+        conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'items'::regclass AND NOT tgisinternal"
+        ).fetchone()[0]
+        == 0
+    )
     assert conn.execute("SELECT id, price, kind FROM items ORDER BY id").fetchall() == [(1, 2.5, "a"), (2, 3.5, "b")]
 
 
@@ -192,10 +218,13 @@ def test_changing_dim_needs_an_explicit_recreate(conn, write_config, cli):
     result = cli("migrate", config=config)
     assert result.code == 1 and "changes dim from 4 to 8" in result.err and "--recreate items" in result.err
     assert cli("migrate", "--recreate", "items", config=config).code == 0
-    assert conn.execute(
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
-        "WHERE attrelid = 'items_embeddings'::regclass AND attname = 'embedding'"
-    ).fetchone()[0] == "vector(8)"
+    assert (
+        conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = 'items_embeddings'::regclass AND attname = 'embedding'"
+        ).fetchone()[0]
+        == "vector(8)"
+    )
 
 
 # --- train → sync → search ----------------------------------------------------------------------
@@ -279,7 +308,13 @@ def test_status_reports_counts(conn, digits_project, cli):
     result = cli("status", "--json", config=digits_project)
     assert result.code == 0
     (row,) = json.loads(result.out)["embeddings"]
-    assert (row["source_rows"], row["embedded"], row["pending"], row["failed"], row["model_version"]) == (900, 900, 5, 0, 1)
+    assert (row["source_rows"], row["embedded"], row["pending"], row["failed"], row["model_version"]) == (
+        900,
+        900,
+        5,
+        0,
+        1,
+    )
 
 
 # --- awkward names and bad input ----------------------------------------------------------------
@@ -287,7 +322,9 @@ def test_status_reports_counts(conn, digits_project, cli):
 
 def test_names_with_spaces_quotes_and_capitals_work_end_to_end(conn, write_config, cli):
     conn.execute('CREATE SCHEMA "My Schema"')
-    conn.execute('CREATE TABLE "My Schema"."Odd ""Table""" ("Key Col" text PRIMARY KEY, "Price $" real, "kind; DROP" text)')
+    conn.execute(
+        'CREATE TABLE "My Schema"."Odd ""Table""" ("Key Col" text PRIMARY KEY, "Price $" real, "kind; DROP" text)'
+    )
     rows = [(f"k'{i}", float(i % 7), ["red", "green", "blue"][i % 3]) for i in range(60)]
     with conn.cursor() as cur:
         cur.executemany('INSERT INTO "My Schema"."Odd ""Table""" VALUES (%s, %s, %s)', rows)
@@ -375,8 +412,17 @@ def server_without_pgvector():
         subprocess.run([*user, *args], check=True, capture_output=True, cwd=root)
 
     pg(str(install / "bin" / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres")
-    pg(str(install / "bin" / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
-       "-o", f"-p {port} -k {root} -h 127.0.0.1", "start")
+    pg(
+        str(install / "bin" / "pg_ctl"),
+        "-D",
+        str(data),
+        "-w",
+        "-l",
+        str(root / "log"),
+        "-o",
+        f"-p {port} -k {root} -h 127.0.0.1",
+        "start",
+    )
     yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     pg(str(install / "bin" / "pg_ctl"), "-D", str(data), "-w", "stop")
     shutil.rmtree(root, ignore_errors=True)
@@ -403,8 +449,13 @@ def test_alembic_autogenerate_sees_no_spurious_diff_for_vector_columns(db_url, c
     from sync.schema import engine_for
 
     metadata = MetaData()
-    Table("documents", metadata, Column("id", Integer, primary_key=True), Column("body", Text),
-          Column("embedding", Vector(3)))
+    Table(
+        "documents",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("body", Text),
+        Column("embedding", Vector(3)),
+    )
     engine = engine_for(db_url)
     metadata.create_all(engine)
     with engine.connect() as connection:

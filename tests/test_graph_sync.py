@@ -396,12 +396,12 @@ def test_bridge_stored_property_sync_is_exact_incremental_and_drops_vanished_nod
     result = cli("sync", "stored", config=config)
     assert result.code == 0, result.err
     counts = counts_line(result.out + result.err, "stored")
-    assert (counts["embedded"], counts["unchanged"], counts["deleted"]) == (1, 30, 2)
+    assert (counts["embedded"], counts["unchanged"], counts["deleted"]) == (1, 31, 2)
     after = embedded_at(members, "stored_embeddings", "key")
     assert sorted(set(before) - set(after)) == ["m1", "m2"]
     assert [k for k in after if after[k] != before[k]] == ["m5"]
     np.testing.assert_array_equal(vectors(members, "stored_embeddings", "key")["m5"], np.ones(8, dtype=np.float32))
-    assert [r[1:5] for r in runs(members, "stored")] == [("bridge", 34, 0, 0), ("bridge", 1, 30, 2)]
+    assert [r[1:5] for r in runs(members, "stored")] == [("bridge", 34, 0, 0), ("bridge", 1, 31, 2)]
 
 
 def test_bridge_errors_are_one_cli_line(

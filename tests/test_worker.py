@@ -13,7 +13,6 @@ import psycopg
 import pytest
 
 from tests.pg_support import embedded_server
-
 from tests.worker_support import (
     WorkerProcess,
     add_slow_writes,
