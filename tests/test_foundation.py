@@ -467,3 +467,18 @@ def test_alembic_autogenerate_sees_no_spurious_diff_for_vector_columns(db_url, c
     # The user's own tables (digits) are not in this metadata, so only they may show up as removals.
     unexpected = [d for d in diff if not (d[0] == "remove_table" and d[1].name == "digits")]
     assert unexpected == []
+
+
+# --- the main job -------------------------------------------------------------------------------
+
+
+def test_demo_runs_and_runs_again(conn, cli, tmp_path):
+    first = cli("demo", "-k", "3", config=tmp_path / "none.toml")
+    assert first.code == 0, first.err
+    assert "neighbours sharing the cultivar" in first.out
+    agreement = float(first.out.split("neighbours sharing the cultivar: ")[1].split("%")[0])
+    assert agreement > 80  # chance is about 34 %
+    second = cli("demo", "-k", "3", config=tmp_path / "none.toml")
+    assert second.code == 0, second.err
+    assert conn.execute("SELECT max(version) FROM vectorsync.models WHERE embedding = 'demo_wine'").fetchone()[0] == 2
+    assert conn.execute("SELECT count(*) FROM demo_wine_embeddings WHERE model_version = 2").fetchone()[0] == 178

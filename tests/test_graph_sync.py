@@ -455,19 +455,18 @@ def test_worker_reruns_the_bridge_on_its_schedule(
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
     )
     try:
+        first = wait_for(worker, members, "SELECT count(*) = 34 FROM scheduled_embeddings")
+        assert first, "the worker's first scheduled run did not arrive"
         arcadedb.run(f"MATCH (n:{label}) WHERE n.key = 'm7' SET n.emb = [0.5, 0.25, 0.125, 1.0]")
-        deadline = time.monotonic() + 90
-        arrived = None
-        while time.monotonic() < deadline and worker.poll() is None:
-            arrived = members.execute("SELECT embedding::text FROM scheduled_embeddings WHERE key = 'm7'").fetchone()
-            if arrived and arrived[0] == "[0.5,0.25,0.125,1]":
-                break
-            time.sleep(0.5)
-        assert arrived and arrived[0] == "[0.5,0.25,0.125,1]", worker.stdout.read() if worker.poll() is not None else ""
-        assert members.execute("SELECT count(*) FROM scheduled_embeddings").fetchone()[0] == 34
-        assert members.execute(
-            "SELECT count(*) FROM vectorsync.runs WHERE embedding = 'scheduled' AND kind = 'bridge'"
-        ).fetchone()[0] >= 1
+        changed = wait_for(
+            worker, members, "SELECT embedding::text = '[0.5,0.25,0.125,1]' FROM scheduled_embeddings WHERE key = 'm7'"
+        )
+        assert changed, "the changed vector did not arrive"
+        bridge_runs = members.execute(
+            "SELECT count(*) FROM vectorsync.runs WHERE embedding = 'scheduled' AND kind = 'bridge' "
+            "AND finished_at IS NOT NULL"
+        ).fetchone()[0]
+        assert bridge_runs >= 2
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -475,6 +474,20 @@ def test_worker_reruns_the_bridge_on_its_schedule(
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+
+
+def wait_for(worker: subprocess.Popen[bytes], conn: psycopg.Connection, query: str, timeout: float = 90) -> bool:
+    """Poll ``query`` (one boolean) until it is true, the worker exits, or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            output = worker.stdout.read().decode(errors="replace") if worker.stdout else ""
+            raise AssertionError(f"the worker exited with {worker.returncode}:\n{output[-3000:]}")
+        row = conn.execute(query).fetchone()
+        if row and row[0]:
+            return True
+        time.sleep(0.25)
+    return False
 
 
 # --- Neo4j GDS (only with NEO4J_URI) -----------------------------------------------------------

@@ -1,0 +1,194 @@
+"""Graph embeddings: native FastRP compute time and write rate, and the Neo4j bridge's throughput.
+
+- FastRP: a generated graph (1M nodes, 5M edges; quick: 100k / 500k), dim 128, 3 iterations, on the
+  cores this machine has. ``compute`` is the FastRP call alone (target ≤ 10 s for 1M / 5M on 2 cores).
+- Write rate: ``vectorsync sync`` of that graph into an unindexed pgvector table (vectors/s of the
+  write phase: COPY into the staging table and the skip-unchanged upsert) vs a raw binary COPY of the
+  same vectors into a fresh unindexed table, measured in the same run.
+- Bridge: stored node vectors (dim 128) on a real Bolt server (ArcadeDB from ``arcadedb-embedded``),
+  a few thousand nodes: node embeddings/s of a whole bridge run into pgvector vs the neo4j driver's
+  own read rate of the same query's data, in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psycopg
+from pgvector.psycopg import register_vector
+
+from benchmarks.common import Figure, scratch_database, timer
+
+DIM = 128
+ITERATION_WEIGHTS = [0.0, 1.0, 1.0]
+
+
+def generate(conn: psycopg.Connection, nodes: int, edges: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``nodes(id bigint)`` and ``edges(source, target)``; targets skewed towards low ids (hubs)."""
+    conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, nodes, edges)
+    dst = np.minimum((rng.pareto(1.5, edges) * nodes / 50).astype(np.int64), nodes - 1)
+    conn.execute("CREATE TABLE nodes (id bigint PRIMARY KEY)")
+    conn.execute("INSERT INTO nodes SELECT generate_series(0, %s)", (nodes - 1,))
+    conn.execute("CREATE TABLE edges (source bigint NOT NULL, target bigint NOT NULL)")
+    buffer = BytesIO()
+    pd.DataFrame({"s": src, "t": dst}).to_csv(buffer, sep="\t", header=False, index=False)
+    with conn.cursor().copy("COPY edges (source, target) FROM STDIN") as copy:
+        copy.write(buffer.getvalue())
+    conn.execute("ANALYZE nodes")
+    conn.execute("ANALYZE edges")
+    return src, dst
+
+
+def raw_copy_seconds(url: str, vectors: np.ndarray) -> float:
+    """Binary COPY of ``vectors`` (keys 0..n-1) into a fresh unindexed table: the least any writer does."""
+    with psycopg.connect(url) as conn:
+        register_vector(conn)
+        conn.execute(f"CREATE TABLE raw_vectors (id bigint PRIMARY KEY, embedding vector({vectors.shape[1]}))")
+        conn.commit()
+        with timer() as elapsed:
+            with conn.cursor().copy("COPY raw_vectors (id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "vector"])
+                for i, vector in enumerate(vectors):
+                    copy.write_row((i, vector))
+            conn.commit()
+        conn.execute("DROP TABLE raw_vectors")
+        conn.commit()
+    return elapsed[0]
+
+
+def fastrp_figures(data_dir: Path, quick: bool) -> list[Figure]:
+    from encoders.fastrp import fastrp
+    from sync import catalog, schema
+    from sync.graph import sync_graph
+    from sync.spec import parse_config
+
+    nodes, edges = (100_000, 500_000) if quick else (1_000_000, 5_000_000)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with scratch_database(data_dir) as url, psycopg.connect(url, autocommit=True) as conn:
+        src, dst = generate(conn, nodes, edges)
+        with timer() as compute:
+            vectors = fastrp(nodes, src, dst, dim=DIM, iteration_weights=ITERATION_WEIGHTS, node_ids=np.arange(nodes))
+        raw_seconds = raw_copy_seconds(url, vectors)
+        del vectors
+        config = parse_config(
+            {
+                "embeddings": [
+                    {
+                        "name": "generated",
+                        "table": "nodes",
+                        "key": "id",
+                        "modality": "graph",
+                        "dim": DIM,
+                        "index": "none",
+                        "graph": {"edges": "edges", "iteration_weights": ITERATION_WEIGHTS},
+                    }
+                ]
+            }
+        )
+        schema.upgrade(url, config)
+        emb = catalog.load(conn, config.embeddings[0])
+        with timer() as whole:
+            counts = sync_graph(conn, emb)
+        assert counts["embedded"] == nodes, counts
+        details = conn.execute("SELECT details FROM vectorsync.runs WHERE id = %s", (counts["run_id"],)).fetchone()[0]
+        with timer() as again:
+            repeat = sync_graph(conn, emb)
+        assert repeat["embedded"] == 0 and repeat["unchanged"] == nodes, repeat
+    size = f"{nodes:,} nodes, {edges:,} edges, dim {DIM}, {len(ITERATION_WEIGHTS)} iterations, {cores} cores"
+    return [
+        Figure("graph fastrp", f"compute seconds, {size}", compute[0], "s", target="≤ 10 s (1M/5M, 2 cores)"),
+        Figure("graph fastrp", "compute seconds inside vectorsync sync", details["compute_seconds"], "s",
+               "standalone fastrp()", compute[0]),
+        Figure("graph fastrp", "vectors/s written to pgvector (sync write phase, no index)",
+               nodes / details["write_seconds"], "vectors/s", "raw binary COPY", nodes / raw_seconds),
+        Figure("graph fastrp", "vectors/s, whole first sync (read + compute + write)", nodes / whole[0], "vectors/s",
+               "raw binary COPY", nodes / raw_seconds),
+        Figure("graph fastrp", "seconds, second sync (nothing changed, nothing written)", again[0], "s",
+               "first sync", whole[0]),
+    ]
+
+
+def _load_bolt(run: Callable[..., object], label: str, keys: list[int], vectors: np.ndarray) -> None:
+    for start in range(0, len(keys), 500):
+        rows = [{"key": keys[i], "emb": vectors[i].tolist()} for i in range(start, min(start + 500, len(keys)))]
+        run(f"UNWIND $rows AS r CREATE (n:{label}) SET n = r", rows=rows)
+
+
+def bridge_figures(data_dir: Path, quick: bool) -> list[Figure]:
+    import neo4j
+
+    from sync import catalog, schema
+    from sync.graph import sync_graph
+    from sync.spec import parse_config
+    from tests.bolt_server import start_arcadedb
+
+    count = 2_000 if quick else 5_000
+    label = "Bench"
+    vectors = np.random.default_rng(2).normal(size=(count, DIM))
+    password_env = "VECTORSYNC_BENCH_BOLT_PASSWORD"
+    with (
+        tempfile.TemporaryDirectory() as bolt_root,
+        start_arcadedb(Path(bolt_root)) as (uri, user, password, database),
+        neo4j.GraphDatabase.driver(uri, auth=(user, password)) as driver,
+    ):
+        os.environ[password_env] = password
+
+        def run(query: str, **params: object) -> list[dict[str, object]]:
+            with driver.session(database=database) as session:
+                return [r.data() for r in session.run(query, params)]
+
+        _load_bolt(run, label, list(range(count)), vectors)
+        query = f"MATCH (n:{label}) RETURN n.key AS key, n.emb AS embedding"
+        run(query)  # warm the server's caches for both readers alike
+        with timer() as driver_read:
+            with driver.session(database=database, fetch_size=10_000) as session:
+                rows = [(r[0], r[1]) for r in session.run(query)]
+        assert len(rows) == count
+        with scratch_database(data_dir) as url, psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE bench_nodes (key bigint PRIMARY KEY)")
+            config = parse_config(
+                {
+                    "embeddings": [
+                        {
+                            "name": "bridged",
+                            "table": "bench_nodes",
+                            "key": "key",
+                            "modality": "graph",
+                            "dim": DIM,
+                            "index": "none",
+                            "neo4j": {"uri": uri, "user": user, "password_env": password_env, "database": database,
+                                      "label": label, "key_property": "key", "property": "emb"},
+                        }
+                    ]
+                }
+            )
+            schema.upgrade(url, config)
+            emb = catalog.load(conn, config.embeddings[0])
+            started = time.perf_counter()
+            counts = sync_graph(conn, emb)
+            bridge_seconds = time.perf_counter() - started
+            assert counts["embedded"] == count, counts
+            started = time.perf_counter()
+            repeat = sync_graph(conn, emb)
+            repeat_seconds = time.perf_counter() - started
+            assert repeat["unchanged"] == count, repeat
+        os.environ.pop(password_env, None)
+    return [
+        Figure("graph bridge", f"node embeddings/s, Bolt (ArcadeDB) → pgvector, {count:,} nodes, dim {DIM}",
+               count / bridge_seconds, "nodes/s", "neo4j driver read alone", count / driver_read[0]),
+        Figure("graph bridge", "node embeddings/s, second run (all unchanged)", count / repeat_seconds, "nodes/s",
+               "neo4j driver read alone", count / driver_read[0]),
+    ]
+
+
+def run(data_dir: Path, quick: bool) -> list[Figure]:
+    return fastrp_figures(data_dir, quick) + bridge_figures(data_dir, quick)
