@@ -133,6 +133,7 @@ def resolve_references(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputEr
     column = getattr(spec, "path_column", None)
     if column is None:
         return {}
+    confined = getattr(spec, "base_dir", None) is not None
     base = Path(getattr(spec, "base_dir", None) or ".").expanduser().resolve()
     is_text = isinstance(spec, TextSpec)
     if is_text:
@@ -146,7 +147,7 @@ def resolve_references(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputEr
     values: list[object] = []
     for position, reference in enumerate(frame[column].tolist()):
         try:
-            data = _read_reference(reference, base)
+            data = _read_reference(reference, base, confined)
             values.append(data.decode(spec.encoding) if is_text else data)  # type: ignore[attr-defined]
         except UnicodeDecodeError as exc:
             failures[position] = InputError(column, f"file {reference!r} is not valid {spec.encoding}: {exc.reason}")  # type: ignore[attr-defined]
@@ -159,7 +160,9 @@ def resolve_references(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputEr
     return failures
 
 
-def _read_reference(reference: object, base: Path) -> bytes:
+def _read_reference(reference: object, base: Path, confined: bool) -> bytes:
+    """The bytes a reference points to. A relative path must stay inside ``base``; with
+    ``confined`` (the spec sets ``base_dir``) absolute paths and ``file://`` URIs must too."""
     if reference is None or (isinstance(reference, float) and pd.isna(reference)) or str(reference).strip() == "":
         raise InputError(None, "the reference is empty")
     text = str(reference)
@@ -167,13 +170,15 @@ def _read_reference(reference: object, base: Path) -> bytes:
         parsed = urlparse(text)
         if parsed.scheme != "file":
             raise InputError(None, f"unsupported URI scheme {parsed.scheme!r} in {text!r} (use a path or file://)")
+        if parsed.netloc not in ("", "localhost"):
+            raise InputError(None, f"file URI {text!r} names host {parsed.netloc!r}; only local files can be read")
         path = Path(unquote(parsed.path))
     else:
         path = Path(text)
-        if not path.is_absolute():
-            path = (base / path).resolve()
-            if base not in path.parents:
-                raise InputError(None, f"reference {text!r} points outside base_dir {str(base)!r}")
+    if not path.is_absolute() or confined:
+        path = (base / path).resolve()  # an absolute path stays itself; '..' and symlinks are resolved
+        if base not in path.parents:
+            raise InputError(None, f"reference {text!r} points outside base_dir {str(base)!r}")
     try:
         return path.read_bytes()
     except FileNotFoundError:

@@ -17,6 +17,7 @@ import pytest
 import skimage.data
 import torch
 from PIL import Image, ImageOps
+from psycopg import sql
 from sklearn.metrics import roc_auc_score
 
 from tests.face_data import encoded, lfw, people
@@ -42,9 +43,9 @@ def one_torch_thread() -> Iterator[None]:
 
 
 def insert(conn: psycopg.Connection, table: str, rows: list[tuple]) -> None:
-    marks = ", ".join(["%s"] * len(rows[0]))
+    marks = sql.SQL(", ").join([sql.Placeholder()] * len(rows[0]))
     with conn.cursor() as cur:
-        cur.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
+        cur.executemany(sql.SQL("INSERT INTO {} VALUES ({})").format(sql.Identifier(table), marks), rows)
 
 
 def run_ok(cli, *args: str, config) -> str:

@@ -182,7 +182,7 @@ def test_path_and_file_uri_references_embed_the_same_as_bytea(conn, write_config
         WORKER
         + spec("in_row", "scans", 'column = "png"', epochs=4)
         + spec("by_path", "scans", f'path_column = "path"\n{base}', epochs=4)
-        + spec("by_uri", "scans", 'path_column = "uri"', epochs=4)
+        + spec("by_uri", "scans", f'path_column = "uri"\n{base}', epochs=4)
     )
 
     migrate_train_sync(cli, config, "in_row", "by_path", "by_uri")
@@ -215,9 +215,13 @@ def test_bad_references_fail_with_key_column_and_reason_while_the_rest_embed(con
         1003: ("tiny.png", "5x5 px, below the minimum of 8 px"),
         1004: ("gone.png", "file not found"),
         1005: ("../secret.png", "points outside base_dir"),
-        1006: ((tmp_path / "gone.png").as_uri(), "file not found"),
+        1006: ((base / "gone.png").as_uri(), "file not found"),
         1007: ("https://example.com/a.png", "unsupported URI scheme 'https'"),
         1008: ("", "the reference is empty"),
+        # With base_dir set, absolute paths and file:// URIs must lie inside it too.
+        1009: ((tmp_path / "secret.png").as_uri(), "points outside base_dir"),
+        1010: (str(tmp_path / "secret.png"), "points outside base_dir"),
+        1011: ("file://fileserver/share/a.png", "names host 'fileserver'"),
     }
     conn.execute("CREATE TABLE files (id int PRIMARY KEY, path text)")
     rows = [(i, f"{i}.png") for i in range(len(images))] + [(key, ref) for key, (ref, _) in bad.items()]
@@ -271,7 +275,7 @@ def test_colour_images_are_embedded_in_three_channels(conn, write_config, cli):
     assert (params["channels"], params["image_size"]) == (3, 64)
     agreement = knn_agreement(conn, "photos", {str(i): label for i, label in enumerate(labels)}, step=2)
     print(f"\ncolour 64x64 crops of 4 photos, kNN(5) source-photo agreement: {agreement:.3f} (chance 0.25)")
-    assert agreement > 0.5
+    assert agreement > 0.6
 
 
 # --- training -----------------------------------------------------------------------------------
