@@ -328,4 +328,9 @@ def load_config(path: str | Path) -> Config:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path} is not valid TOML: {exc}") from None
+    for entry in raw.get("embeddings") or []:
+        # a relative base_dir means: relative to the config file, wherever the command runs
+        if isinstance(entry, dict) and isinstance(entry.get("base_dir"), str):
+            base = Path(entry["base_dir"]).expanduser()
+            entry["base_dir"] = str(base if base.is_absolute() else path.resolve().parent / base)
     return parse_config(raw, str(path))

@@ -110,6 +110,20 @@ def test_spec_defaults():
     assert (spec.source_schema, spec.source_name, spec.target_name) == ("s", "t", "x_embeddings")
 
 
+def test_relative_base_dir_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    from sync.spec import load_config
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "vectorsync.toml").write_text(
+        '[[embeddings]]\nname = "pics"\ntable = "pics"\nkey = "id"\nmodality = "image"\ndim = 8\n'
+        'path_column = "path"\nbase_dir = "images"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    (spec,) = load_config(folder / "vectorsync.toml").embeddings
+    assert spec.base_dir == str(folder / "images")
+
+
 def test_missing_config_is_one_clear_line(cli, tmp_path):
     result = cli("sync", config=tmp_path / "absent.toml")
     assert result.code == 1
