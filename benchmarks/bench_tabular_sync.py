@@ -92,7 +92,7 @@ def run(data_dir: Path, quick: bool) -> list[Figure]:
         emb = catalog.load(conn, spec)
         raw_seconds = raw_bound(url, rows)
         with timer() as elapsed:
-            counts = sync_embedding(conn, emb, config.worker, batch_size=5000, url=url)
+            counts = sync_embedding(conn, emb, config.worker, batch_size=10_000, url=url)
         assert counts["embedded"] == rows, counts
         sync_seconds = elapsed[0]
         index_seconds = counts.get("index_seconds", 0.0)

@@ -111,6 +111,9 @@ def bulk_load(
         good = [k for k, g in zip(keys, ok, strict=True) if g]
         hashes = [h for h, g in zip(frame[sources.HASH].tolist(), ok, strict=True) if g]
         with conn.transaction():
+            # No WAL flush per chunk: a chunk lost to a crash only leaves its rows stale, and the
+            # next sync (or a starting worker) finds them again. Nothing is dequeued here.
+            conn.execute("SET LOCAL synchronous_commit = off")
             sink.upsert(conn, emb, good, vectors[ok], version, hashes, only_older=True)
             if failures:  # the queue retries them and records their errors
                 conn.execute(
@@ -150,7 +153,8 @@ def sync_embedding(
     orphans = delete_orphans(conn, emb)
     version = ensure_model(conn, emb)
     stale = sources.count_stale(conn, emb, version) if url else 0
-    bulk = stale >= BULK_THRESHOLD and stale * 2 >= target_rows(conn, emb)
+    existing = target_rows(conn, emb)
+    bulk = stale >= BULK_THRESHOLD and stale * 2 >= existing
     done = failed = 0
     expected = stale if bulk else 0
 
@@ -170,7 +174,9 @@ def sync_embedding(
             if on_progress:
                 on_progress(0, expected, 0)
             loaded = bulk_load(url or "", conn, emb, version, batch_size=batch_size, on_batch=progress)
-        queued = enqueue_backfill(conn, emb, version)
+        # Rows whose inputs changed while capture was off (e.g. restored with triggers disabled) keep
+        # a stale input hash; after a bulk load into an empty table every vector is from this run.
+        queued = enqueue_backfill(conn, emb, version) if not bulk or existing else 0
         expected = done + queue_depth(conn, emb.name)
         if on_progress:
             on_progress(done, expected, failed)
@@ -182,7 +188,8 @@ def sync_embedding(
             index_seconds = time.perf_counter() - index_started
             # fresh statistics, so the planner weighs the index against filters on the new rows
             conn.execute(sql.SQL("ANALYZE {}").format(emb.target))
-    orphans += delete_orphans(conn, emb)  # rows deleted while the bulk path read its snapshot
+    if bulk:
+        orphans += delete_orphans(conn, emb)  # rows deleted while the bulk path read its snapshot
     embedded = loaded.embedded + total.embedded
     conn.execute(
         "UPDATE vectorsync.runs SET finished_at = now(), embedded = %s, failed = %s, deleted = %s WHERE id = %s",

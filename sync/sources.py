@@ -45,7 +45,7 @@ def read_rows(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> 
     ``FOR KEY SHARE`` makes a concurrent DELETE wait for this batch, so its trigger removes the
     vector we are about to write rather than leaving an orphan; ordinary updates are not blocked.
     """
-    with conn.cursor() as cur:
+    with conn.cursor(binary=True) as cur:
         cur.execute(
             sql.SQL("SELECT {cols} FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr})) FOR KEY SHARE OF s").format(
                 cols=_select_columns(emb), src=emb.source, key=emb.key, karr=emb.key_array_type
@@ -82,7 +82,7 @@ def stream_rows(
     query = sql.SQL("SELECT {cols} FROM {src} s").format(
         cols=_select_columns(emb, extra_columns), src=emb.source
     ) + where + order + limit
-    with conn.cursor(name="vectorsync_stream") as cur:
+    with conn.cursor(name="vectorsync_stream", binary=True) as cur:
         cur.itersize = chunk_rows
         cur.execute(query)
         while True:
@@ -109,7 +109,7 @@ def stream_stale(
         version=sql.Literal(version),
         name=sql.Literal(emb.name),
     )
-    with conn.cursor(name="vectorsync_stale") as cur:
+    with conn.cursor(name="vectorsync_stale", binary=True) as cur:  # binary: ~30% cheaper to parse
         cur.itersize = chunk_rows
         cur.execute(query)
         names = [d.name for d in cur.description]
