@@ -391,19 +391,8 @@ class IdentityCNN(ImageEncoderBase):
 
     # -- inference -------------------------------------------------------------------------------
 
-    def encode(self, batch: pd.DataFrame) -> EncodeResult:
-        if self.network is None:
-            raise RuntimeError("the identity_cnn encoder is not trained yet; run fit() or load a trained model")
-        images, positions, failures = self.load_column(batch)
-        vectors = np.zeros((len(batch), self.dim), dtype=np.float32)
-        if positions:
-            vectors[positions] = self._embed(images)
-        check_finite(vectors, failures, self.column)
-        vectors[list(failures)] = 0.0
-        return EncodeResult(vectors, failures)
-
     @torch.no_grad()
-    def _embed(self, images: np.ndarray) -> np.ndarray:
+    def vectors(self, images: np.ndarray) -> np.ndarray:
         assert self.network is not None
         self.network.eval()
         parts = []

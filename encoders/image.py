@@ -162,6 +162,23 @@ class ImageEncoderBase(Encoder):
         stacked = np.stack(arrays) if arrays else np.zeros((0, channels, size, size), np.float32)
         return stacked, positions, failures
 
+    network: nn.Module | None
+
+    def encode(self, batch: pd.DataFrame) -> EncodeResult:
+        if self.network is None:
+            raise RuntimeError(f"the {self.type} encoder is not trained yet; run `vectorsync train` first")
+        images, positions, failures = self.load_column(batch)
+        vectors = np.zeros((len(batch), self.dim), dtype=np.float32)
+        if positions:
+            vectors[positions] = self.vectors(images)
+        check_finite(vectors, failures, self.column)
+        vectors[list(failures)] = 0.0
+        return EncodeResult(vectors, failures)
+
+    def vectors(self, images: np.ndarray) -> np.ndarray:
+        """The embedding of each loaded image (``encode`` has already dealt with bad cells)."""
+        raise NotImplementedError
+
     def count_rows(self, batches: Batches) -> int:
         """Non-null input cells in ``batches``; sizes the progress total without decoding images."""
         return sum(int(chunk[self.column].notna().sum()) for chunk in batches())
@@ -347,19 +364,8 @@ class ConvAutoencoder(ImageEncoderBase):
 
     # -- inference -------------------------------------------------------------------------------
 
-    def encode(self, batch: pd.DataFrame) -> EncodeResult:
-        if self.network is None:
-            raise RuntimeError("the conv_autoencoder is not trained yet; run fit() or load a trained model")
-        images, positions, failures = self.load_column(batch)
-        vectors = np.zeros((len(batch), self.dim), dtype=np.float32)
-        if positions:
-            vectors[positions] = self._codes(images)
-        check_finite(vectors, failures, self.column)
-        vectors[list(failures)] = 0.0
-        return EncodeResult(vectors, failures)
-
     @torch.no_grad()
-    def _codes(self, images: np.ndarray) -> np.ndarray:
+    def vectors(self, images: np.ndarray) -> np.ndarray:
         assert self.network is not None
         self.network.eval()
         parts = []
