@@ -229,6 +229,7 @@ class IdentityCNN(ImageEncoderBase):
 
     type = "identity_cnn"
     trainable = True
+    defaults = IDENTITY_CNN_DEFAULTS
 
     def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
         super().__init__(dim, columns, params)
@@ -401,19 +402,6 @@ class IdentityCNN(ImageEncoderBase):
             parts.append(F.normalize(self.network(part), dim=-1).float().cpu().numpy())
         return np.concatenate(parts)
 
-    # -- persistence -----------------------------------------------------------------------------
-
-    def get_state(self) -> dict[str, Any]:
-        if self.network is None:
-            raise RuntimeError("the identity_cnn encoder is not trained yet; nothing to save")
-        weights = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
-        return {"config": dict(self.config), "weights": weights}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.config = {**IDENTITY_CNN_DEFAULTS, **state["config"]}
-        network = self._build()
-        network.load_state_dict(state["weights"])
-        self.network = network.eval()
 
 
 # -- pretrained dlib ----------------------------------------------------------------------------

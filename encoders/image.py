@@ -179,6 +179,24 @@ class ImageEncoderBase(Encoder):
         """The embedding of each loaded image (``encode`` has already dealt with bad cells)."""
         raise NotImplementedError
 
+    #: The parameters' defaults; a saved config is laid over them when the model is loaded.
+    defaults: dict[str, Any]
+
+    def _build(self) -> nn.Module:
+        raise NotImplementedError
+
+    def get_state(self) -> dict[str, Any]:
+        if self.network is None:
+            raise RuntimeError(f"the {self.type} encoder is not trained yet; nothing to save")
+        weights = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+        return {"config": dict(self.config), "weights": weights}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.config = {**self.defaults, **state["config"]}
+        network = self._build()
+        network.load_state_dict(state["weights"])
+        self.network = network.eval()
+
     def count_rows(self, batches: Batches) -> int:
         """Non-null input cells in ``batches``; sizes the progress total without decoding images."""
         return sum(int(chunk[self.column].notna().sum()) for chunk in batches())
@@ -276,6 +294,7 @@ class ConvAutoencoder(ImageEncoderBase):
     """
 
     type = "conv_autoencoder"
+    defaults = CONV_AE_DEFAULTS
     trainable = True
 
     def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
@@ -374,16 +393,3 @@ class ConvAutoencoder(ImageEncoderBase):
             parts.append(self.network.encode(part).float().cpu().numpy())
         return np.concatenate(parts)
 
-    # -- persistence -----------------------------------------------------------------------------
-
-    def get_state(self) -> dict[str, Any]:
-        if self.network is None:
-            raise RuntimeError("the conv_autoencoder is not trained yet; nothing to save")
-        weights = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
-        return {"config": dict(self.config), "weights": weights}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.config = {**CONV_AE_DEFAULTS, **state["config"]}
-        network = self._build()
-        network.load_state_dict(state["weights"])
-        self.network = network.eval()
