@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +39,11 @@ def embedded_url(directory: Path) -> str:
     ``vectorsync db-stop`` stops it cleanly.
     """
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI) and then falls
+            # back to a private folder, which is fine for pgserver's lock file
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+            import pgserver
     except ImportError as exc:  # pragma: no cover - pgserver is a hard dependency
         raise DatabaseError("the embedded database needs the 'pgserver' package: pip install pgserver") from exc
     directory.mkdir(parents=True, exist_ok=True)
