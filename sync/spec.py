@@ -17,12 +17,6 @@ from encoders.registry import DEFAULT_ENCODER, ENCODERS
 Distance = Literal["cosine", "l2", "inner_product"]
 IndexKind = Literal["hnsw", "ivfflat", "none"]
 
-#: pgvector's opclass suffix and SQL operator for each distance.
-DISTANCE_OPS: dict[str, tuple[str, str]] = {
-    "cosine": ("vector_cosine_ops", "<=>"),
-    "l2": ("vector_l2_ops", "<->"),
-    "inner_product": ("vector_ip_ops", "<#>"),
-}
 
 
 class SpecError(ValueError):
