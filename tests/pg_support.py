@@ -26,4 +26,12 @@ def embedded_server() -> Iterator[Any]:
         yield server
     finally:
         server.cleanup()
+        if (root / "pgdata" / "postmaster.pid").exists():
+            # pgserver only stops a server when it believes this process holds the last handle
+            from pgserver._commands import pg_ctl
+
+            try:
+                pg_ctl(["-w", "-m", "fast", "stop"], pgdata=root / "pgdata", user=server.system_user)
+            except Exception:  # already gone: nothing to stop
+                pass
         shutil.rmtree(root, ignore_errors=True)
