@@ -35,3 +35,14 @@ def embedded_server() -> Iterator[Any]:
             except Exception:  # already gone: nothing to stop
                 pass
         shutil.rmtree(root, ignore_errors=True)
+
+
+def nearest_label_agreement(conn: Any, name: str, labels: dict[str, Any], k: int = 5, step: int = 5) -> float:
+    """Share of the k nearest neighbours (found by ``vectorsync.nearest``) that carry the row's
+    label, over every ``step``-th row (keys in numeric order)."""
+    agree = total = 0
+    for key in sorted(labels, key=int)[::step]:
+        for neighbour, _ in conn.execute("SELECT * FROM vectorsync.nearest(%s, %s, %s)", (name, key, k)):
+            agree += labels[neighbour] == labels[key]
+            total += 1
+    return agree / total

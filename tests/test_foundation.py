@@ -15,6 +15,7 @@ import pytest
 from psycopg import sql
 
 from sync.spec import SpecError, parse_config
+from tests.pg_support import nearest_label_agreement
 
 DIGITS_SPEC = """
 [[embeddings]]
@@ -247,12 +248,7 @@ def test_changing_dim_needs_an_explicit_recreate(conn, write_config, cli):
 def test_train_sync_search_agrees_with_labels(conn, digits_project, cli):
     labels = dict(conn.execute("SELECT id::text, label FROM digits").fetchall())
     assert conn.execute("SELECT count(*) FROM digits_embeddings").fetchone()[0] == len(labels)
-    agree = total = 0
-    for key in list(labels)[::9]:
-        for neighbour, _ in conn.execute("SELECT * FROM vectorsync.nearest('digits', %s, 5)", (key,)):
-            agree += labels[neighbour] == labels[key]
-            total += 1
-    agreement = agree / total
+    agreement = nearest_label_agreement(conn, "digits", labels, step=9)
     print(f"digits tabular autoencoder kNN(5) label agreement: {agreement:.3f} (chance 0.10)")
     assert agreement > 0.6
 

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from psycopg import sql
 
+from tests.pg_support import nearest_label_agreement
+
 SIZE = 16  # digits are stored upscaled to 16x16 PNGs
 ROWS = 1000
 
@@ -84,14 +86,6 @@ def migrate_train_sync(cli, config: Path, *names: str) -> None:
     assert result.code == 0, result.err
 
 
-def knn_agreement(conn: psycopg.Connection, name: str, labels: dict[str, int], k: int = 5, step: int = 5) -> float:
-    """Share of the k nearest neighbours (found by ``vectorsync.nearest``) that carry the row's label."""
-    agree = total = 0
-    for key in sorted(labels, key=int)[::step]:
-        for neighbour, _ in conn.execute("SELECT * FROM vectorsync.nearest(%s, %s, %s)", (name, key, k)):
-            agree += labels[neighbour] == labels[key]
-            total += 1
-    return agree / total
 
 
 def failed_rows(conn: psycopg.Connection, name: str) -> dict[str, tuple[str, str, int]]:
@@ -122,7 +116,7 @@ def test_digits_in_bytea_are_embedded_and_neighbours_share_the_digit(conn, write
     assert conn.execute("SELECT count(*) FROM digits_embeddings").fetchone()[0] == ROWS
     metrics = conn.execute("SELECT metrics FROM vectorsync.models WHERE embedding = 'digits'").fetchone()[0]
     assert 0 < metrics["holdout_reconstruction_mse"] < 0.05
-    agreement = knn_agreement(conn, "digits", {str(i): label for i, label in enumerate(labels)})
+    agreement = nearest_label_agreement(conn, "digits", {str(i): label for i, label in enumerate(labels)})
     print(f"\ndigits (bytea PNG {SIZE}x{SIZE}) conv autoencoder kNN(5) label agreement via vectorsync.nearest: "
           f"{agreement:.3f} (chance 0.10)")
     assert agreement > 0.8
@@ -194,7 +188,7 @@ def test_path_and_file_uri_references_embed_the_same_as_bytea(conn, write_config
         np.testing.assert_allclose(by_path[key], in_row[key], atol=1e-5)
         np.testing.assert_allclose(by_uri[key], in_row[key], atol=1e-5)
     assert failed_rows(conn, "by_path") == failed_rows(conn, "by_uri") == {}
-    agreement = knn_agreement(conn, "by_path", {str(i): label for i, label in enumerate(labels)}, step=3)
+    agreement = nearest_label_agreement(conn, "by_path", {str(i): label for i, label in enumerate(labels)}, step=3)
     print(f"\ndigits by path reference kNN(5) label agreement: {agreement:.3f} (chance 0.10)")
     assert agreement > 0.5
 
@@ -273,7 +267,7 @@ def test_colour_images_are_embedded_in_three_channels(conn, write_config, cli):
     assert conn.execute("SELECT count(*) FROM photos_embeddings").fetchone()[0] == len(images)
     params = conn.execute("SELECT params FROM vectorsync.models WHERE embedding = 'photos'").fetchone()[0]
     assert (params["channels"], params["image_size"]) == (3, 64)
-    agreement = knn_agreement(conn, "photos", {str(i): label for i, label in enumerate(labels)}, step=2)
+    agreement = nearest_label_agreement(conn, "photos", {str(i): label for i, label in enumerate(labels)}, step=2)
     print(f"\ncolour 64x64 crops of 4 photos, kNN(5) source-photo agreement: {agreement:.3f} (chance 0.25)")
     assert agreement > 0.6
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from psycopg import sql
 
+from tests.pg_support import nearest_label_agreement
 from tests.text_data import LABELS, knn_label_agreement, long_text, make_corpus
 
 WORKER = """
@@ -54,14 +55,6 @@ def run_ok(cli, *args: str, config) -> None:
     assert result.code == 0, result.err
 
 
-def nearest_agreement(conn: psycopg.Connection, name: str, labels: dict[str, int], k: int = 5, step: int = 8) -> float:
-    """Share of the k nearest neighbours (found by ``vectorsync.nearest``) that carry the row's label."""
-    agree = total = 0
-    for key in sorted(labels, key=int)[::step]:
-        for neighbour, _ in conn.execute("SELECT * FROM vectorsync.nearest(%s, %s, %s)", (name, key, k)):
-            agree += labels[neighbour] == labels[key]
-            total += 1
-    return agree / total
 
 
 def vectors(conn: psycopg.Connection, table: str) -> dict[int, np.ndarray]:
@@ -111,8 +104,8 @@ def test_lstm_and_minilm_neighbours_share_the_topic(conn, write_config, cli):
     assert 10_000 in vectors(conn, "articles_embeddings")
 
     topic = {str(i): int(label) for i, label in enumerate(labels)}
-    lstm = nearest_agreement(conn, "articles", topic | {"10000": LABELS.index("finance")})
-    minilm = nearest_agreement(conn, "articles_minilm", topic | {"10000": LABELS.index("finance")})
+    lstm = nearest_label_agreement(conn, "articles", topic | {"10000": LABELS.index("finance")}, step=8)
+    minilm = nearest_label_agreement(conn, "articles_minilm", topic | {"10000": LABELS.index("finance")}, step=8)
     tfidf = knn_label_agreement(
         TruncatedSVD(64, random_state=0).fit_transform(TfidfVectorizer(sublinear_tf=True).fit_transform(texts)), labels
     )
