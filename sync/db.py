@@ -11,7 +11,6 @@ from pathlib import Path
 
 import psycopg
 from pgvector.psycopg import register_vector
-from psycopg import sql
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +129,3 @@ def redact(url: str) -> str:
         info["password"] = "***"
     return psycopg.conninfo.make_conninfo(**{k: v for k, v in info.items() if v is not None})
 
-
-def qualified(schema: str | None, name: str) -> sql.Identifier:
-    return sql.Identifier(schema, name) if schema else sql.Identifier(name)

@@ -36,7 +36,7 @@ import psycopg
 from psycopg import sql
 
 from encoders.fastrp import fastrp, node_keys
-from sync import sink
+from sync import models, sink
 from sync.catalog import Embedding
 from sync.neo4j_bridge import BridgeError, stream_embeddings
 from sync.spec import GraphEmbeddingSpec, GraphSpec, split_qualified
@@ -109,29 +109,16 @@ def _lock(conn: psycopg.Connection, emb: Embedding) -> None:
 def model_version(conn: psycopg.Connection, emb: Embedding, encoder_type: str, params: dict[str, Any]) -> int:
     """The registry version for this parameter set, registered (with empty weights) on first use and
     made current. Call inside the run's transaction, so a failed run registers nothing."""
-    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('vectorsync.models:' || %s, 0))", (emb.name,))
-    encoded = json.dumps(params, sort_keys=True)
+    models.lock_registry(conn, emb)
     row = conn.execute(
         "SELECT version FROM vectorsync.models WHERE embedding = %s AND encoder_type = %s AND params = %s::jsonb "
         "ORDER BY version DESC LIMIT 1",
-        (emb.name, encoder_type, encoded),
+        (emb.name, encoder_type, json.dumps(params, sort_keys=True)),
     ).fetchone()
-    if row is not None:
-        version = row[0]
-    else:
-        version = conn.execute(
-            "SELECT coalesce(max(version), 0) + 1 FROM vectorsync.models WHERE embedding = %s", (emb.name,)
-        ).fetchone()[0]
-        conn.execute(
-            "INSERT INTO vectorsync.models (embedding, version, encoder_type, dim, weights, params) "
-            "VALUES (%s, %s, %s, %s, %s, %s::jsonb)",
-            (emb.name, version, encoder_type, emb.spec.dim, b"", encoded),
-        )
-    conn.execute(
-        "UPDATE vectorsync.embeddings SET current_version = %s WHERE name = %s AND current_version IS DISTINCT FROM %s",
-        (version, emb.name, version),
-    )
-    return version
+    if row is None:
+        return models.register_version(conn, emb, encoder_type=encoder_type, weights=b"", params=params)
+    models.make_current(conn, emb, row[0])
+    return row[0]
 
 
 def _upsert_chunks(

@@ -53,15 +53,18 @@ def new_encoder(spec: EmbeddingSpec) -> Encoder:
     return encoder_class(spec.encoder_type)(spec.dim, spec.input_columns, encoder_params(spec))
 
 
-def store(
+def register_version(
     conn: psycopg.Connection,
     emb: Embedding,
-    encoder: Encoder,
-    metrics: dict[str, float],
-    trained_rows: int | None,
+    *,
+    encoder_type: str,
+    weights: bytes,
+    params: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+    trained_rows: int | None = None,
 ) -> int:
-    """Save a new model version and make it current; returns the version number."""
-    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('vectorsync.models:' || %s, 0))", (emb.name,))
+    """Add the next model version of ``emb`` and make it current; returns its number."""
+    lock_registry(conn, emb)
     version = conn.execute(
         "SELECT coalesce(max(version), 0) + 1 FROM vectorsync.models WHERE embedding = %s", (emb.name,)
     ).fetchone()[0]
@@ -71,16 +74,47 @@ def store(
         (
             emb.name,
             version,
-            encoder.type,
-            encoder.dim,
-            encoder.to_bytes(),
-            json.dumps(metrics),
-            json.dumps(encoder.params, default=str),
+            encoder_type,
+            emb.spec.dim,
+            weights,
+            json.dumps(metrics or {}),
+            json.dumps(params, sort_keys=True, default=str),
             trained_rows,
         ),
     )
-    conn.execute("UPDATE vectorsync.embeddings SET current_version = %s WHERE name = %s", (version, emb.name))
+    make_current(conn, emb, version)
     return version
+
+
+def lock_registry(conn: psycopg.Connection, emb: Embedding) -> None:
+    """Serialise version numbering of one embedding until the transaction ends."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('vectorsync.models:' || %s, 0))", (emb.name,))
+
+
+def make_current(conn: psycopg.Connection, emb: Embedding, version: int) -> None:
+    conn.execute(
+        "UPDATE vectorsync.embeddings SET current_version = %s WHERE name = %s AND current_version IS DISTINCT FROM %s",
+        (version, emb.name, version),
+    )
+
+
+def store(
+    conn: psycopg.Connection,
+    emb: Embedding,
+    encoder: Encoder,
+    metrics: dict[str, float],
+    trained_rows: int | None,
+) -> int:
+    """Save a trained (or pretrained) encoder as a new model version and make it current."""
+    return register_version(
+        conn,
+        emb,
+        encoder_type=encoder.type,
+        weights=encoder.to_bytes(),
+        params=encoder.params,
+        metrics=metrics,
+        trained_rows=trained_rows,
+    )
 
 
 def current_version(conn: psycopg.Connection, name: str) -> int | None:

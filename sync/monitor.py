@@ -6,6 +6,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from sync.spec import Config
 
@@ -13,48 +14,25 @@ LIVE_SECONDS = 30
 
 
 def status(conn: psycopg.Connection, config: Config) -> dict[str, Any]:
+    """The counts of ``vectorsync.embedding_status()`` plus recent throughput, and the live workers."""
     if not conn.execute("SELECT to_regclass('vectorsync.embeddings') IS NOT NULL").fetchone()[0]:
         return {"migrated": False, "embeddings": [], "workers": []}
-    rows = conn.execute(
-        "SELECT name, source_schema, source_table, target_schema, target_table, current_version, last_sync "
-        "FROM vectorsync.embeddings ORDER BY name"
-    ).fetchall()
     declared = {s.name for s in config.embeddings}
-    report: list[dict[str, Any]] = []
-    for name, sschema, stable, tschema, ttable, version, last_sync in rows:
-        source = sql.Identifier(sschema, stable)
-        target = sql.Identifier(tschema, ttable)
-        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (source.as_string(conn),)).fetchone()[0]
-        source_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(source)).fetchone()[0] if exists else None
-        embedded, current, recent, last = conn.execute(
-            sql.SQL(
-                "SELECT count(*), count(*) FILTER (WHERE model_version = %s), "
-                "count(*) FILTER (WHERE embedded_at > now() - interval '60 seconds'), max(embedded_at) FROM {}"
-            ).format(target),
-            (version,),
-        ).fetchone()
-        pending, lag = conn.execute(
-            "SELECT count(DISTINCT key), extract(epoch FROM now() - min(enqueued_at)) FROM vectorsync.queue "
-            "WHERE embedding = %s",
-            (name,),
-        ).fetchone()
-        failed = conn.execute("SELECT count(*) FROM vectorsync.failed WHERE embedding = %s", (name,)).fetchone()[0]
-        report.append(
-            {
-                "name": name,
-                "in_config": name in declared,
-                "source_rows": source_rows,
-                "embedded": embedded,
-                "embedded_current_model": current,
-                "pending": pending,
-                "failed": failed,
-                "model_version": version,
-                "lag_seconds": round(float(lag), 3) if lag is not None else 0.0,
-                "per_second_1m": round(recent / 60.0, 2),
-                "last_embedded": last,
-                "last_sync": last_sync,
-            }
-        )
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT s.*, e.target_schema, e.target_table FROM vectorsync.embedding_status() s "
+            "JOIN vectorsync.embeddings e USING (name) ORDER BY s.name"
+        ).fetchall()
+    for row in rows:
+        target = sql.Identifier(row.pop("target_schema"), row.pop("target_table"))
+        recent = 0
+        if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (target.as_string(conn),)).fetchone()[0]:
+            recent = conn.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE embedded_at > now() - interval '60 seconds'").format(target)
+            ).fetchone()[0]
+        row["in_config"] = row["name"] in declared
+        row["lag_seconds"] = round(float(row["lag_seconds"]), 3)
+        row["per_second_1m"] = round(recent / 60.0, 2)
     workers = [
         {"id": r[0], "embeddings": r[1], "embedded": r[2], "failed": r[3], "heartbeat_age_s": float(r[4])}
         for r in conn.execute(
@@ -63,4 +41,4 @@ def status(conn: psycopg.Connection, config: Config) -> dict[str, Any]:
             (LIVE_SECONDS,),
         ).fetchall()
     ]
-    return {"migrated": True, "embeddings": report, "workers": workers}
+    return {"migrated": True, "embeddings": rows, "workers": workers}

@@ -17,6 +17,16 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from tests.pg_support import embedded_server
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Train and encode on one thread, as workers do (sync.models.configure_torch): small models
+    gain nothing from more, and on a busy 2-core machine oversubscription made training ~60x slower."""
+    from encoders.base import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """The session's PostgreSQL server; each test gets its own database in it (``db_url``)."""

@@ -42,16 +42,6 @@ PARAMS: dict[str, Any] = {
 ASTRONAUT_FACE = (179, 83, 266, 170)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Small convolutions gain nothing from more threads, and on a busy 2-core machine OpenMP
-    # oversubscription made training ~60x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # -- data ---------------------------------------------------------------------------------------
 
 

@@ -23,16 +23,6 @@ COLUMN = "picture"
 PARAMS = {"image_size": 16, "channels": 1, "epochs": 10}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Small convolutions gain nothing from more threads, and on a busy 2-core machine OpenMP
-    # oversubscription made training ~60x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def png(pixels: np.ndarray, mode: str | None = None, size: int | None = None) -> bytes:
     image = Image.fromarray(pixels, mode) if mode else Image.fromarray(pixels)
     if size:

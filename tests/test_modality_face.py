@@ -9,13 +9,11 @@ offline.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 
 import numpy as np
 import psycopg
 import pytest
 import skimage.data
-import torch
 from PIL import Image, ImageOps
 from psycopg import sql
 from sklearn.metrics import roc_auc_score
@@ -31,15 +29,6 @@ needs_dlib = pytest.mark.skipif(
     importlib.util.find_spec("dlib") is None or importlib.util.find_spec("face_recognition_models") is None,
     reason="the faces extra (dlib-bin, face_recognition_models) is not installed",
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Training runs in-process; on a shared 2-core machine more threads only contend.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def insert(conn: psycopg.Connection, table: str, rows: list[tuple]) -> None:

@@ -8,13 +8,10 @@ scikit-image's colour sample photos; the bad inputs are made here.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import psycopg
-import pytest
-import torch
 from PIL import Image
 from psycopg import sql
 
@@ -41,15 +38,6 @@ image_size = {size}
 channels = {channels}
 encoder = {{ seed = 0, epochs = {epochs} }}
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Training runs in-process; on a shared 2-core machine more threads only contend.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def png(image: Image.Image) -> bytes:

@@ -6,12 +6,8 @@ Data: a generated labelled corpus (``tests/text_data.py``); no third-party text 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import psycopg
-import pytest
-import torch
 from psycopg import sql
 
 from tests.pg_support import nearest_label_agreement
@@ -35,15 +31,6 @@ encoder = {encoder}
 """
 LSTM = "{ seed = 0, epochs = 4 }"
 MINILM = '{ type = "minilm" }'
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Training runs in-process; on a shared 2-core machine more threads only contend.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def spec(name: str, table: str, input_line: str, encoder: str, *, dim: int = 64, extra: str = "") -> str:
