@@ -66,10 +66,10 @@ def raw_copy_seconds(url: str, vectors: np.ndarray) -> float:
 
 
 def fastrp_figures(data_dir: Path, quick: bool) -> list[Figure]:
-    from encoders.fastrp import fastrp
-    from sync import catalog, schema
-    from sync.graph import sync_graph
-    from sync.spec import parse_config
+    from vectorsync.encoders.fastrp import fastrp
+    from vectorsync.sync import catalog, schema
+    from vectorsync.sync.graph import sync_graph
+    from vectorsync.sync.spec import parse_config
 
     nodes, edges = (100_000, 500_000) if quick else (1_000_000, 5_000_000)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -126,10 +126,10 @@ def _load_bolt(run: Callable[..., object], label: str, keys: list[int], vectors:
 def bridge_figures(data_dir: Path, quick: bool) -> list[Figure]:
     import neo4j
 
-    from sync import catalog, schema
-    from sync.graph import sync_graph
-    from sync.spec import parse_config
     from tests.bolt_server import start_arcadedb
+    from vectorsync.sync import catalog, schema
+    from vectorsync.sync.graph import sync_graph
+    from vectorsync.sync.spec import parse_config
 
     count = 2_000 if quick else 5_000
     label = "Bench"

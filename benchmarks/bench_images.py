@@ -96,8 +96,8 @@ def encode_rate(encoder, images: list[bytes]) -> float:
 
 def sync_rate(url: str, conn: psycopg.Connection, config, name: str, rows: int) -> tuple[float, float]:
     """Images/s of ``sync_embedding``, without and with the index build after a bulk backfill."""
-    from sync import catalog
-    from sync.bulk import sync_embedding
+    from vectorsync.sync import catalog
+    from vectorsync.sync.bulk import sync_embedding
 
     emb = catalog.load(conn, config.embedding(name))
     conn.execute(sql.SQL("TRUNCATE {}").format(emb.target))  # a repeat run starts from no vectors again
@@ -110,8 +110,8 @@ def sync_rate(url: str, conn: psycopg.Connection, config, name: str, rows: int) 
 def measure(url: str, conn: psycopg.Connection, config, table: str, images: list[bytes]) -> list[Figure]:
     """Train once, register the same model for the indexed twin, then time encode / sync / encode /
     sync: each rate is the best of two runs, so a burst of other load on the machine does not decide it."""
-    from sync import catalog, models
-    from sync import train as training
+    from vectorsync.sync import catalog, models
+    from vectorsync.sync import train as training
 
     plain, indexed = config.embedding(table), config.embedding(f"{table}_hnsw")
     training.train(url, conn, catalog.load(conn, plain), sample=2000)  # its quality does not change its speed
@@ -138,8 +138,8 @@ def measure(url: str, conn: psycopg.Connection, config, table: str, images: list
 
 
 def run(data_dir: Path, quick: bool) -> list[Figure]:
-    from sync import schema
-    from sync.spec import parse_config
+    from vectorsync.sync import schema
+    from vectorsync.sync.spec import parse_config
 
     grey, colour = (4_000, 2_000) if quick else (20_000, 10_000)
     sets = {"digits28": (digit_pngs(grey, 28), 28, 1), "photos64": (photo_crops(colour, 64), 64, 3)}

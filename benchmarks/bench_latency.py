@@ -30,9 +30,9 @@ import numpy as np
 import psycopg
 
 from benchmarks.common import Figure, scratch_database
-from sync.cli import main_entry
-from sync.spec import load_config
-from sync.worker import Worker
+from vectorsync.sync.cli import main_entry
+from vectorsync.sync.spec import load_config
+from vectorsync.sync.worker import Worker
 
 NAME = "latency"
 COLUMNS = [f"x{i}" for i in range(8)]
@@ -184,7 +184,7 @@ def run(data_dir: Path, quick: bool) -> list[Figure]:
         log = Path(tmp) / "worker.log"
         with log.open("wb") as out:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "sync.cli", "--config", str(config), "worker"],
+                [sys.executable, "-m", "vectorsync", "--config", str(config), "worker"],
                 env=env, stdout=out, stderr=subprocess.STDOUT,
             )
             try:

@@ -26,10 +26,10 @@ from sqlalchemy import Text, bindparam, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from benchmarks.common import Figure, scratch_database, timer
-from embedding_sql import Vector, attach_embedding, nearest
-from sync import catalog, schema, sink
-from sync.bulk import create_index, drop_index
-from sync.spec import parse_config
+from vectorsync.embedding_sql import Vector, attach_embedding, nearest
+from vectorsync.sync import catalog, schema, sink
+from vectorsync.sync.bulk import create_index, drop_index
+from vectorsync.sync.spec import parse_config
 
 NAME = "query"
 DIM = 64

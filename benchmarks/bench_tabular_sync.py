@@ -62,10 +62,10 @@ def raw_bound(url: str, rows: int) -> float:
 
 
 def run(data_dir: Path, quick: bool) -> list[Figure]:
-    from sync import catalog, schema
-    from sync import train as training
-    from sync.bulk import sync_embedding
-    from sync.spec import parse_config
+    from vectorsync.sync import catalog, schema
+    from vectorsync.sync import train as training
+    from vectorsync.sync.bulk import sync_embedding
+    from vectorsync.sync.spec import parse_config
 
     rows = 20_000 if quick else 200_000
     with scratch_database(data_dir) as url, psycopg.connect(url, autocommit=True) as conn:

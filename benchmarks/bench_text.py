@@ -49,8 +49,8 @@ def encode_rate(encoder, texts: list[str]) -> float:
 
 
 def sync_rate(url: str, conn: psycopg.Connection, config, name: str, rows: int) -> float:
-    from sync import catalog
-    from sync.bulk import sync_embedding
+    from vectorsync.sync import catalog
+    from vectorsync.sync.bulk import sync_embedding
 
     emb = catalog.load(conn, config.embedding(name))
     conn.execute(sql.SQL("TRUNCATE {}").format(emb.target))  # a repeat run starts from no vectors again
@@ -63,7 +63,7 @@ def sync_rate(url: str, conn: psycopg.Connection, config, name: str, rows: int) 
 def measure(url: str, conn: psycopg.Connection, config, name: str, texts: list[str], label: str) -> Figure:
     """Encode / sync / encode / sync; each rate is the best of its two runs, so a burst of other load
     on the shared machine does not decide the ratio."""
-    from sync import catalog, models
+    from vectorsync.sync import catalog, models
 
     emb = catalog.load(conn, config.embedding(name))
     with conn.transaction():
@@ -79,9 +79,9 @@ def measure(url: str, conn: psycopg.Connection, config, name: str, texts: list[s
 
 
 def run(data_dir: Path, quick: bool) -> list[Figure]:
-    from sync import catalog, schema
-    from sync import train as training
-    from sync.spec import parse_config
+    from vectorsync.sync import catalog, schema
+    from vectorsync.sync import train as training
+    from vectorsync.sync.spec import parse_config
 
     minilm_rows, lstm_rows = (1_000, 5_000) if quick else (5_000, 30_000)
     texts = corpus(max(minilm_rows, lstm_rows))

@@ -1,7 +1,7 @@
 """SQL and ORM access to the vectors: SQL functions (installed by the migrations) and the
 SQLAlchemy / psycopg integration. Knows nothing of workers.
 
-    from embedding_sql import Vector, attach_embedding, nearest, similar_to
+    from vectorsync.embedding_sql import Vector, attach_embedding, nearest, similar_to
 
     attach_embedding(Item, "items", dim=16)              # Item.embedding_row, read-only
     session.execute(similar_to(item, k=5)).all()         # [(Item, distance), ...]
@@ -10,9 +10,9 @@ SQLAlchemy / psycopg integration. Knows nothing of workers.
 
 from pgvector.sqlalchemy import Vector
 
-from embedding_sql.distance import COMPARATORS, distance
-from embedding_sql.orm import EmbeddingInfo, attach_embedding, embedding_info
-from embedding_sql.query import embedding_distance, nearest, search_settings, similar_to
+from vectorsync.embedding_sql.distance import COMPARATORS, distance
+from vectorsync.embedding_sql.orm import EmbeddingInfo, attach_embedding, embedding_info
+from vectorsync.embedding_sql.query import embedding_distance, nearest, search_settings, similar_to
 
 __all__ = [
     "COMPARATORS",

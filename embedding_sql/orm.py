@@ -17,7 +17,7 @@ from sqlalchemy.orm import foreign, relationship
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TIMESTAMP
 
-from embedding_sql.distance import COMPARATORS, distance
+from vectorsync.embedding_sql.distance import COMPARATORS, distance
 
 #: The comment vectorsync puts on target tables; the same text as migrations.operations.MANAGED_COMMENT.
 MANAGED_COMMENT = "vectorsync: embeddings of"

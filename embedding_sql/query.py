@@ -21,7 +21,7 @@ from sqlalchemy import Engine, event, literal, select
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
-from embedding_sql.orm import EmbeddingInfo, embedding_info
+from vectorsync.embedding_sql.orm import EmbeddingInfo, embedding_info
 
 #: pgvector's own default for hnsw.ef_search; an HNSW scan returns at most this many rows.
 DEFAULT_EF_SEARCH = 40

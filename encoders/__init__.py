@@ -1,7 +1,7 @@
 """Modality models: one module per modality behind one encoder protocol. No database code here."""
 
-from encoders.base import Encoder, EncodeResult, InputError, load_encoder
-from encoders.registry import DEFAULT_ENCODER, ENCODERS, encoder_class
+from vectorsync.encoders.base import Encoder, EncodeResult, InputError, load_encoder
+from vectorsync.encoders.registry import DEFAULT_ENCODER, ENCODERS, encoder_class
 
 __all__ = [
     "DEFAULT_ENCODER",

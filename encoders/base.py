@@ -110,7 +110,7 @@ def load_encoder(blob: bytes) -> Encoder:
     """Rebuild an encoder from ``Encoder.to_bytes`` output, whatever its type."""
     import torch
 
-    from encoders.registry import encoder_class
+    from vectorsync.encoders.registry import encoder_class
 
     payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
     encoder = encoder_class(payload["type"])(payload["dim"], payload["columns"], payload["params"])

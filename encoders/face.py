@@ -21,8 +21,15 @@ from PIL import Image, ImageOps
 from torch import nn
 from torch.nn import functional as F
 
-from encoders.base import Batches, EncodeResult, InputError, Progress, check_finite
-from encoders.image import IMAGE_DEFAULTS, ImageEncoderBase, cell_image, check_image_params, to_array, to_mode
+from vectorsync.encoders.base import Batches, EncodeResult, InputError, Progress, check_finite
+from vectorsync.encoders.image import (
+    IMAGE_DEFAULTS,
+    ImageEncoderBase,
+    cell_image,
+    check_image_params,
+    to_array,
+    to_mode,
+)
 
 #: Parameters of the identity CNN; a spec may override any of them under ``[encoder]``.
 IDENTITY_CNN_DEFAULTS: dict[str, Any] = {

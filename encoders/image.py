@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from torch.nn import functional as F
 
-from encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, check_finite
+from vectorsync.encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, check_finite
 
 #: Parameters every image encoder takes; ``sync`` passes ``image_size`` and ``channels`` from the spec.
 IMAGE_DEFAULTS: dict[str, Any] = {

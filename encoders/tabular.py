@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, torch_threads
+from vectorsync.encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, torch_threads
 
 MAX_CATEGORIES = 50
 

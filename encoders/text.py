@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, check_finite
+from vectorsync.encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, check_finite
 
 PAD, UNK = "<pad>", "<unk>"
 _TOKEN = re.compile(r"\w+(?:['\u2019]\w+)*|[^\w\s]")  # words (with ' or \u2019 inside) and punctuation

@@ -11,12 +11,12 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from sync import catalog, schema
-from sync import train as training
-from sync.bulk import sync_embedding
-from sync.db import connection, resolve_url
-from sync.models import current_version
-from sync.spec import Config, parse_config
+from vectorsync.sync import catalog, schema
+from vectorsync.sync import train as training
+from vectorsync.sync.bulk import sync_embedding
+from vectorsync.sync.db import connection, resolve_url
+from vectorsync.sync.models import current_version
+from vectorsync.sync.spec import Config, parse_config
 
 MEASUREMENTS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 CONFIG = parse_config(

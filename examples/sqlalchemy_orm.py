@@ -11,7 +11,7 @@ from flowers import database_url, prepare
 from sqlalchemy import REAL, Text, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from embedding_sql import attach_embedding, embedding_distance, nearest, similar_to
+from vectorsync.embedding_sql import attach_embedding, embedding_distance, nearest, similar_to
 
 
 class Base(DeclarativeBase):

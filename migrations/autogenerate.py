@@ -4,7 +4,7 @@ vectorsync's internal schema and its target tables are managed by ``vectorsync m
 autogenerate must neither drop them nor diff them. In the user's ``env.py``::
 
     import pgvector.sqlalchemy  # registers the vector type for reflection
-    from migrations.autogenerate import include_name, include_object
+    from vectorsync.migrations.autogenerate import include_name, include_object
 
     context.configure(..., include_name=include_name, include_object=include_object)
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import pgvector.sqlalchemy  # noqa: F401  (registers "vector" with SQLAlchemy's PostgreSQL reflection)
 
-from migrations.operations import MANAGED_COMMENT
+from vectorsync.migrations.operations import MANAGED_COMMENT
 
 INTERNAL_SCHEMA = "vectorsync"
 

@@ -5,7 +5,7 @@ An embedding owns a target table (the source key, ``embedding vector(dim)``, ``m
 change-capture triggers on its source table. ``create_embedding`` is idempotent: running it twice
 changes nothing. Users with their own Alembic history can call the registered operations::
 
-    from migrations.operations import EmbeddingObjects  # registers the operations
+    from vectorsync.migrations.operations import EmbeddingObjects  # registers the operations
     op.create_vectorsync_embedding(EmbeddingObjects(name="items", source_table="items", ...))
 
 Every identifier is composed with ``psycopg.sql.Identifier``.

@@ -21,13 +21,21 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrations.operations import index_statement
-from sync import sink, sources
-from sync.catalog import Embedding
-from sync.models import ModelCache, ensure_model
-from sync.schema import objects_for
-from sync.spec import WorkerSpec
-from sync.worker import CHANNEL, BatchResult, delete_orphans, drain, encode_frame, enqueue_backfill, queue_depth
+from vectorsync.migrations.operations import index_statement
+from vectorsync.sync import sink, sources
+from vectorsync.sync.catalog import Embedding
+from vectorsync.sync.models import ModelCache, ensure_model
+from vectorsync.sync.schema import objects_for
+from vectorsync.sync.spec import WorkerSpec
+from vectorsync.sync.worker import (
+    CHANNEL,
+    BatchResult,
+    delete_orphans,
+    drain,
+    encode_frame,
+    enqueue_backfill,
+    queue_depth,
+)
 
 #: A backfill at least this large (and at least half the table) drops the index and rebuilds it after.
 BULK_THRESHOLD = 10_000

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from sync.spec import EmbeddingSpec
+from vectorsync.sync.spec import EmbeddingSpec
 
 
 class NotMigrated(RuntimeError):

@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sync import db
-from sync.spec import Config, SpecError, load_config
+from vectorsync.sync import db
+from vectorsync.sync.spec import Config, SpecError, load_config
 
 app = typer.Typer(
     help="Keep vector embeddings of your PostgreSQL tables in sync, in pgvector columns.",
@@ -123,7 +123,7 @@ def migrate(
     ] = None,
 ) -> None:
     """Create or update vectorsync's schema, target tables, indexes and triggers (Alembic)."""
-    from sync import schema
+    from vectorsync.sync import schema
 
     state = _state(ctx)
     if downgrade:
@@ -142,8 +142,8 @@ def train(
     sample: Annotated[int | None, typer.Option(help="Train on at most this many rows.")] = None,
 ) -> None:
     """Train the embedding's encoder on its table's rows and store it as a new model version."""
-    from sync import catalog
-    from sync import train as training
+    from vectorsync.sync import catalog
+    from vectorsync.sync import train as training
 
     state = _state(ctx)
     spec = state.config.embedding(name)
@@ -162,13 +162,13 @@ def train(
 
 
 def _sync_one(state: State, conn: psycopg.Connection, spec: Any, batch_size: int, bar: Progress) -> dict[str, Any]:
-    from sync import bulk, catalog, models
-    from sync import train as training
-    from sync.spec import GraphEmbeddingSpec
+    from vectorsync.sync import bulk, catalog, models
+    from vectorsync.sync import train as training
+    from vectorsync.sync.spec import GraphEmbeddingSpec
 
     emb = catalog.load(conn, spec)
     if isinstance(spec, GraphEmbeddingSpec):
-        from sync import graph
+        from vectorsync.sync import graph
 
         return graph.sync_graph(conn, emb, progress=bar)
     if models.current_version(conn, spec.name) is None and models.new_encoder(spec).trainable:
@@ -209,7 +209,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Per embedding: source rows, embedded, pending, failed, model version, lag, throughput; live workers."""
-    from sync import monitor
+    from vectorsync.sync import monitor
 
     state = _state(ctx)
     with db.connection(state.url, autocommit=True) as conn:
@@ -309,7 +309,7 @@ def worker(
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds to finish the current batch on stop.")] = 10.0,
 ) -> None:
     """Run until SIGTERM/SIGINT: wait for changes (LISTEN), embed them, keep graph bridges fresh."""
-    from sync.daemon import run_workers
+    from vectorsync.sync.daemon import run_workers
 
     state = _state(ctx)
     run_workers(
@@ -331,7 +331,7 @@ def reindex(
     name: Annotated[str, typer.Argument(help="Embedding.")],
 ) -> None:
     """Rebuild the embedding's vector index with the spec's parameters."""
-    from sync import bulk, catalog
+    from vectorsync.sync import bulk, catalog
 
     state = _state(ctx)
     spec = state.config.embedding(name)
@@ -348,18 +348,18 @@ def demo(
     k: Annotated[int, typer.Option("-k", help="Neighbours to show per example.")] = 5,
 ) -> None:
     """Load a real dataset into the embedded database, migrate, train, sync, and show neighbours."""
-    from sync.demo import run_demo
+    from vectorsync.sync.demo import run_demo
 
     state = _state(ctx)
     run_demo(state, k=k, console=out, progress=_progress)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from migrations.operations import SchemaChangeError
-    from sync.catalog import NotMigrated
-    from sync.models import NoModel
-    from sync.neo4j_bridge import BridgeError
-    from sync.schema import SpecMismatch
+    from vectorsync.migrations.operations import SchemaChangeError
+    from vectorsync.sync.catalog import NotMigrated
+    from vectorsync.sync.models import NoModel
+    from vectorsync.sync.neo4j_bridge import BridgeError
+    from vectorsync.sync.schema import SpecMismatch
 
     return (SpecError, db.DatabaseError, SpecMismatch, SchemaChangeError, NotMigrated, NoModel, BridgeError, ValueError)
 

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from sync.db import connection
-from sync.metrics import WorkerMetrics
-from sync.spec import Config, GraphEmbeddingSpec
-from sync.worker import Worker
+from vectorsync.sync.db import connection
+from vectorsync.sync.metrics import WorkerMetrics
+from vectorsync.sync.spec import Config, GraphEmbeddingSpec
+from vectorsync.sync.worker import Worker
 
 log = logging.getLogger("vectorsync.daemon")
 
@@ -80,7 +80,7 @@ def run_workers(
 
 
 def _run_graph(url: str, spec: GraphEmbeddingSpec) -> None:
-    from sync import catalog, graph
+    from vectorsync.sync import catalog, graph
 
     try:
         with connection(url, autocommit=True) as conn:

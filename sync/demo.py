@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from sync import catalog, schema
-from sync import train as training
-from sync.bulk import sync_embedding
-from sync.db import connection
-from sync.spec import Config, parse_config
+from vectorsync.sync import catalog, schema
+from vectorsync.sync import train as training
+from vectorsync.sync.bulk import sync_embedding
+from vectorsync.sync.db import connection
+from vectorsync.sync.spec import Config, parse_config
 
 TABLE = "demo_wine"
 DEMO_SPEC: dict[str, Any] = {

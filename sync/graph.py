@@ -35,11 +35,11 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from encoders.fastrp import fastrp, node_keys
-from sync import models, sink
-from sync.catalog import Embedding
-from sync.neo4j_bridge import BridgeError, stream_embeddings
-from sync.spec import GraphEmbeddingSpec, GraphSpec, split_qualified
+from vectorsync.encoders.fastrp import fastrp, node_keys
+from vectorsync.sync import models, sink
+from vectorsync.sync.catalog import Embedding
+from vectorsync.sync.neo4j_bridge import BridgeError, stream_embeddings
+from vectorsync.sync.spec import GraphEmbeddingSpec, GraphSpec, split_qualified
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def _native(conn: psycopg.Connection, emb: Embedding, advance: Advance) -> tuple
             ).format(target=emb.target, source=emb.source, key=emb.key)
         ).rowcount
         if rebuild:
-            from sync.bulk import create_index
+            from vectorsync.sync.bulk import create_index
 
             create_index(conn, emb)
     timings["write_seconds"] = time.perf_counter() - clock
@@ -236,7 +236,7 @@ def _native(conn: psycopg.Connection, emb: Embedding, advance: Advance) -> tuple
 
 def _drop_index_for_large_load(conn: psycopg.Connection, emb: Embedding, nodes: int) -> bool:
     """Like the tabular bulk path: a first load of many vectors builds the index once afterwards."""
-    from sync.bulk import BULK_THRESHOLD, drop_index, target_rows
+    from vectorsync.sync.bulk import BULK_THRESHOLD, drop_index, target_rows
 
     if emb.spec.index.kind == "none" or nodes < BULK_THRESHOLD or target_rows(conn, emb) * 2 >= nodes:
         return False

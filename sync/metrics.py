@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from sync.worker import BatchResult
+from vectorsync.sync.worker import BatchResult
 
 
 class WorkerMetrics:

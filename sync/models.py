@@ -11,10 +11,10 @@ from typing import Any
 
 import psycopg
 
-from encoders.base import Encoder, load_encoder
-from encoders.registry import encoder_class
-from sync.catalog import Embedding
-from sync.spec import EmbeddingSpec
+from vectorsync.encoders.base import Encoder, load_encoder
+from vectorsync.encoders.registry import encoder_class
+from vectorsync.sync.catalog import Embedding
+from vectorsync.sync.spec import EmbeddingSpec
 
 
 class NoModel(RuntimeError):

@@ -8,7 +8,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from sync.spec import Config
+from vectorsync.sync.spec import Config
 
 LIVE_SECONDS = 30
 

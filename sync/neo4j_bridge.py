@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from sync.spec import Neo4jSpec
+from vectorsync.sync.spec import Neo4jSpec
 
 log = logging.getLogger(__name__)
 

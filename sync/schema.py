@@ -11,10 +11,10 @@ from psycopg import sql
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import NullPool
 
-from migrations import MIGRATIONS_DIR
-from migrations.operations import EmbeddingObjects, SchemaChangeError, create_embedding, drop_embedding
-from sync.db import ensure_vector_extension
-from sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, split_qualified
+from vectorsync.migrations import MIGRATIONS_DIR
+from vectorsync.migrations.operations import EmbeddingObjects, SchemaChangeError, create_embedding, drop_embedding
+from vectorsync.sync.db import ensure_vector_extension
+from vectorsync.sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, split_qualified
 
 
 class SpecMismatch(ValueError):

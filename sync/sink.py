@@ -15,7 +15,7 @@ from psycopg import sql
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
-from sync.catalog import Embedding
+from vectorsync.sync.catalog import Embedding
 
 STAGE = sql.Identifier("vectorsync_stage")
 CHANGED = sql.SQL(

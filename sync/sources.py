@@ -16,9 +16,9 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from encoders.base import InputError
-from sync.catalog import Embedding
-from sync.spec import SpecError, TextSpec
+from vectorsync.encoders.base import InputError
+from vectorsync.sync.catalog import Embedding
+from vectorsync.sync.spec import SpecError, TextSpec
 
 KEY = "__key__"
 HASH = "__input_hash__"

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from encoders.registry import DEFAULT_ENCODER, ENCODERS
+from vectorsync.encoders.registry import DEFAULT_ENCODER, ENCODERS
 
 Distance = Literal["cosine", "l2", "inner_product"]
 IndexKind = Literal["hnsw", "ivfflat", "none"]

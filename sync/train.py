@@ -8,12 +8,12 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from encoders.base import Progress
-from sync import sources
-from sync.catalog import Embedding
-from sync.models import new_encoder, store
-from sync.spec import ImageSpec
-from sync.worker import CHANNEL
+from vectorsync.encoders.base import Progress
+from vectorsync.sync import sources
+from vectorsync.sync.catalog import Embedding
+from vectorsync.sync.models import new_encoder, store
+from vectorsync.sync.spec import ImageSpec
+from vectorsync.sync.worker import CHANNEL
 
 #: Rows per streamed training chunk for images and faces (others stream 2,048 rows a chunk).
 IMAGE_CHUNK_ROWS = 256

@@ -22,12 +22,12 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from encoders.base import InputError, check_finite
-from sync import sink, sources
-from sync.catalog import Embedding, load
-from sync.db import DatabaseError, connect
-from sync.models import ModelCache, current_version, ensure_model
-from sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, WorkerSpec
+from vectorsync.encoders.base import InputError, check_finite
+from vectorsync.sync import sink, sources
+from vectorsync.sync.catalog import Embedding, load
+from vectorsync.sync.db import DatabaseError, connect
+from vectorsync.sync.models import ModelCache, current_version, ensure_model
+from vectorsync.sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, WorkerSpec
 
 log = logging.getLogger("vectorsync.worker")
 

@@ -21,7 +21,7 @@ from tests.pg_support import embedded_server
 def one_torch_thread() -> Iterator[None]:
     """Train and encode on one thread, as workers do (sync.models.configure_torch): small models
     gain nothing from more, and on a busy 2-core machine oversubscription made training ~60x slower."""
-    from encoders.base import torch_threads
+    from vectorsync.encoders.base import torch_threads
 
     with torch_threads(1):
         yield
@@ -80,7 +80,7 @@ def cli(
     db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> Callable[..., CliResult]:
     """Run ``vectorsync ARGS`` in-process against the test database; returns code and output."""
-    from sync.cli import main_entry
+    from vectorsync.sync.cli import main_entry
 
     monkeypatch.setenv("VECTORSYNC_DATABASE_URL", db_url)
     monkeypatch.setenv("COLUMNS", "200")

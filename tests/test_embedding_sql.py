@@ -16,10 +16,10 @@ from psycopg import sql
 from sqlalchemy import REAL, Text, create_engine, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from embedding_sql import attach_embedding, distance, embedding_distance, nearest, similar_to
-from sync import catalog, schema, sink
-from sync.bulk import create_index, drop_index
-from sync.spec import parse_config
+from vectorsync.embedding_sql import attach_embedding, distance, embedding_distance, nearest, similar_to
+from vectorsync.sync import catalog, schema, sink
+from vectorsync.sync.bulk import create_index, drop_index
+from vectorsync.sync.spec import parse_config
 
 CATEGORIES = ["red", "green", "blue", "grey"]
 
@@ -285,7 +285,7 @@ def test_index_parameters_come_from_the_spec(conn, parts, cli):
 
 
 def test_large_backfill_builds_the_index_once_after_loading(conn, parts, cli, monkeypatch):
-    from sync import bulk
+    from vectorsync.sync import bulk
 
     config = parts()
     assert cli("migrate", config=config).code == 0
@@ -311,7 +311,7 @@ def test_large_backfill_builds_the_index_once_after_loading(conn, parts, cli, mo
 
 
 def test_small_sync_keeps_the_index(conn, parts, cli, monkeypatch):
-    from sync import bulk
+    from vectorsync.sync import bulk
 
     config = parts()
     assert cli("migrate", config=config).code == 0
@@ -483,9 +483,9 @@ def test_alembic_autogenerate_compares_a_mapped_target_table_clean(db_url, items
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from embedding_sql.orm import MANAGED_COMMENT as ORM_COMMENT
-    from migrations.autogenerate import include_name, include_object
-    from migrations.operations import MANAGED_COMMENT
+    from vectorsync.embedding_sql.orm import MANAGED_COMMENT as ORM_COMMENT
+    from vectorsync.migrations.autogenerate import include_name, include_object
+    from vectorsync.migrations.operations import MANAGED_COMMENT
 
     assert ORM_COMMENT == MANAGED_COMMENT
     opts = {"include_schemas": True, "include_name": include_name, "include_object": include_object,

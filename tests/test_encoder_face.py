@@ -23,11 +23,11 @@ import torch
 from PIL import Image, ImageOps
 from sklearn.metrics import roc_auc_score
 
-from encoders import face
-from encoders.base import load_encoder
-from encoders.face import DlibFaceEncoder, IdentityCNN, find_face
-from encoders.registry import encoder_class
 from tests.face_data import COLUMN, LABEL, encoded, lfw, people
+from vectorsync.encoders import face
+from vectorsync.encoders.base import load_encoder
+from vectorsync.encoders.face import DlibFaceEncoder, IdentityCNN, find_face
+from vectorsync.encoders.registry import encoder_class
 
 PARAMS: dict[str, Any] = {
     "image_size": 32,

@@ -15,9 +15,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.neighbors import KNeighborsClassifier
 
-from encoders.base import load_encoder
-from encoders.image import ConvAutoencoder
-from encoders.registry import encoder_class
+from vectorsync.encoders.base import load_encoder
+from vectorsync.encoders.image import ConvAutoencoder
+from vectorsync.encoders.registry import encoder_class
 
 COLUMN = "picture"
 PARAMS = {"image_size": 16, "channels": 1, "epochs": 10}

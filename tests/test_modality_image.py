@@ -264,7 +264,7 @@ def test_colour_images_are_embedded_in_three_channels(conn, write_config, cli):
 
 
 def test_training_streams_the_table_in_chunks(conn, write_config, cli, monkeypatch):
-    from sync import sources
+    from vectorsync.sync import sources
 
     images, _ = digit_images(300)
     conn.execute("CREATE TABLE streamed (id int PRIMARY KEY, png bytea)")

@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from encoders.fastrp import fastrp
-from sync import neo4j_bridge
-from sync.neo4j_bridge import BridgeError, detect_dialect, stream_embeddings
-from sync.spec import Neo4jSpec
 from tests.bolt_server import start_arcadedb
+from vectorsync.encoders.fastrp import fastrp
+from vectorsync.sync import neo4j_bridge
+from vectorsync.sync.neo4j_bridge import BridgeError, detect_dialect, stream_embeddings
+from vectorsync.sync.spec import Neo4jSpec
 
 neo4j = pytest.importorskip("neo4j")
 

@@ -13,9 +13,6 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
-from sync.catalog import load
-from sync.spec import load_config
-from sync.worker import Worker, enqueue_backfill
 from tests.worker_support import (
     add_slow_writes,
     assert_vectors_match_rows,
@@ -29,6 +26,9 @@ from tests.worker_support import (
     wait_until,
     worker_totals,
 )
+from vectorsync.sync.catalog import load
+from vectorsync.sync.spec import load_config
+from vectorsync.sync.worker import Worker, enqueue_backfill
 
 
 @contextmanager

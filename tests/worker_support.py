@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from sync import sources
-from sync.catalog import load
-from sync.cli import main_entry
-from sync.models import ModelCache, current_version
-from sync.spec import load_config
+from vectorsync.sync import sources
+from vectorsync.sync.catalog import load
+from vectorsync.sync.cli import main_entry
+from vectorsync.sync.models import ModelCache, current_version
+from vectorsync.sync.spec import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,7 @@ class WorkerProcess:
         env = {**os.environ, "VECTORSYNC_DATABASE_URL": url, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
         self._out = log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sync.cli", "--config", str(config), "worker", *args],
+            [sys.executable, "-m", "vectorsync", "--config", str(config), "worker", *args],
             cwd=REPO,
             env=env,
             stdout=self._out,

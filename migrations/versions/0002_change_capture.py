@@ -12,7 +12,7 @@ Revises: 0001_internal_schema
 
 from alembic import op
 
-from migrations.operations import execute_script
+from vectorsync.migrations.operations import execute_script
 
 revision = "0002_change_capture"
 down_revision = "0001_internal_schema"

@@ -1,4 +1,4 @@
-"""Similarity functions (``vectorsync.nearest``, ``vectorsync.nearest_to``) from embedding_sql.
+"""Similarity functions (``vectorsync.nearest``, ``vectorsync.nearest_to``) from vectorsync.embedding_sql.
 
 Revision ID: 0003_similarity_functions
 Revises: 0002_change_capture
@@ -8,7 +8,7 @@ from importlib import resources
 
 from alembic import op
 
-from migrations.operations import execute_script
+from vectorsync.migrations.operations import execute_script
 
 revision = "0003_similarity_functions"
 down_revision = "0002_change_capture"
@@ -18,7 +18,7 @@ depends_on = None
 
 def upgrade() -> None:
     # exec_driver_sql: the body holds format() patterns such as %1$I that must reach Postgres as written
-    execute_script(op.get_bind(), resources.files("embedding_sql").joinpath("sql/similarity_v1.sql").read_text())
+    execute_script(op.get_bind(), resources.files("vectorsync.embedding_sql").joinpath("sql/similarity_v1.sql").read_text())
 
 
 def downgrade() -> None:

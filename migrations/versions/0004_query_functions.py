@@ -10,7 +10,7 @@ from importlib import resources
 
 from alembic import op
 
-from migrations.operations import execute_script
+from vectorsync.migrations.operations import execute_script
 
 revision = "0004_query_functions"
 down_revision = "0003_similarity_functions"
@@ -20,7 +20,7 @@ depends_on = None
 
 def upgrade() -> None:
     # exec_driver_sql: the body holds format() patterns such as %1$I that must reach Postgres as written
-    execute_script(op.get_bind(), resources.files("embedding_sql").joinpath("sql/queries_v1.sql").read_text())
+    execute_script(op.get_bind(), resources.files("vectorsync.embedding_sql").joinpath("sql/queries_v1.sql").read_text())
 
 
 def downgrade() -> None:
