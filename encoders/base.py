@@ -4,11 +4,16 @@ An encoder turns a batch of inputs (a pandas DataFrame holding the spec's input 
 resolved from references by ``sync.sources``) into a float32 matrix of shape ``(n, dim)``. It never
 touches a database: training data arrives as a callable that yields DataFrame chunks, and the fitted
 model is persisted as bytes that ``sync`` stores in the model registry.
+
+Those bytes are data, never code: a safetensors file whose tensors are the weights and whose header
+metadata holds everything else (type, parameters, preprocessing, vocabularies) as JSON. Loading
+them runs no unpickler, so a crafted registry row can at worst fail to load.
 """
 
 from __future__ import annotations
 
-import io
+import json
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +27,16 @@ import pandas as pd
 Batches = Callable[[], Iterator[pd.DataFrame]]
 #: Reports training progress: (step, total_steps, metrics such as {"loss": 0.12}).
 Progress = Callable[[int, int, dict[str, float]], None]
+
+
+#: Written into every stored model's safetensors metadata; anything else is refused on load.
+MODEL_FORMAT = "vectorsync.model/1"
+_META_KEY = "vectorsync"
+_TENSOR = "__tensor__"
+
+
+class ModelFormatError(ValueError):
+    """Stored model bytes are not a model in vectorsync's safe format (old pickle, damaged, crafted)."""
 
 
 class InputError(ValueError):
@@ -77,19 +92,24 @@ class Encoder(ABC):
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore what ``get_state`` returned."""
 
-    def to_bytes(self) -> bytes:
-        import torch
+    #: Parameters that only govern input handling: the spec's current value overrides the stored one
+    #: when a model is loaded (e.g. the pixel budget), so changing them needs no retraining.
+    runtime_params: ClassVar[tuple[str, ...]] = ()
 
-        buffer = io.BytesIO()
-        payload = {
+    def to_bytes(self) -> bytes:
+        """The fitted encoder as a safetensors file: tensors as tensors, everything else as JSON."""
+        from safetensors.torch import save
+
+        tensors: dict[str, Any] = {}
+        header = {
+            "format": MODEL_FORMAT,
             "type": self.type,
             "dim": self.dim,
             "columns": self.columns,
-            "params": self.params,
-            "state": self.get_state(),
+            "params": _pack(self.params, "params", tensors),
+            "state": _pack(self.get_state(), "state", tensors),
         }
-        torch.save(payload, buffer)
-        return buffer.getvalue()
+        return save(tensors, metadata={_META_KEY: json.dumps(header)})
 
 
 @contextmanager
@@ -106,15 +126,88 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def load_encoder(blob: bytes) -> Encoder:
-    """Rebuild an encoder from ``Encoder.to_bytes`` output, whatever its type."""
+def _pack(value: Any, path: str, tensors: dict[str, Any]) -> Any:
+    """``value`` as JSON data, its tensors and arrays moved into ``tensors`` under their path."""
     import torch
+
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().cpu().contiguous()
+        return {_TENSOR: path}
+    if isinstance(value, dict):
+        if _TENSOR in value or not all(isinstance(k, str) for k in value):
+            raise TypeError(f"model state at {path!r} has keys that cannot be stored: {list(value)[:5]}")
+        return {k: _pack(v, f"{path}.{k}", tensors) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_pack(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise TypeError(f"model state at {path!r} holds a {type(value).__name__}; only tensors and JSON data are stored")
+
+
+def _unpack(value: Any, tensors: dict[str, Any]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_TENSOR}:
+            name = value[_TENSOR]
+            if name not in tensors:
+                raise ModelFormatError(f"the stored model refers to a tensor {name!r} it does not contain")
+            return tensors[name]
+        return {k: _unpack(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unpack(v, tensors) for v in value]
+    return value
+
+
+def model_header(blob: bytes) -> dict[str, Any]:
+    """The JSON header of stored model bytes; ``ModelFormatError`` for anything else.
+
+    The safetensors layout is an 8-byte little-endian header length, then a JSON header: reading it
+    parses JSON, nothing that can run code.
+    """
+    if len(blob) < 8:
+        raise ModelFormatError("the stored model is empty or truncated")
+    (length,) = struct.unpack("<Q", blob[:8])
+    if length > len(blob) - 8:
+        raise ModelFormatError("the stored model is not a safetensors file (e.g. an old pickled model)")
+    try:
+        header = json.loads(blob[8 : 8 + length])
+        payload = json.loads(header["__metadata__"][_META_KEY])
+    except (ValueError, KeyError, TypeError):
+        raise ModelFormatError("the stored model is not a safetensors file written by vectorsync") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ModelFormatError(f"the stored model's format is not {MODEL_FORMAT!r}")
+    return payload
+
+
+def load_encoder(blob: bytes, runtime: dict[str, Any] | None = None) -> Encoder:
+    """Rebuild an encoder from ``Encoder.to_bytes`` output, whatever its type.
+
+    ``runtime`` holds current values of parameters the encoder lists in ``runtime_params``; they
+    replace the stored ones. Raises ``ModelFormatError`` for bytes that are not a stored model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     from vectorsync.encoders.registry import encoder_class
 
-    payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
-    encoder = encoder_class(payload["type"])(payload["dim"], payload["columns"], payload["params"])
-    encoder.set_state(payload["state"])
+    payload = model_header(blob)
+    try:
+        tensors = load(blob)
+    except SafetensorError as exc:
+        raise ModelFormatError(f"the stored model's tensors cannot be read: {exc}") from None
+    try:
+        cls = encoder_class(str(payload["type"]))
+        params = dict(_unpack(payload["params"], tensors))
+        params.update({k: v for k, v in (runtime or {}).items() if k in cls.runtime_params})
+        encoder = cls(int(payload["dim"]), [str(c) for c in payload["columns"]], params)
+        encoder.set_state(_unpack(payload["state"], tensors))
+    except ModelFormatError:
+        raise
+    except Exception as exc:  # any inconsistency in the stored data: refuse the model, say why
+        raise ModelFormatError(f"the stored model cannot be rebuilt: {type(exc).__name__}: {exc}") from None
     return encoder
 
 

@@ -174,6 +174,7 @@ class LSTMTextEncoder(Encoder):
 
     type = "lstm"
     trainable = True
+    runtime_params = RUNTIME_PARAMS
 
     def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
         super().__init__(dim, columns, params)

@@ -1,17 +1,20 @@
 """The model registry: encoder weights, parameters and metrics, versioned, stored in Postgres.
 
 Every worker on every machine loads the same bytes, so every vector of one version is comparable.
+The bytes are a safetensors file (see ``encoders.base``) whose SHA-256 is recorded with the version
+and checked before loading; nothing stored here is ever unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
 
 import psycopg
 
-from vectorsync.encoders.base import Encoder, load_encoder
+from vectorsync.encoders.base import Encoder, ModelFormatError, load_encoder
 from vectorsync.encoders.registry import encoder_class
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.spec import EmbeddingSpec
@@ -19,6 +22,10 @@ from vectorsync.sync.spec import EmbeddingSpec
 
 class NoModel(RuntimeError):
     """The embedding needs a trained model and has none."""
+
+
+class UnusableModel(NoModel):
+    """A stored model version cannot be loaded safely (old pickle format, damaged or crafted row)."""
 
 
 def encoder_params(spec: EmbeddingSpec) -> dict[str, Any]:
@@ -69,14 +76,15 @@ def register_version(
         "SELECT coalesce(max(version), 0) + 1 FROM vectorsync.models WHERE embedding = %s", (emb.name,)
     ).fetchone()[0]
     conn.execute(
-        "INSERT INTO vectorsync.models (embedding, version, encoder_type, dim, weights, metrics, params, trained_rows) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        "INSERT INTO vectorsync.models (embedding, version, encoder_type, dim, weights, sha256, metrics, params, "
+        "trained_rows) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
             emb.name,
             version,
             encoder_type,
             emb.spec.dim,
             weights,
+            hashlib.sha256(weights).hexdigest(),
             json.dumps(metrics or {}),
             json.dumps(params, sort_keys=True, default=str),
             trained_rows,
@@ -123,22 +131,51 @@ def current_version(conn: psycopg.Connection, name: str) -> int | None:
 
 
 class ModelCache:
-    """Loads each (embedding, version) once per process."""
+    """Loads each stored model once per process.
+
+    Models are cached by their checksum as well as their version, so a model recreated under the
+    same version number (``migrate --recreate``, then ``train``) is loaded afresh, not served stale.
+    """
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, int], Encoder] = {}
+        self._models: dict[tuple[str, int, str], Encoder] = {}
 
     def get(self, conn: psycopg.Connection, emb: Embedding, version: int) -> Encoder:
-        key = (emb.name, version)
+        row = conn.execute(
+            "SELECT sha256 FROM vectorsync.models WHERE embedding = %s AND version = %s", (emb.name, version)
+        ).fetchone()
+        if row is None:
+            raise NoModel(f"embedding {emb.name!r} has no model version {version}")
+        key = (emb.name, version, row[0] or "")
         if key not in self._models:
-            row = conn.execute(
-                "SELECT weights FROM vectorsync.models WHERE embedding = %s AND version = %s", key
-            ).fetchone()
-            if row is None:
-                raise NoModel(f"embedding {emb.name!r} has no model version {version}")
-            configure_torch()
-            self._models[key] = load_encoder(bytes(row[0]))
+            self._models = {k: v for k, v in self._models.items() if k[0] != emb.name}  # one model per embedding
+            self._models[key] = load_model(conn, emb, version)
         return self._models[key]
+
+
+def load_model(conn: psycopg.Connection, emb: Embedding, version: int) -> Encoder:
+    """Model ``version`` of ``emb``, checked against its recorded SHA-256 and loaded as data only.
+
+    A version stored before checksums (a pickle) or a row whose bytes do not match is refused with
+    ``UnusableModel``, telling the user to retrain; it is never unpickled.
+    """
+    row = conn.execute(
+        "SELECT weights, sha256 FROM vectorsync.models WHERE embedding = %s AND version = %s", (emb.name, version)
+    ).fetchone()
+    if row is None:
+        raise NoModel(f"embedding {emb.name!r} has no model version {version}")
+    blob, recorded = bytes(row[0]), row[1]
+    where = f"model version {version} of embedding {emb.name!r}"
+    retrain = f"run `vectorsync train {emb.name}` to store a new one"
+    if recorded is None:
+        raise UnusableModel(f"{where} has no recorded checksum (stored by an older, unsafe vectorsync); {retrain}")
+    if hashlib.sha256(blob).hexdigest() != recorded:
+        raise UnusableModel(f"{where} does not match its recorded SHA-256 (the row was altered); {retrain}")
+    configure_torch()
+    try:
+        return load_encoder(blob, runtime=encoder_params(emb.spec))
+    except ModelFormatError as exc:
+        raise UnusableModel(f"{where} was refused: {exc}; {retrain}") from None
 
 
 def ensure_model(conn: psycopg.Connection, emb: Embedding) -> int:
