@@ -1,14 +1,14 @@
 """``vectorsync.nearest`` / ``nearest_to`` return k rows even when k exceeds hnsw.ef_search.
 
+They delegate to the filtered search with an empty filter, so they share its tuning (hnsw.ef_search
+is raised to at least k; the 0003 versions returned fewer than k rows when k exceeded ef_search)
+and its dimension checks.
+
 Revision ID: 0005_nearest_ef_search
 Revises: 0004_query_functions
 """
 
-from importlib import resources
-
-from alembic import op
-
-from vectorsync.migrations.operations import execute_script
+from vectorsync.migrations.replaceable import Function, replace
 
 revision = "0005_nearest_ef_search"
 down_revision = "0004_query_functions"
@@ -16,14 +16,39 @@ branch_labels = None
 depends_on = None
 
 
+nearest = Function(
+    "vectorsync.nearest",
+    (
+        "embedding_name text, of_key text, k integer DEFAULT 10, ef_search integer DEFAULT NULL, "
+        "probes integer DEFAULT NULL"
+    ),
+    "TABLE (key text, distance double precision)",
+    "LANGUAGE sql VOLATILE",
+    r"""
+    SELECT * FROM vectorsync.nearest_where(embedding_name, of_key, k, '{}'::jsonb, ef_search, probes)
+""",
+)
+
+
+nearest_to = Function(
+    "vectorsync.nearest_to",
+    (
+        "embedding_name text, query vector, k integer DEFAULT 10, ef_search integer DEFAULT NULL, "
+        "probes integer DEFAULT NULL"
+    ),
+    "TABLE (key text, distance double precision)",
+    "LANGUAGE sql VOLATILE",
+    r"""
+    SELECT * FROM vectorsync.nearest_to_where(embedding_name, query, k, '{}'::jsonb, ef_search, probes)
+""",
+)
+
+
 def upgrade() -> None:
-    execute_script(op.get_bind(), resources.files("vectorsync.embedding_sql").joinpath("sql/nearest_v2.sql").read_text())
+    replace(nearest, replaces="0003_similarity_functions.nearest")
+    replace(nearest_to, replaces="0003_similarity_functions.nearest_to")
 
 
 def downgrade() -> None:
-    # back to v1's bodies: re-running the v1 file would fail on its other (unchanged) functions
-    script = resources.files("vectorsync.embedding_sql").joinpath("sql/similarity_v1.sql").read_text()
-    for name in ("nearest", "nearest_to"):
-        start = script.index(f"CREATE FUNCTION vectorsync.{name}(")
-        end = script.index("$fn$;", script.index("$fn$", script.index("AS $fn$", start) + 7)) + len("$fn$;")
-        execute_script(op.get_bind(), "CREATE OR REPLACE" + script[start + len("CREATE"):end])
+    replace(nearest, replace_with="0003_similarity_functions.nearest")
+    replace(nearest_to, replace_with="0003_similarity_functions.nearest_to")

@@ -1,0 +1,50 @@
+"""Frozen migrations: every revision carries the SQL it installs, and walking the history up and
+down reproduces each revision's functions and views exactly."""
+
+from __future__ import annotations
+
+import psycopg
+from alembic import command
+from alembic.script import ScriptDirectory
+
+from vectorsync.sync.db import ensure_vector_extension
+from vectorsync.sync.schema import _alembic
+
+
+def definitions(conn: psycopg.Connection) -> dict[str, str]:
+    """Every function and view in the vectorsync schema, by identity, with its full definition."""
+    rows = conn.execute(
+        "SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid) FROM pg_proc p "
+        "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'vectorsync' "
+        "UNION ALL SELECT c.oid::regclass::text, pg_get_viewdef(c.oid) FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'vectorsync' AND c.relkind = 'v'"
+    ).fetchall()
+    return dict(rows)
+
+
+def history(url: str) -> list[str]:
+    cfg, _ = _alembic(url)
+    return [s.revision for s in reversed(list(ScriptDirectory.from_config(cfg).walk_revisions()))]
+
+
+def step(url: str, direction: str, target: str) -> dict[str, str]:
+    cfg, engine = _alembic(url)
+    with engine.begin() as sa_conn:
+        cfg.attributes["connection"] = sa_conn
+        getattr(command, direction)(cfg, target)
+    engine.dispose()
+    with psycopg.connect(url) as conn:
+        return definitions(conn)
+
+
+def test_walking_every_revision_up_and_down_reproduces_each_revisions_functions(db_url, conn):
+    ensure_vector_extension(conn)
+    revisions = history(db_url)
+    assert len(revisions) >= 5
+    at = {"base": definitions(conn)}
+    for revision in revisions:
+        at[revision] = step(db_url, "upgrade", revision)
+    for previous, revision in zip(["base", *revisions[:-1]][::-1], revisions[::-1], strict=True):
+        assert step(db_url, "downgrade", "-1") == at[previous], f"downgrade of {revision} left other definitions"
+    for revision in revisions:
+        assert step(db_url, "upgrade", revision) == at[revision], f"{revision} upgraded twice differs"
