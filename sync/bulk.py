@@ -12,30 +12,22 @@ failed-item handling is the one place errors are dealt with.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from queue import Queue
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from vectorsync.migrations.operations import index_statement
-from vectorsync.sync import sink, sources
+from vectorsync.sync import queue, sink, sources
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.models import ModelCache, ensure_model
 from vectorsync.sync.schema import objects_for
 from vectorsync.sync.spec import WorkerSpec
-from vectorsync.sync.worker import (
-    CHANNEL,
-    BatchResult,
-    delete_orphans,
-    drain,
-    encode_frame,
-    enqueue_backfill,
-    queue_depth,
-)
+from vectorsync.sync.worker import BatchResult, drain, encode_frame
 
 #: A backfill at least this large (and at least half the table) drops the index and rebuilds it after.
 BULK_THRESHOLD = 10_000
@@ -76,7 +68,7 @@ def rebuild_index(conn: psycopg.Connection, emb: Embedding) -> None:
 
 def _encoded_chunks(url: str, emb: Embedding, version: int, cache: ModelCache, chunk_rows: int) -> Iterator[Any]:
     """Read and encode stale rows on a background thread, two chunks ahead of the writer."""
-    handoff: queue.Queue[Any] = queue.Queue(maxsize=2)
+    handoff: Queue[Any] = Queue(maxsize=2)
     done = object()
 
     def produce() -> None:
@@ -124,10 +116,7 @@ def bulk_load(
             conn.execute("SET LOCAL synchronous_commit = off")
             sink.upsert(conn, emb, good, vectors[ok], version, hashes, only_older=True)
             if failures:  # the queue retries them and records their errors
-                conn.execute(
-                    "INSERT INTO vectorsync.queue (embedding, key) SELECT %s, unnest(%s::text[])",
-                    (emb.name, [keys[i] for i in failures]),
-                )
+                queue.enqueue_keys(conn, emb.name, [keys[i] for i in failures])
         result = BatchResult(
             claimed=len(frame), embedded=len(good), retried=len(failures), seconds=time.perf_counter() - started
         )
@@ -137,7 +126,7 @@ def bulk_load(
         if on_batch:
             on_batch(result)
     if total.retried:
-        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, emb.name))
+        queue.notify(conn, emb.name)
     return total
 
 
@@ -155,10 +144,8 @@ def sync_embedding(
     ``url`` enables the bulk path (it opens a second connection for reading).
     """
     started = time.perf_counter()
-    run_id = conn.execute(
-        "INSERT INTO vectorsync.runs (embedding, kind) VALUES (%s, 'sync') RETURNING id", (emb.name,)
-    ).fetchone()[0]
-    orphans = delete_orphans(conn, emb)
+    run_id = queue.start_run(conn, emb.name, "sync")
+    orphans = sink.delete_orphans(conn, emb)
     version = ensure_model(conn, emb)
     stale = sources.count_stale(conn, emb, version) if url else 0
     existing = target_rows(conn, emb)
@@ -184,8 +171,8 @@ def sync_embedding(
             loaded = bulk_load(url or "", conn, emb, version, batch_size=batch_size, on_batch=progress)
         # Rows whose inputs changed while capture was off (e.g. restored with triggers disabled) keep
         # a stale input hash; after a bulk load into an empty table every vector is from this run.
-        queued = enqueue_backfill(conn, emb, version) if not bulk or existing else 0
-        expected = done + queue_depth(conn, emb.name)
+        queued = queue.enqueue_backfill(conn, emb, version) if not bulk or existing else 0
+        expected = done + queue.queue_depth(conn, emb.name)
         if on_progress:
             on_progress(done, expected, failed)
         total = drain(conn, emb, settings, batch_size=batch_size, cache=ModelCache(), on_batch=progress)
@@ -197,13 +184,9 @@ def sync_embedding(
             # fresh statistics, so the planner weighs the index against filters on the new rows
             conn.execute(sql.SQL("ANALYZE {}").format(emb.target))
     if bulk:
-        orphans += delete_orphans(conn, emb)  # rows deleted while the bulk path read its snapshot
+        orphans += sink.delete_orphans(conn, emb)  # rows deleted while the bulk path read its snapshot
     embedded = loaded.embedded + total.embedded
-    conn.execute(
-        "UPDATE vectorsync.runs SET finished_at = now(), embedded = %s, failed = %s, deleted = %s WHERE id = %s",
-        (embedded, total.failed, orphans + total.deleted, run_id),
-    )
-    conn.execute("UPDATE vectorsync.embeddings SET last_sync = now() WHERE name = %s", (emb.name,))
+    queue.finish_run(conn, run_id, emb.name, embedded=embedded, failed=total.failed, deleted=orphans + total.deleted)
     return {
         "queued": queued + loaded.claimed,
         "embedded": embedded,

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vectorsync.sync import db
+from vectorsync.sync import db, queue
 from vectorsync.sync.spec import Config, SpecError, load_config
 
 app = typer.Typer(
@@ -284,14 +284,7 @@ def retry(
     state = _state(ctx)
     selected = [s.name for s in state.config.select(names)]
     with db.connection(state.url) as conn:
-        cur = conn.execute(
-            "WITH moved AS (DELETE FROM vectorsync.failed WHERE embedding = ANY(%s) RETURNING embedding, key) "
-            "INSERT INTO vectorsync.queue (embedding, key) SELECT embedding, key FROM moved",
-            (selected,),
-        )
-        count = cur.rowcount
-        for name in selected:
-            conn.execute("SELECT pg_notify('vectorsync', %s)", (name,))
+        count = queue.retry_failed(conn, selected)
         conn.commit()
     console.print(f"re-queued {count} failed item(s)")
 

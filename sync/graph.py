@@ -36,7 +36,7 @@ import psycopg
 from psycopg import sql
 
 from vectorsync.encoders.fastrp import fastrp, node_keys
-from vectorsync.sync import models, sink
+from vectorsync.sync import models, queue, sink
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.neo4j_bridge import BridgeError, stream_embeddings
 from vectorsync.sync.spec import GraphEmbeddingSpec, GraphSpec, split_qualified
@@ -66,9 +66,7 @@ def sync_graph(conn: psycopg.Connection, emb: Embedding, progress: Any = None) -
     if not isinstance(spec, GraphEmbeddingSpec):
         raise ValueError(f"embedding {emb.name!r} is a {spec.modality} embedding, not a graph")
     kind = "bridge" if spec.neo4j else "fastrp"
-    run_id = conn.execute(
-        "INSERT INTO vectorsync.runs (embedding, kind) VALUES (%s, %s) RETURNING id", (emb.name, kind)
-    ).fetchone()[0]
+    run_id = queue.start_run(conn, emb.name, kind)
     started = time.perf_counter()
     task = progress.add_task(f"sync {emb.name}", total=None, info=kind) if progress is not None else None
 
@@ -79,26 +77,14 @@ def sync_graph(conn: psycopg.Connection, emb: Embedding, progress: Any = None) -
     try:
         counts, details = _bridge(conn, emb, advance) if spec.neo4j else _native(conn, emb, advance)
     except BaseException as exc:
-        _record_failure(conn, run_id, exc)
+        queue.fail_run(conn, run_id, exc)
         raise
     details["seconds"] = round(time.perf_counter() - started, 3)
-    conn.execute(
-        "UPDATE vectorsync.runs SET finished_at = now(), embedded = %s, unchanged = %s, deleted = %s, "
-        "details = %s WHERE id = %s",
-        (counts["embedded"], counts["unchanged"], counts["deleted"], json.dumps(details, default=str), run_id),
+    queue.finish_run(
+        conn, run_id, emb.name, embedded=counts["embedded"], unchanged=counts["unchanged"], deleted=counts["deleted"],
+        details=details,
     )
-    conn.execute("UPDATE vectorsync.embeddings SET last_sync = now() WHERE name = %s", (emb.name,))
     return {"run_id": run_id, **counts}
-
-
-def _record_failure(conn: psycopg.Connection, run_id: int, exc: BaseException) -> None:
-    try:
-        conn.execute(
-            "UPDATE vectorsync.runs SET finished_at = now(), details = %s WHERE id = %s",
-            (json.dumps({"error": str(exc) or type(exc).__name__}), run_id),
-        )
-    except psycopg.Error as record_error:  # e.g. the connection itself broke: the original error matters
-        log.warning("could not record the failure of run %s: %s", run_id, record_error)
 
 
 def _lock(conn: psycopg.Connection, emb: Embedding) -> None:
@@ -204,11 +190,7 @@ def _native(conn: psycopg.Connection, emb: Embedding, advance: Advance) -> tuple
         version = model_version(conn, emb, "fastrp", fastrp_params(spec))
         rebuild = _drop_index_for_large_load(conn, emb, n)
         written = _upsert_chunks(conn, emb, graph.keys, vectors, version, advance)
-        deleted = conn.execute(
-            sql.SQL(
-                "DELETE FROM {target} t WHERE NOT EXISTS (SELECT 1 FROM {source} s WHERE s.{key} = t.{key})"
-            ).format(target=emb.target, source=emb.source, key=emb.key)
-        ).rowcount
+        deleted = sink.delete_orphans(conn, emb)
         if rebuild:
             from vectorsync.sync.bulk import create_index
 

@@ -114,3 +114,13 @@ def delete_keys(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -
         (list(keys),),
     )
     return cur.rowcount
+
+
+def delete_orphans(conn: psycopg.Connection, emb: Embedding) -> int:
+    """Remove vectors whose source row is gone (e.g. deleted while triggers were disabled)."""
+    cur = conn.execute(
+        sql.SQL("DELETE FROM {tgt} t WHERE NOT EXISTS (SELECT 1 FROM {src} s WHERE s.{key} = t.{key})").format(
+            tgt=emb.target, src=emb.source, key=emb.key
+        )
+    )
+    return cur.rowcount

@@ -9,11 +9,10 @@ import psycopg
 from psycopg import sql
 
 from vectorsync.encoders.base import Progress
-from vectorsync.sync import sources
+from vectorsync.sync import queue, sources
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.models import new_encoder, store
 from vectorsync.sync.spec import ImageSpec
-from vectorsync.sync.worker import CHANNEL
 
 #: Rows per streamed training chunk for images and faces (others stream 2,048 rows a chunk).
 IMAGE_CHUNK_ROWS = 256
@@ -75,20 +74,6 @@ def train(
         metrics = encoder.fit(lambda: resolved(False, limit), None, seed=seed, progress=progress)
     with conn.transaction():
         version = store(conn, emb, encoder, {k: float(v) for k, v in metrics.items()}, limit)
-        requeue(conn, emb, version)
+        queue.enqueue_older(conn, emb, version)
     return version, metrics, limit
 
-
-def requeue(conn: psycopg.Connection, emb: Embedding, version: int) -> int:
-    """Queue rows stamped with an older model version; queries keep using their old vectors until
-    each row is replaced."""
-    cur = conn.execute(
-        sql.SQL(
-            "INSERT INTO vectorsync.queue (embedding, key) SELECT %s, t.{key}::text FROM {tgt} t "
-            "WHERE t.model_version < %s"
-        ).format(key=emb.key, tgt=emb.target),
-        (emb.name, version),
-    )
-    if cur.rowcount:
-        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, emb.name))
-    return cur.rowcount

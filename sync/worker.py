@@ -23,28 +23,13 @@ import psycopg
 from psycopg import sql
 
 from vectorsync.encoders.base import InputError, check_finite
-from vectorsync.sync import sink, sources
+from vectorsync.sync import queue, sink, sources
 from vectorsync.sync.catalog import Embedding, load
 from vectorsync.sync.db import DatabaseError, connect
 from vectorsync.sync.models import ModelCache, current_version, ensure_model
 from vectorsync.sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, WorkerSpec
 
 log = logging.getLogger("vectorsync.worker")
-
-CHANNEL = "vectorsync"
-
-CLAIM = """
-WITH candidates AS (
-    SELECT id, key, attempts FROM vectorsync.queue
-    WHERE embedding = %(name)s AND not_before <= now()
-    ORDER BY id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-SELECT id, key, attempts FROM candidates
-WHERE pg_try_advisory_xact_lock(hashtextextended(%(name)s || ':' || key, 0))
-"""
-
 
 @dataclass
 class BatchResult:
@@ -87,7 +72,7 @@ def process_batch(
     """
     started = time.perf_counter()
     with conn.transaction():
-        rows = conn.execute(CLAIM, {"name": emb.name, "limit": batch_size}).fetchall()
+        rows = queue.claim(conn, emb.name, batch_size)
         if not rows:
             return None
         claims: dict[str, _Claim] = {}
@@ -114,10 +99,7 @@ def process_batch(
         good_keys = [k for k, good in zip(keys, ok, strict=True) if good]
         sink.upsert(conn, emb, good_keys, vectors[ok], version, [h for h, good in zip(hashes, ok, strict=True) if good])
         result.embedded = len(good_keys)
-        if good_keys:  # a key that embeds now is no longer a failed item, however it was re-queued
-            conn.execute(
-                "DELETE FROM vectorsync.failed WHERE embedding = %s AND key = ANY(%s)", (emb.name, good_keys)
-            )
+        queue.forget_failed(conn, emb.name, good_keys)
         for position, error in failures.items():
             key = keys[position]
             if _record_failure(conn, emb, key, claims.pop(key), error, settings):
@@ -125,7 +107,7 @@ def process_batch(
             else:
                 result.retried += 1
         done = [i for claim in claims.values() for i in claim.ids]
-        conn.execute("DELETE FROM vectorsync.queue WHERE id = ANY(%s)", (done,))
+        queue.delete_claimed(conn, done)
         if worker_id is not None:
             conn.execute(
                 "UPDATE vectorsync.workers SET embedded = embedded + %s, failed = failed + %s WHERE id = %s",
@@ -186,68 +168,12 @@ def _record_failure(
 ) -> bool:
     """Log the error; retry later with backoff, or move the item to vectorsync.failed. True if moved."""
     attempt = claim.attempts + 1
-    conn.execute(
-        "INSERT INTO vectorsync.errors (embedding, key, column_name, error, attempt) VALUES (%s, %s, %s, %s, %s)",
-        (emb.name, key, error.column, error.message, attempt),
-    )
+    queue.record_attempt(conn, emb.name, key, error.column, error.message, attempt)
     if attempt >= settings.max_attempts:
-        conn.execute(
-            "INSERT INTO vectorsync.failed (embedding, key, column_name, error, attempts) VALUES (%s, %s, %s, %s, %s) "
-            "ON CONFLICT (embedding, key) DO UPDATE SET column_name = EXCLUDED.column_name, "
-            "error = EXCLUDED.error, attempts = EXCLUDED.attempts, failed_at = now()",
-            (emb.name, key, error.column, error.message, attempt),
-        )
-        conn.execute("DELETE FROM vectorsync.queue WHERE id = ANY(%s)", (claim.ids,))
+        queue.move_to_failed(conn, emb.name, key, error.column, error.message, attempt, claim.ids)
         return True
-    delay = settings.backoff_seconds * (2 ** (attempt - 1))
-    conn.execute(
-        "UPDATE vectorsync.queue SET attempts = %s, last_error = %s, "
-        "not_before = now() + make_interval(secs => %s) WHERE id = ANY(%s)",
-        (attempt, error.message, delay, claim.ids),
-    )
+    queue.schedule_retry(conn, claim.ids, attempt, error.message, settings.backoff_seconds * (2 ** (attempt - 1)))
     return False
-
-
-def enqueue_backfill(conn: psycopg.Connection, emb: Embedding, version: int | None) -> int:
-    """Queue, in one statement, every row with no vector, an older model version, or changed
-    inputs, unless it is already queued or failed. Returns the number queued."""
-    stale = sql.SQL("t.{key} IS NULL OR t.input_hash IS DISTINCT FROM {hash}").format(
-        key=emb.key, hash=emb.input_hash_expr("s")
-    )
-    if version is not None:
-        stale = stale + sql.SQL(" OR t.model_version <> {}").format(sql.Literal(version))
-    cur = conn.execute(
-        sql.SQL(
-            """
-            INSERT INTO vectorsync.queue (embedding, key)
-            SELECT %(name)s, s.{key}::text FROM {src} s LEFT JOIN {tgt} t ON t.{key} = s.{key}
-            WHERE ({stale})
-              AND NOT EXISTS (SELECT 1 FROM vectorsync.queue q WHERE q.embedding = %(name)s AND q.key = s.{key}::text)
-              AND NOT EXISTS (SELECT 1 FROM vectorsync.failed f WHERE f.embedding = %(name)s AND f.key = s.{key}::text)
-            """
-        ).format(key=emb.key, src=emb.source, tgt=emb.target, stale=stale),
-        {"name": emb.name},
-    )
-    if cur.rowcount:
-        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, emb.name))
-    return cur.rowcount
-
-
-def delete_orphans(conn: psycopg.Connection, emb: Embedding) -> int:
-    """Remove vectors whose source row is gone (e.g. deleted while triggers were disabled)."""
-    cur = conn.execute(
-        sql.SQL("DELETE FROM {tgt} t WHERE NOT EXISTS (SELECT 1 FROM {src} s WHERE s.{key} = t.{key})").format(
-            tgt=emb.target, src=emb.source, key=emb.key
-        )
-    )
-    return cur.rowcount
-
-
-def queue_depth(conn: psycopg.Connection, name: str, *, ready_only: bool = False) -> int:
-    condition = " AND not_before <= now()" if ready_only else ""
-    return conn.execute(
-        "SELECT count(*) FROM vectorsync.queue WHERE embedding = %s" + condition, (name,)
-    ).fetchone()[0]
 
 
 def drain(
@@ -265,13 +191,11 @@ def drain(
     while True:
         result = process_batch(conn, emb, cache, settings, batch_size)
         if result is None:
-            remaining = conn.execute(
-                "SELECT min(not_before) - now() FROM vectorsync.queue WHERE embedding = %s", (emb.name,)
-            ).fetchone()[0]
+            remaining = queue.seconds_until_ready(conn, emb.name)
             conn.commit()
             if remaining is None:
                 return total
-            time.sleep(min(max(remaining.total_seconds(), 0.05), 5.0))
+            time.sleep(min(max(remaining, 0.05), 5.0))
             continue
         for name in ("claimed", "embedded", "unchanged", "failed", "retried", "deleted", "seconds"):
             setattr(total, name, getattr(total, name) + getattr(result, name))
@@ -360,7 +284,7 @@ class Worker:
         try:
             conn = self._conn = connect(self.url, autocommit=True)
             listener = connect(self.url, autocommit=True, vector=False)
-            listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+            queue.listen(listener)
             embeddings = [load(conn, s) for s in self.specs]
             self._heartbeat(conn, "running")
             if self._lost_since is not None:
@@ -391,19 +315,14 @@ class Worker:
 
     def _backfill(self, conn: psycopg.Connection, emb: Embedding) -> None:
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('vectorsync.backfill:' || %s, 0))", (emb.name,))
-            queued = enqueue_backfill(conn, emb, current_version(conn, emb.name))
+            queue.lock_backfill(conn, emb.name)
+            queued = queue.enqueue_backfill(conn, emb, current_version(conn, emb.name))
         if queued:
             log.info("worker %s queued %d row(s) of %s that changed while no worker ran", self.id, queued, emb.name)
 
     def _next_retry(self, conn: psycopg.Connection) -> float | None:
         """Seconds until the earliest item in retry backoff becomes claimable, if any."""
-        row = conn.execute(
-            "SELECT extract(epoch FROM min(not_before) - now()) FROM vectorsync.queue "
-            "WHERE embedding = ANY(%s) AND not_before > now()",
-            ([s.name for s in self.specs],),
-        ).fetchone()
-        return None if row[0] is None else max(float(row[0]), 0.01)
+        return queue.next_retry(conn, [s.name for s in self.specs])
 
     def _wait(self, listener: psycopg.Connection, retry_in: float | None = None) -> None:
         """Sleep until a NOTIFY (then linger max_wait to fill the batch), a retry is due, a poll
@@ -441,7 +360,7 @@ class Worker:
             (self.id, socket.gethostname(), os.getpid(), [s.name for s in self.specs], status),
         )
         if self.metrics is not None:
-            self.metrics.queue({s.name: queue_depth(conn, s.name) for s in self.specs})  # type: ignore[attr-defined]
+            self.metrics.queue({s.name: queue.queue_depth(conn, s.name) for s in self.specs})  # type: ignore[attr-defined]
 
     def _mark_stopped(self) -> None:
         """Best effort, bounded: a database that is down must not hold up the shutdown."""

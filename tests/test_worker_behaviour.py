@@ -27,8 +27,9 @@ from tests.worker_support import (
     worker_totals,
 )
 from vectorsync.sync.catalog import load
+from vectorsync.sync.queue import enqueue_backfill
 from vectorsync.sync.spec import load_config
-from vectorsync.sync.worker import Worker, enqueue_backfill
+from vectorsync.sync.worker import Worker
 
 
 @contextmanager

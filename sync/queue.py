@@ -1,0 +1,220 @@
+"""Every statement on ``vectorsync.queue``, ``vectorsync.failed``, ``vectorsync.errors`` and
+``vectorsync.runs``, and the one NOTIFY channel.
+
+Workers, the one-pass sync, training, graph runs and the CLI call these small functions instead of
+writing queue SQL of their own, so the queue's rules (claim order, advisory locks, backoff, what
+counts as failed) live in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from vectorsync.sync.catalog import Embedding
+
+log = logging.getLogger(__name__)
+
+#: The NOTIFY channel the capture triggers and every enqueue signal on (payload: embedding name).
+CHANNEL = "vectorsync"
+
+_CLAIM = """
+WITH candidates AS (
+    SELECT id, key, attempts FROM vectorsync.queue
+    WHERE embedding = %(name)s AND not_before <= now()
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+SELECT id, key, attempts FROM candidates
+WHERE pg_try_advisory_xact_lock(hashtextextended(%(name)s || ':' || key, 0))
+"""
+
+
+def notify(conn: psycopg.Connection, name: str) -> None:
+    """Wake the workers serving embedding ``name``."""
+    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
+
+
+def listen(conn: psycopg.Connection) -> None:
+    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+
+
+def claim(conn: psycopg.Connection, name: str, limit: int) -> list[tuple[int, str, int]]:
+    """Claim up to ``limit`` ready items as (id, key, attempts); call inside the batch's transaction.
+
+    ``FOR UPDATE SKIP LOCKED`` lets workers share the queue; the per-key advisory lock keeps two
+    workers from embedding the same key at once when it is queued twice.
+    """
+    return conn.execute(_CLAIM, {"name": name, "limit": limit}).fetchall()
+
+
+def delete_claimed(conn: psycopg.Connection, ids: Sequence[int]) -> None:
+    conn.execute("DELETE FROM vectorsync.queue WHERE id = ANY(%s)", (list(ids),))
+
+
+def forget_failed(conn: psycopg.Connection, name: str, keys: Sequence[str]) -> None:
+    """Drop failed items whose keys have now embedded, however they were re-queued."""
+    if keys:
+        conn.execute("DELETE FROM vectorsync.failed WHERE embedding = %s AND key = ANY(%s)", (name, list(keys)))
+
+
+def record_attempt(
+    conn: psycopg.Connection, name: str, key: str, column: str | None, message: str, attempt: int
+) -> None:
+    """Log one failed attempt in ``vectorsync.errors``."""
+    conn.execute(
+        "INSERT INTO vectorsync.errors (embedding, key, column_name, error, attempt) VALUES (%s, %s, %s, %s, %s)",
+        (name, key, column, message, attempt),
+    )
+
+
+def move_to_failed(
+    conn: psycopg.Connection, name: str, key: str, column: str | None, message: str, attempts: int, ids: Sequence[int]
+) -> None:
+    """Give up on ``key``: record it in ``vectorsync.failed`` and delete its claimed queue rows."""
+    conn.execute(
+        "INSERT INTO vectorsync.failed (embedding, key, column_name, error, attempts) VALUES (%s, %s, %s, %s, %s) "
+        "ON CONFLICT (embedding, key) DO UPDATE SET column_name = EXCLUDED.column_name, "
+        "error = EXCLUDED.error, attempts = EXCLUDED.attempts, failed_at = now()",
+        (name, key, column, message, attempts),
+    )
+    delete_claimed(conn, ids)
+
+
+def schedule_retry(conn: psycopg.Connection, ids: Sequence[int], attempt: int, message: str, delay: float) -> None:
+    """Keep the claimed rows queued, claimable again after ``delay`` seconds."""
+    conn.execute(
+        "UPDATE vectorsync.queue SET attempts = %s, last_error = %s, "
+        "not_before = now() + make_interval(secs => %s) WHERE id = ANY(%s)",
+        (attempt, message, delay, list(ids)),
+    )
+
+
+def enqueue_keys(conn: psycopg.Connection, name: str, keys: Sequence[str]) -> None:
+    """Queue ``keys`` as they are (duplicates of queued keys included); no NOTIFY."""
+    conn.execute("INSERT INTO vectorsync.queue (embedding, key) SELECT %s, unnest(%s::text[])", (name, list(keys)))
+
+
+def enqueue_backfill(conn: psycopg.Connection, emb: Embedding, version: int | None) -> int:
+    """Queue, in one statement, every row with no vector, an older model version, or changed
+    inputs, unless it is already queued or failed. Returns the number queued."""
+    stale = sql.SQL("t.{key} IS NULL OR t.input_hash IS DISTINCT FROM {hash}").format(
+        key=emb.key, hash=emb.input_hash_expr("s")
+    )
+    if version is not None:
+        stale = stale + sql.SQL(" OR t.model_version <> {}").format(sql.Literal(version))
+    cur = conn.execute(
+        sql.SQL(
+            """
+            INSERT INTO vectorsync.queue (embedding, key)
+            SELECT %(name)s, s.{key}::text FROM {src} s LEFT JOIN {tgt} t ON t.{key} = s.{key}
+            WHERE ({stale})
+              AND NOT EXISTS (SELECT 1 FROM vectorsync.queue q WHERE q.embedding = %(name)s AND q.key = s.{key}::text)
+              AND NOT EXISTS (SELECT 1 FROM vectorsync.failed f WHERE f.embedding = %(name)s AND f.key = s.{key}::text)
+            """
+        ).format(key=emb.key, src=emb.source, tgt=emb.target, stale=stale),
+        {"name": emb.name},
+    )
+    if cur.rowcount:
+        notify(conn, emb.name)
+    return cur.rowcount
+
+
+def lock_backfill(conn: psycopg.Connection, name: str) -> None:
+    """One backfill of an embedding at a time (workers starting together queue each row once)."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('vectorsync.backfill:' || %s, 0))", (name,))
+
+
+def enqueue_older(conn: psycopg.Connection, emb: Embedding, version: int) -> int:
+    """Queue rows stamped with a model version older than ``version``; returns the number queued."""
+    cur = conn.execute(
+        sql.SQL(
+            "INSERT INTO vectorsync.queue (embedding, key) SELECT %s, t.{key}::text FROM {tgt} t "
+            "WHERE t.model_version < %s"
+        ).format(key=emb.key, tgt=emb.target),
+        (emb.name, version),
+    )
+    if cur.rowcount:
+        notify(conn, emb.name)
+    return cur.rowcount
+
+
+def retry_failed(conn: psycopg.Connection, names: Sequence[str]) -> int:
+    """Move the failed items of ``names`` back to the queue; returns how many moved."""
+    cur = conn.execute(
+        "WITH moved AS (DELETE FROM vectorsync.failed WHERE embedding = ANY(%s) RETURNING embedding, key) "
+        "INSERT INTO vectorsync.queue (embedding, key) SELECT embedding, key FROM moved",
+        (list(names),),
+    )
+    for name in names:
+        notify(conn, name)
+    return cur.rowcount
+
+
+def queue_depth(conn: psycopg.Connection, name: str, *, ready_only: bool = False) -> int:
+    condition = " AND not_before <= now()" if ready_only else ""
+    row = conn.execute("SELECT count(*) FROM vectorsync.queue WHERE embedding = %s" + condition, (name,)).fetchone()
+    assert row is not None  # an aggregate always returns one row
+    return int(row[0])
+
+
+def seconds_until_ready(conn: psycopg.Connection, name: str) -> float | None:
+    """Seconds until the embedding's next queued item is claimable (negative: already); None if empty."""
+    row = conn.execute("SELECT min(not_before) - now() FROM vectorsync.queue WHERE embedding = %s", (name,)).fetchone()
+    return None if row is None or row[0] is None else row[0].total_seconds()
+
+
+def next_retry(conn: psycopg.Connection, names: Sequence[str]) -> float | None:
+    """Seconds until the earliest item in retry backoff becomes claimable, if any."""
+    row = conn.execute(
+        "SELECT extract(epoch FROM min(not_before) - now()) FROM vectorsync.queue "
+        "WHERE embedding = ANY(%s) AND not_before > now()",
+        (list(names),),
+    ).fetchone()
+    return None if row is None or row[0] is None else max(float(row[0]), 0.01)
+
+
+def start_run(conn: psycopg.Connection, name: str, kind: str) -> int:
+    """Record the start of a sync or graph run in ``vectorsync.runs``; returns its id."""
+    row = conn.execute(
+        "INSERT INTO vectorsync.runs (embedding, kind) VALUES (%s, %s) RETURNING id", (name, kind)
+    ).fetchone()
+    assert row is not None  # INSERT ... RETURNING of one row
+    return int(row[0])
+
+
+def finish_run(
+    conn: psycopg.Connection,
+    run_id: int,
+    name: str,
+    *,
+    embedded: int,
+    deleted: int,
+    failed: int = 0,
+    unchanged: int = 0,
+    details: dict[str, Any] | None = None,
+) -> None:
+    """Record a run's counts and the embedding's last sync time."""
+    conn.execute(
+        "UPDATE vectorsync.runs SET finished_at = now(), embedded = %s, deleted = %s, failed = %s, unchanged = %s, "
+        "details = %s WHERE id = %s",
+        (embedded, deleted, failed, unchanged, json.dumps(details or {}, default=str), run_id),
+    )
+    conn.execute("UPDATE vectorsync.embeddings SET last_sync = now() WHERE name = %s", (name,))
+
+
+def fail_run(conn: psycopg.Connection, run_id: int, exc: BaseException) -> None:
+    """Record why a run stopped, best effort: the original error is the one that matters."""
+    try:
+        conn.execute(
+            "UPDATE vectorsync.runs SET finished_at = now(), details = %s WHERE id = %s",
+            (json.dumps({"error": str(exc) or type(exc).__name__}), run_id),
+        )
+    except psycopg.Error as record_error:  # e.g. the connection itself broke
+        log.warning("could not record the failure of run %s: %s", run_id, record_error)
