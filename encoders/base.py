@@ -68,6 +68,9 @@ class Encoder(ABC):
         self.dim = dim
         self.columns = list(columns)
         self.params = dict(params or {})
+        #: One entry per training epoch, e.g. ``{"epoch": 1, "loss": 0.12}``; ``fit`` fills it so the
+        #: registry can keep each version's training curve.
+        self.history: list[dict[str, float]] = []
 
     @abstractmethod
     def fit(

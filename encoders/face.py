@@ -330,9 +330,10 @@ class IdentityCNN(ImageEncoderBase):
                 optimiser, max_lr=float(cfg["lr"]), total_steps=max(total, 1), pct_start=0.2
             )
             step, correct, seen, last_loss = 0, 0, 0, float("nan")
-            for _ in range(epochs):
+            self.history = []
+            for epoch in range(epochs):
                 network.train()
-                correct, seen = 0, 0
+                correct, seen, epoch_loss = 0, 0, 0.0
                 for images, labels in self.shuffled(self._labelled(train, classes), generator):
                     if len(images) < 2:  # batch norm needs two samples
                         continue
@@ -349,8 +350,11 @@ class IdentityCNN(ImageEncoderBase):
                     step, last_loss = step + 1, loss.item()
                     correct += int((cosines.argmax(1) == labels).sum())
                     seen += len(labels)
+                    epoch_loss += last_loss * len(labels)
                     if progress is not None:
                         progress(min(step, total), total, {"loss": last_loss})
+                if seen:
+                    self.history.append({"epoch": epoch + 1, "loss": epoch_loss / seen})
             if seen == 0:
                 self.network = None
                 raise ValueError(

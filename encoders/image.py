@@ -337,9 +337,10 @@ class ConvAutoencoder(ImageEncoderBase):
                 optimiser, max_lr=float(cfg["lr"]), total_steps=max(total, 1), pct_start=0.2
             )
             step, images_seen = 0, 0
-            for _ in range(epochs):
+            self.history = []
+            for epoch in range(epochs):
                 network.train()
-                images_seen = 0
+                images_seen, epoch_loss = 0, 0.0
                 for (images,) in self.shuffled(self._images(train), generator):
                     images = images.to(cfg["device"])
                     _, reconstruction = network(images)
@@ -351,8 +352,11 @@ class ConvAutoencoder(ImageEncoderBase):
                         schedule.step()
                     step += 1
                     images_seen += len(images)
+                    epoch_loss += loss.item() * len(images)
                     if progress is not None:
                         progress(min(step, total), total, {"loss": loss.item()})
+                if images_seen:
+                    self.history.append({"epoch": epoch + 1, "loss": epoch_loss / images_seen})
             if images_seen == 0:
                 self.network = None
                 raise ValueError(f"no image in column {self.column!r} could be decoded; nothing to train on")

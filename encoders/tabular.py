@@ -242,8 +242,10 @@ class TabularAutoencoder(Encoder):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
         total, step = epochs * steps_per_epoch, 0
         self.model.train()
-        for _ in range(epochs):
+        self.history = []
+        for epoch in range(epochs):
             order = torch.randperm(len(data), generator=generator)
+            epoch_loss = 0.0
             for start in range(0, len(data), batch_size):
                 x = data[order[start : start + batch_size]]
                 noisy = x + noise * torch.randn(x.shape, generator=generator)
@@ -254,8 +256,10 @@ class TabularAutoencoder(Encoder):
                 optimizer.step()
                 scheduler.step()
                 step += 1
+                epoch_loss += float(loss.detach()) * len(x)
                 if progress and (step % 10 == 0 or step == total):
                     progress(step, total, {"loss": float(loss.detach())})
+            self.history.append({"epoch": epoch + 1, "loss": epoch_loss / len(data)})
         self.model.eval()
         metrics = {"train_reconstruction_mse": self._mse(data), "train_rows": float(len(data))}
         if holdout is not None:

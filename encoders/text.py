@@ -284,8 +284,10 @@ class LSTMTextEncoder(Encoder):
                 optimiser, max_lr=float(cfg["lr"]), total_steps=max(total, 1), pct_start=0.1
             )
             step = 0
-            for _ in range(int(cfg["epochs"])):
+            self.history = []
+            for epoch in range(int(cfg["epochs"])):
                 self.network.train()
+                epoch_loss, batches = 0.0, 0
                 for batch in self._shuffled(train, rng):
                     loss, _ = self._loss(batch, rng)
                     optimiser.zero_grad(set_to_none=True)
@@ -295,8 +297,11 @@ class LSTMTextEncoder(Encoder):
                     if step < total:
                         schedule.step()
                     step += 1
+                    epoch_loss, batches = epoch_loss + loss.item(), batches + 1
                     if progress is not None:
                         progress(step, total, {"loss": loss.item()})
+                if batches:
+                    self.history.append({"epoch": epoch + 1, "loss": epoch_loss / batches})
             self.network.eval()
             metrics = {"vocab_size": float(len(self.vocab))}
             for name, batches in (("train", train), ("holdout", holdout)):

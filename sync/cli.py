@@ -114,6 +114,46 @@ def db_stop(ctx: typer.Context) -> None:
 
 
 @app.command()
+def init(
+    ctx: typer.Context,
+    tables: Annotated[list[str] | None, typer.Argument(help="Tables to look at (default: all).")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Write the proposal without asking.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config file.")] = False,
+    search_dir: Annotated[
+        list[Path] | None,
+        typer.Option("--search-dir", help="Where relative file paths in columns are looked for (default: the "
+                     "config's folder and the current one)."),
+    ] = None,
+) -> None:
+    """Look at the database and propose embeddings (tabular, image, text, graph) as a commented config file."""
+    from vectorsync.sync import introspect
+
+    state = _state(ctx)
+    path = state.config_path
+    if path.exists() and not force:
+        raise SpecError(f"{path} already exists; pass --force to overwrite it or --config to write elsewhere")
+    url = db.resolve_url(state.database_url, None, path)
+    with db.connection(url, autocommit=True) as conn:
+        result = introspect.propose(conn, tables, config_dir=path.resolve().parent, search_dirs=search_dir)
+    table = Table(title="proposed embeddings")
+    for column in ("name", "table", "modality", "columns", "dim", "why"):
+        table.add_column(column)
+    for p in result.proposals:
+        table.add_row(p.name, p.table, p.modality, p.columns, str(p.entry["dim"]), p.why)
+    out.print(table)
+    for name, reason in result.skipped:
+        console.print(f"not proposed: {name} {reason}", highlight=False)
+    if not result.proposals:
+        raise SpecError("found nothing to embed; name the tables to look at, or write vectorsync.toml by hand")
+    text = introspect.render(result, "Proposed by `vectorsync init`; review, edit, then run `vectorsync migrate`.")
+    if not yes and not typer.confirm(f"write {path}?"):
+        console.print("nothing written")
+        raise typer.Exit(1)
+    introspect.write(path, text, force=force)
+    console.print(f"wrote {path}; next: vectorsync migrate && vectorsync train NAME && vectorsync sync")
+
+
+@app.command()
 def migrate(
     ctx: typer.Context,
     downgrade: Annotated[bool, typer.Option("--downgrade", help="Remove everything vectorsync made.")] = False,

@@ -69,15 +69,17 @@ def register_version(
     params: dict[str, Any],
     metrics: dict[str, float] | None = None,
     trained_rows: int | None = None,
+    history: list[dict[str, float]] | None = None,
 ) -> int:
-    """Add the next model version of ``emb`` and make it current; returns its number."""
+    """Add the next model version of ``emb`` and make it current; returns its number. ``history``
+    is the training curve, one ``{"epoch": n, "loss": x}`` per epoch."""
     lock_registry(conn, emb)
     version = conn.execute(
         "SELECT coalesce(max(version), 0) + 1 FROM vectorsync.models WHERE embedding = %s", (emb.name,)
     ).fetchone()[0]
     conn.execute(
         "INSERT INTO vectorsync.models (embedding, version, encoder_type, dim, weights, sha256, metrics, params, "
-        "trained_rows) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "trained_rows, history) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
             emb.name,
             version,
@@ -88,6 +90,7 @@ def register_version(
             json.dumps(metrics or {}),
             json.dumps(params, sort_keys=True, default=str),
             trained_rows,
+            json.dumps(history or []),
         ),
     )
     make_current(conn, emb, version)
@@ -122,6 +125,7 @@ def store(
         params=encoder.params,
         metrics=metrics,
         trained_rows=trained_rows,
+        history=encoder.history,
     )
 
 
