@@ -51,6 +51,7 @@ DLIB_DEFAULTS: dict[str, Any] = {
     "image_size": 150,
     "channels": 3,
     "min_size": 8,
+    "max_pixels": IMAGE_DEFAULTS["max_pixels"],
     "detect_faces": True,
     "label_column": None,
     "num_jitters": 0,  # >0 averages descriptors of jittered chips: slower, slightly more robust
@@ -256,7 +257,13 @@ class IdentityCNN(ImageEncoderBase):
         cfg = self.config
         size, detect = int(cfg["image_size"]), bool(cfg["detect_faces"])
         # A face may fill a small part of a photo: decode large JPEGs at a scale that still crops well.
-        image = cell_image(value, self.column, int(cfg["min_size"]), draft_size=max(640, 4 * size) if detect else size)
+        image = cell_image(
+            value,
+            self.column,
+            int(cfg["min_size"]),
+            draft_size=max(640, 4 * size) if detect else size,
+            max_pixels=int(cfg["max_pixels"]),
+        )
         if detect:
             box = find_face(image)
             if box is None:
@@ -479,7 +486,9 @@ class DlibFaceEncoder(ImageEncoderBase):
         """One cell's 128-d face descriptor; raises ``InputError`` for an unusable cell."""
         cfg = self.config
         max_side = int(cfg["max_side"])
-        image = cell_image(value, self.column, int(cfg["min_size"]), draft_size=max_side)
+        image = cell_image(
+            value, self.column, int(cfg["min_size"]), draft_size=max_side, max_pixels=int(cfg["max_pixels"])
+        )
         image = to_mode(image, 3)
         if max(image.size) > max_side:
             image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)

@@ -27,6 +27,7 @@ IMAGE_DEFAULTS: dict[str, Any] = {
     "image_size": 32,  # the model sees (channels, image_size, image_size)
     "channels": 1,  # 1: greyscale, 3: RGB
     "min_size": 8,  # smaller images (either side, in pixels) are rejected as unusable
+    "max_pixels": 24_000_000,  # larger images (after JPEG draft reduction) are refused before decoding
     "epochs": 20,
     "lr": 3e-3,
     "batch_size": 64,
@@ -45,11 +46,19 @@ _DECODE_BATCH = 256
 _SHUFFLE_BYTES = 256 * 2**20
 
 
-def cell_image(value: Any, column: str, min_size: int = 8, draft_size: int | None = None) -> Image.Image:
+def cell_image(
+    value: Any,
+    column: str,
+    min_size: int = 8,
+    draft_size: int | None = None,
+    max_pixels: int = IMAGE_DEFAULTS["max_pixels"],
+) -> Image.Image:
     """The decoded image in one cell, or ``InputError`` saying why there is none.
 
     ``sync`` hands over the encoded bytes (from a ``bytea`` column or a referenced file) or ``None``
-    (NULL, or a referenced file that could not be read). EXIF orientation is applied.
+    (NULL, or a referenced file that could not be read). EXIF orientation is applied. An image
+    whose header declares more than ``max_pixels`` (after a JPEG's reduced draft decode) is refused
+    before any pixel is decoded, so one cell takes a bounded amount of memory.
     """
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         raise InputError(column, f"no image data in column {column!r} (NULL or unreadable file)")
@@ -69,6 +78,13 @@ def cell_image(value: Any, column: str, min_size: int = 8, draft_size: int | Non
         if draft_size:
             # JPEG decodes at a reduced scale (still at least draft_size a side): large photos load fast.
             image.draft(image.mode, (draft_size, draft_size))
+        if image.size[0] * image.size[1] > max_pixels:
+            width, height = image.size
+            raise InputError(
+                column,
+                f"image in column {column!r} is {width}x{height} px, above max_pixels = {max_pixels}; "
+                "raise max_pixels in the spec to accept it",
+            )
         image.load()
         return ImageOps.exif_transpose(image)
     except InputError:
@@ -88,7 +104,7 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
     """``image`` as greyscale (``channels`` 1) or RGB (3); transparency is flattened onto white."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # Pillow clips wide integer/float pixels to 0..255 on convert; rescale to the image's range.
-        pixels = np.asarray(image, dtype=np.float64)
+        pixels = np.asarray(image, dtype=np.float32)
         low, high = float(pixels.min()), float(pixels.max())
         scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
         image = Image.fromarray(scaled.round().astype(np.uint8))
@@ -130,6 +146,7 @@ class ImageEncoderBase(Encoder):
     recorded, shuffled streaming of training batches."""
 
     config: dict[str, Any]
+    runtime_params = ("max_pixels",)
 
     def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
         super().__init__(dim, columns, params)
@@ -141,7 +158,7 @@ class ImageEncoderBase(Encoder):
         """One cell as the model's input array; raises ``InputError`` for an unusable cell."""
         cfg = self.config
         size = int(cfg["image_size"])
-        image = cell_image(value, self.column, int(cfg["min_size"]), draft_size=size)
+        image = cell_image(value, self.column, int(cfg["min_size"]), draft_size=size, max_pixels=int(cfg["max_pixels"]))
         return to_array(image, size, int(cfg["channels"]))
 
     def load_column(self, batch: pd.DataFrame) -> tuple[np.ndarray, list[int], dict[int, InputError]]:
@@ -192,7 +209,8 @@ class ImageEncoderBase(Encoder):
         return {"config": dict(self.config), "weights": weights}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.config = {**self.defaults, **state["config"]}
+        runtime = {k: self.params[k] for k in self.runtime_params if k in self.params}
+        self.config = {**self.defaults, **state["config"], **runtime}
         network = self._build()
         network.load_state_dict(state["weights"])
         self.network = network.eval()

@@ -170,6 +170,12 @@ def migrate(
         dropped = schema.downgrade(state.url)
         console.print(f"removed vectorsync's schema and {len(dropped)} embedding table(s); your tables are untouched")
         return
+    for spec in state.config.embeddings:
+        if getattr(spec, "allow_any_path", False):
+            console.print(
+                f"[yellow]warning:[/] embedding {spec.name!r} sets allow_any_path = true: its workers read any file "
+                "a row names that they can read (e.g. /etc/passwd); set base_dir instead unless you trust every writer"
+            )
     report = schema.upgrade(state.url, state.config, recreate=recreate)
     changed = "up to date" if report.revision_before == report.revision_after else f"-> {report.revision_after}"
     console.print(f"schema {changed}; embeddings: {', '.join(report.embeddings) or 'none'}")

@@ -31,7 +31,9 @@ class UnusableModel(NoModel):
 def encoder_params(spec: EmbeddingSpec) -> dict[str, Any]:
     """The encoder's parameters: the spec's ``encoder`` table plus the modality's own fields."""
     params: dict[str, Any] = dict(spec.encoder.params)  # the seed goes to fit(), not here
-    for field in ("image_size", "channels", "detect_faces", "label_column", "encoding", "max_tokens", "long_text"):
+    for field in (
+        "image_size", "channels", "max_pixels", "detect_faces", "label_column", "encoding", "max_tokens", "long_text"
+    ):
         if hasattr(spec, field):
             params[field] = getattr(spec, field)
     return params

@@ -1,14 +1,18 @@
 """The read path: fetch source rows by key (or stream them for training), resolve references.
 
 A reference is a file path relative to the spec's ``base_dir`` or a ``file://`` URI. Image
-references resolve to the file's bytes; text references to its decoded content. A reference that
-cannot be resolved becomes an ``InputError`` for that row only.
+references resolve to the file's bytes; text references to its decoded content. Only regular files
+inside ``base_dir`` (anywhere only with ``allow_any_path``), within a size limit and a read timeout,
+are read. A reference that cannot be resolved becomes an ``InputError`` for that row only.
 """
 
 from __future__ import annotations
 
 import codecs
+import os
+import stat
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -18,7 +22,7 @@ from psycopg import sql
 
 from vectorsync.encoders.base import InputError
 from vectorsync.sync.catalog import Embedding
-from vectorsync.sync.spec import SpecError, TextSpec
+from vectorsync.sync.spec import MediaSpec, SpecError, TextSpec
 
 KEY = "__key__"
 HASH = "__input_hash__"
@@ -128,46 +132,72 @@ def count_stale(conn: psycopg.Connection, emb: Embedding, version: int) -> int:
 
 
 def resolve_references(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputError]:
-    """Replace reference values by file contents in place; return failures by row position."""
+    """Replace reference values by file contents in place; return failures by row position.
+
+    Files are read in a small thread pool, each within the spec's ``read_timeout_seconds``: a read
+    that hangs (a stale network mount) fails its own row, and the batch goes on. Any error reading
+    one row, MemoryError included, fails that row only.
+    """
     spec = emb.spec
     column = getattr(spec, "path_column", None)
     if column is None:
         return {}
-    confined = getattr(spec, "base_dir", None) is not None
-    base = Path(getattr(spec, "base_dir", None) or ".").expanduser().resolve()
+    assert isinstance(spec, MediaSpec)
     is_text = isinstance(spec, TextSpec)
     if is_text:
         try:
-            codecs.lookup(spec.encoding)  # type: ignore[attr-defined]
+            codecs.lookup(spec.encoding)
         except LookupError:  # a spec error, not a per-row one: every file would fail the same way
             raise SpecError(
-                f"embedding {spec.name!r}: unknown text encoding {spec.encoding!r}; fix 'encoding' in the spec"  # type: ignore[attr-defined]
+                f"embedding {spec.name!r}: unknown text encoding {spec.encoding!r}; fix 'encoding' in the spec"
             ) from None
     failures: dict[int, InputError] = {}
     values: list[object] = []
-    for position, reference in enumerate(frame[column].tolist()):
+    references = frame[column].tolist()
+    pending = [_READERS.submit(_read_reference, reference, spec) for reference in references]
+    for position, (reference, future) in enumerate(zip(references, pending, strict=True)):
         try:
-            data = _read_reference(reference, base, confined)
-            values.append(data.decode(spec.encoding) if is_text else data)  # type: ignore[attr-defined]
+            data = future.result(timeout=spec.read_timeout_seconds)
+            values.append(data.decode(spec.encoding) if isinstance(spec, TextSpec) else data)
+        except TimeoutError:
+            future.cancel()
+            failures[position] = InputError(
+                column, f"reading {reference!r} took longer than read_timeout_seconds = {spec.read_timeout_seconds}"
+            )
+            values.append(None)
         except UnicodeDecodeError as exc:
-            failures[position] = InputError(column, f"file {reference!r} is not valid {spec.encoding}: {exc.reason}")  # type: ignore[attr-defined]
+            failures[position] = InputError(column, f"file {reference!r} is not valid {spec.encoding}: {exc.reason}")  # type: ignore[attr-defined]  # only text specs decode
             values.append(None)
         except InputError as exc:
             exc.column = column
             failures[position] = exc
             values.append(None)
+        except Exception as exc:  # whatever one reference does (MemoryError too), only its row fails
+            failures[position] = InputError(column, f"cannot read reference {reference!r}: {type(exc).__name__}: {exc}")
+            values.append(None)
     frame[column] = pd.Series(values, index=frame.index, dtype=object)
     return failures
 
 
-def _read_reference(reference: object, base: Path, confined: bool) -> bytes:
-    """The bytes a reference points to. A relative path must stay inside ``base``; with
-    ``confined`` (the spec sets ``base_dir``) absolute paths and ``file://`` URIs must too."""
+#: Reads referenced files off the worker's thread, so a read that never returns cannot hold it.
+_READERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vectorsync-read")
+
+
+def reference_path(reference: object, spec: MediaSpec) -> Path:
+    """The file a reference names, checked against the spec's ``base_dir`` / ``allow_any_path``.
+
+    A relative path is taken relative to ``base_dir`` and must stay inside it ('..' and symlinks
+    are resolved first); absolute paths and ``file://`` URIs must lie inside it too unless
+    ``allow_any_path`` is set.
+    """
     if reference is None or (isinstance(reference, float) and pd.isna(reference)) or str(reference).strip() == "":
         raise InputError(None, "the reference is empty")
     text = str(reference)
     if "://" in text:
-        parsed = urlparse(text)
+        try:
+            parsed = urlparse(text)
+        except ValueError as exc:  # e.g. 'file://[abc/x': Invalid IPv6 URL
+            raise InputError(None, f"reference {text!r} is not a valid URI: {exc}") from None
         if parsed.scheme != "file":
             raise InputError(None, f"unsupported URI scheme {parsed.scheme!r} in {text!r} (use a path or file://)")
         if parsed.netloc not in ("", "localhost"):
@@ -175,15 +205,58 @@ def _read_reference(reference: object, base: Path, confined: bool) -> bytes:
         path = Path(unquote(parsed.path))
     else:
         path = Path(text)
-    if not path.is_absolute() or confined:
-        path = (base / path).resolve()  # an absolute path stays itself; '..' and symlinks are resolved
-        if base not in path.parents:
-            raise InputError(None, f"reference {text!r} points outside base_dir {str(base)!r}")
+    if "\x00" in str(path):
+        raise InputError(None, f"reference {text!r} contains a NUL byte")
+    if spec.base_dir is None:
+        if not path.is_absolute():
+            raise InputError(None, f"relative reference {text!r} needs base_dir in the spec")
+        return path.resolve()
+    base = Path(spec.base_dir).expanduser().resolve()
+    resolved = (base / path).resolve()  # an absolute path stays itself; '..' and symlinks are resolved
+    if base not in resolved.parents and not spec.allow_any_path:
+        raise InputError(None, f"reference {text!r} points outside base_dir {str(base)!r}")
+    return resolved
+
+
+def _read_reference(reference: object, spec: MediaSpec) -> bytes:
+    """The bytes of the regular file a reference points to, at most ``max_file_bytes``.
+
+    The file is opened without blocking and checked with fstat before anything is read: a FIFO,
+    a device (``/dev/zero``), a socket or a directory is refused, as is a file (sparse or not)
+    larger than the limit; files that report no size (``/proc``) are read up to the limit only.
+    """
+    path = reference_path(reference, spec)
+    limit = spec.max_file_bytes
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise InputError(None, f"file not found: {str(path)!r}") from None
-    except IsADirectoryError:
-        raise InputError(None, f"reference is a directory, not a file: {str(path)!r}") from None
     except OSError as exc:
-        raise InputError(None, f"cannot read {str(path)!r}: {exc.strerror}") from None
+        raise InputError(None, f"cannot open {str(path)!r}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise InputError(None, f"reference is a directory, not a file: {str(path)!r}")
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(None, f"reference {str(path)!r} is not a regular file (a FIFO, device or socket)")
+        if info.st_size > limit:
+            raise InputError(
+                None, f"file {str(path)!r} is {info.st_size} bytes, above max_file_bytes = {limit} for this embedding"
+            )
+        handle = os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    chunks: list[bytes] = []
+    size = 0
+    with handle:
+        try:
+            while size <= limit and (chunk := handle.read(limit + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+        except OSError as exc:
+            raise InputError(None, f"cannot read {str(path)!r}: {exc.strerror}") from None
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise InputError(None, f"file {str(path)!r} is larger than max_file_bytes = {limit} for this embedding")
+    return data

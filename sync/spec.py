@@ -148,18 +148,28 @@ class TabularSpec(EmbeddingSpec):
         return list(self.columns)
 
 
-class _MediaSpec(EmbeddingSpec):
+class MediaSpec(EmbeddingSpec):
     """An input held in the row (``column``) or referenced by a path/``file://`` URI
-    (``path_column`` resolved against ``base_dir``)."""
+    (``path_column`` resolved against ``base_dir``, outside which nothing is read unless
+    ``allow_any_path``). Only regular files up to ``max_file_bytes`` are read, each within
+    ``read_timeout_seconds``."""
 
     column: str | None = None
     path_column: str | None = None
     base_dir: str | None = None
+    allow_any_path: bool = False
+    max_file_bytes: int = Field(64 * 2**20, ge=1)
+    read_timeout_seconds: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
-    def _one_input(self) -> _MediaSpec:
+    def _one_input(self) -> MediaSpec:
         if (self.column is None) == (self.path_column is None):
             raise ValueError("set exactly one of 'column' (data in the row) or 'path_column'")
+        if self.path_column is not None and self.base_dir is None and not self.allow_any_path:
+            raise ValueError(
+                "'path_column' needs 'base_dir' (the folder references are read from, relative to the config "
+                "file); to read any file the worker can read, set allow_any_path = true"
+            )
         return self
 
     @property
@@ -167,10 +177,11 @@ class _MediaSpec(EmbeddingSpec):
         return self.column or self.path_column  # type: ignore[return-value]
 
 
-class ImageSpec(_MediaSpec):
+class ImageSpec(MediaSpec):
     modality: Literal["image"]
     image_size: int = Field(32, ge=8, le=1024)
     channels: Literal[1, 3] = 1
+    max_pixels: int = Field(24_000_000, ge=64)
 
     @property
     def input_columns(self) -> list[str]:
@@ -189,8 +200,9 @@ class FaceSpec(ImageSpec):
         return self
 
 
-class TextSpec(_MediaSpec):
+class TextSpec(MediaSpec):
     modality: Literal["text"]
+    max_file_bytes: int = Field(16 * 2**20, ge=1)
     encoding: str = "utf-8"
     max_tokens: int = Field(256, ge=1)
     long_text: Literal["truncate", "chunk"] = "truncate"
