@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from vectorsync.errors import InputError, ModelError
+
 #: Yields the training data as DataFrame chunks; called once per epoch so data can be streamed.
 Batches = Callable[[], Iterator[pd.DataFrame]]
 #: Reports training progress: (step, total_steps, metrics such as {"loss": 0.12}).
@@ -35,17 +37,8 @@ _META_KEY = "vectorsync"
 _TENSOR = "__tensor__"
 
 
-class ModelFormatError(ValueError):
+class ModelFormatError(ModelError, ValueError):
     """Stored model bytes are not a model in vectorsync's safe format (old pickle, damaged, crafted)."""
-
-
-class InputError(ValueError):
-    """One input item cannot be encoded; names the column and says why."""
-
-    def __init__(self, column: str | None, message: str) -> None:
-        super().__init__(message)
-        self.column = column
-        self.message = message
 
 
 @dataclass

@@ -30,6 +30,7 @@ from vectorsync.encoders.image import (
     to_array,
     to_mode,
 )
+from vectorsync.errors import MissingExtraError, ModelFileError
 
 #: Parameters of the identity CNN; a spec may override any of them under ``[encoder]``.
 IDENTITY_CNN_DEFAULTS: dict[str, Any] = {
@@ -59,7 +60,6 @@ DLIB_DEFAULTS: dict[str, Any] = {
     "seed": 0,  # accepted for a uniform interface; nothing here is random
 }
 
-_INSTALL_HINT = "install the extra: pip install 'vectorsync[faces]'"
 # The detector scans the image at this working size (longer side): its 24 px window then misses faces
 # under ~1/8 of the longer side. Measured on skimage's lfw_subset, astronaut, coins and camera:
 # 95% of faces found, 1% of non-faces, no false face in the three photos, ~5 ms a small image.
@@ -79,7 +79,7 @@ def _cascade() -> Any:
         from skimage.data import lbp_frontal_face_cascade_filename
         from skimage.feature import Cascade
     except ImportError:
-        raise ImportError(f"face detection needs the scikit-image package; {_INSTALL_HINT}") from None
+        raise MissingExtraError("face detection", "faces", "scikit-image") from None
     return Cascade(lbp_frontal_face_cascade_filename())
 
 
@@ -317,7 +317,8 @@ class IdentityCNN(ImageEncoderBase):
             raise ValueError("the identity_cnn encoder trains on identities: set 'label_column' in the spec")
         identities, rows = self._identities(train)
         if len(identities) < 2:
-            raise ValueError(
+            raise InputError(
+                self.column,
                 f"the identity_cnn encoder needs faces of at least 2 identities in {cfg['label_column']!r}, "
                 f"found {len(identities)}"
             )
@@ -364,7 +365,8 @@ class IdentityCNN(ImageEncoderBase):
                     self.history.append({"epoch": epoch + 1, "loss": epoch_loss / seen})
             if seen == 0:
                 self.network = None
-                raise ValueError(
+                raise InputError(
+                    self.column,
                     f"no usable face in column {self.column!r} (none decoded or detected); nothing to train on"
                 )
             network.eval()
@@ -431,17 +433,20 @@ def _dlib_models() -> tuple[Any, Any, Any, Any]:
     try:
         import dlib
     except ImportError:
-        raise ImportError(f"the dlib face encoder needs the dlib package (dlib-bin); {_INSTALL_HINT}") from None
+        raise MissingExtraError("the dlib face encoder", "faces", "dlib-bin") from None
     # Located without importing: face_recognition_models' __init__ needs pkg_resources (setuptools < 81).
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"the dlib face encoder needs the face_recognition_models package; {_INSTALL_HINT}")
+        raise MissingExtraError("the dlib face encoder", "faces", "face_recognition_models")
     models = os.path.join(next(iter(spec.submodule_search_locations)), "models")
     landmarks = os.path.join(models, "shape_predictor_5_face_landmarks.dat")
     resnet = os.path.join(models, "dlib_face_recognition_resnet_model_v1.dat")
     for path in (landmarks, resnet):
         if not os.path.exists(path):
-            raise ImportError(f"face_recognition_models lacks {os.path.basename(path)}; reinstall it: {_INSTALL_HINT}")
+            raise ModelFileError(
+                f"face_recognition_models lacks {os.path.basename(path)}; "
+                "reinstall it: pip install --force-reinstall face_recognition_models"
+            )
     return (
         dlib,
         dlib.get_frontal_face_detector(),

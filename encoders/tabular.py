@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vectorsync.encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, torch_threads
+from vectorsync.errors import ModelError
 
 MAX_CATEGORIES = 50
 
@@ -232,7 +233,7 @@ class TabularAutoencoder(Encoder):
         self._fit_preprocessing(train)
         data = torch.from_numpy(self._matrix(train))
         if len(data) == 0:
-            raise ValueError("no usable training rows (every row had invalid values)")
+            raise InputError(None, "no usable training rows (every row had invalid values)")
         self.model = _Autoencoder(self.pre.width, self.dim, self._hidden(self.pre.width))
         batch_size = int(self.params.get("batch_size", 256))
         steps_per_epoch = math.ceil(len(data) / batch_size)
@@ -277,7 +278,7 @@ class TabularAutoencoder(Encoder):
 
     def encode(self, batch: pd.DataFrame) -> EncodeResult:
         if self.model is None:
-            raise RuntimeError("the tabular autoencoder is not trained; run `vectorsync train` first")
+            raise ModelError("the tabular autoencoder is not trained; run `vectorsync train` first")
         missing = [c for c in self.columns if c not in batch.columns]
         if missing:
             raise ValueError(f"input columns missing from the batch: {', '.join(missing)}")

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from vectorsync.encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, check_finite
+from vectorsync.errors import ModelError
 
 PAD, UNK = "<pad>", "<unk>"
 _TOKEN = re.compile(r"\w+(?:['\u2019]\w+)*|[^\w\s]")  # words (with ' or \u2019 inside) and punctuation
@@ -269,7 +270,7 @@ class LSTMTextEncoder(Encoder):
         cfg = self.config
         pieces = self._build_vocab(self._training_texts(train))
         if pieces == 0:
-            raise ValueError(f"column {self.column!r} has no non-empty text to train the lstm encoder on")
+            raise InputError(self.column, f"column {self.column!r} has no non-empty text to train the lstm encoder on")
         steps_per_epoch = math.ceil(pieces / int(cfg["batch_size"]))
         total = steps_per_epoch * int(cfg["epochs"])
         rng = random.Random(seed)
@@ -383,7 +384,7 @@ class LSTMTextEncoder(Encoder):
 
     def encode(self, batch: pd.DataFrame) -> EncodeResult:
         if self.network is None:
-            raise RuntimeError("the lstm text encoder is not trained yet; run fit() or load a trained model")
+            raise ModelError("the lstm text encoder is not trained yet; run fit() or load a trained model")
         texts, failures = texts_of(batch, self.column, self.config["encoding"])
         owners: list[int] = []
         pieces: list[list[int]] = []
@@ -414,7 +415,7 @@ class LSTMTextEncoder(Encoder):
 
     def get_state(self) -> dict[str, Any]:
         if self.network is None:
-            raise RuntimeError("the lstm text encoder is not trained yet; nothing to save")
+            raise ModelError("the lstm text encoder is not trained yet; nothing to save")
         weights = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
         return {"vocab": list(self.vocab), "config": dict(self.config), "weights": weights}
 

@@ -20,6 +20,8 @@ from typing import Any
 from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
 
+from vectorsync.errors import DatabaseError
+
 OPCLASS = {"cosine": "vector_cosine_ops", "l2": "vector_l2_ops", "inner_product": "vector_ip_ops"}
 TRIGGER_EVENTS = {
     "insert": "AFTER INSERT ON {table} REFERENCING NEW TABLE AS vs_new FOR EACH STATEMENT",
@@ -33,7 +35,7 @@ TRIGGER_EVENTS = {
 MANAGED_COMMENT = "vectorsync: embeddings of"
 
 
-class SchemaChangeError(RuntimeError):
+class SchemaChangeError(DatabaseError):
     """The database does not match what the embedding needs and vectorsync will not guess."""
 
 

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from vectorsync.errors import DatabaseError
 from vectorsync.sync.spec import EmbeddingSpec
 
 
-class NotMigrated(RuntimeError):
+class NotMigrated(DatabaseError):
     """The embedding has no schema yet."""
 
 

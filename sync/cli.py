@@ -2,7 +2,8 @@
 
 Every command reads the config (``--config``, default ``./vectorsync.toml``) and connects by the
 precedence ``--database-url`` > ``VECTORSYNC_DATABASE_URL`` > ``[database] url`` > the embedded
-PostgreSQL. Expected failures print one line and exit 1; they never print a traceback.
+PostgreSQL. Expected failures (a ``VectorsyncError``) print one line and a hint and exit 1; any
+other exception is a bug: a one-line hint, or its traceback with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -22,17 +23,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import vectorsync
+from vectorsync.errors import InputError, SpecError, VectorsyncError
 from vectorsync.sync import db, queue
-from vectorsync.sync.spec import Config, SpecError, load_config
+from vectorsync.sync.spec import Config, load_config
 
 app = typer.Typer(
     help="Keep vector embeddings of your PostgreSQL tables in sync, in pgvector columns.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # click's plain help: typer's rich panels label on/off flags "<bool>" as if they took a value
+    rich_markup_mode=None,
 )
 console = Console(stderr=True)
 out = Console()
+#: Set by ``--verbose``; read when an unexpected exception reaches ``main_entry``.
+_verbose = False
 
 
 @dataclass
@@ -63,6 +70,12 @@ def _state(ctx: typer.Context) -> State:
     return ctx.obj
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"vectorsync {vectorsync.__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
@@ -73,13 +86,21 @@ def main(
         str | None,
         typer.Option("--database-url", help="PostgreSQL URL; overrides VECTORSYNC_DATABASE_URL and the config."),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log more; show the traceback of an unexpected error.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     """vectorsync: embeddings of rows, images, faces, text and graphs, kept in sync in pgvector.
 
     Without a database URL it runs an embedded PostgreSQL + pgvector in .vectorsync/ beside the
     config file (or VECTORSYNC_DATA_DIR).
     """
+    global _verbose
+    _verbose = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -309,6 +330,11 @@ def search(
             rows = conn.execute("SELECT key, distance FROM vectorsync.nearest(%s, %s, %s)", (name, key, k)).fetchall()
         except psycopg.errors.RaiseException as exc:
             raise SpecError(str(exc.diag.message_primary).removeprefix("vectorsync: ")) from None
+        except psycopg.errors.DataError as exc:
+            # the key does not convert to the source key's type (e.g. "abc" for an integer key)
+            raise InputError(
+                "key", f"key {key!r} does not fit embedding {name!r}'s key column: {exc.diag.message_primary}"
+            ) from None
     result = [{"key": r[0], "distance": r[1]} for r in rows]
     if as_json:
         out.print(json.dumps(result), highlight=False, soft_wrap=True)
@@ -393,32 +419,34 @@ def demo(
     run_demo(state, k=k, console=out, progress=_progress)
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from vectorsync.migrations.operations import SchemaChangeError
-    from vectorsync.sync.catalog import NotMigrated
-    from vectorsync.sync.models import NoModel
-    from vectorsync.sync.neo4j_bridge import BridgeError
-    from vectorsync.sync.schema import SpecMismatch
-
-    return (SpecError, db.DatabaseError, SpecMismatch, SchemaChangeError, NotMigrated, NoModel, BridgeError, ValueError)
-
-
 def main_entry(argv: list[str] | None = None) -> int:
-    """Run the CLI; expected failures become one line on stderr and exit status 1."""
+    """Run the CLI. A ``VectorsyncError`` is expected: its message (and hint) on stderr, exit 1.
+    Anything else is a bug: a one-line hint, or the traceback with ``--verbose``; exit 2."""
+    global _verbose
+    _verbose = False
     try:
         app(args=argv, prog_name="vectorsync")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except _known_errors() as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        return 1
-    except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        console.print(f"[red]error:[/red] database connection failed: {reason}", highlight=False)
+    except VectorsyncError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            console.print(f"hint: {exc.hint}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
+    except Exception as exc:
+        if _verbose:
+            console.print_exception()
+        else:
+            console.print(
+                f"[red]unexpected error:[/red] {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            console.print("hint: this is a bug in vectorsync; rerun with --verbose and report it", soft_wrap=True)
+        return 2
     return 0
 
 

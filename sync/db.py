@@ -12,14 +12,12 @@ from pathlib import Path
 import psycopg
 from pgvector.psycopg import register_vector
 
+from vectorsync.errors import DatabaseError
+
 log = logging.getLogger(__name__)
 
 ENV_URL = "VECTORSYNC_DATABASE_URL"
 ENV_DATA_DIR = "VECTORSYNC_DATA_DIR"
-
-
-class DatabaseError(RuntimeError):
-    """The database cannot be used; the message says why and what to do, in one sentence."""
 
 
 def data_dir(config_path: str | Path | None) -> Path:
@@ -43,8 +41,8 @@ def embedded_url(directory: Path) -> str:
             # back to a private folder, which is fine for pgserver's lock file
             warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
             import pgserver
-    except ImportError as exc:  # pragma: no cover - pgserver is a hard dependency
-        raise DatabaseError("the embedded database needs the 'pgserver' package: pip install pgserver") from exc
+    except ImportError:  # pragma: no cover - pgserver is a hard dependency
+        raise DatabaseError("the embedded database needs the 'pgserver' package: pip install pgserver") from None
     directory.mkdir(parents=True, exist_ok=True)
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     server = pgserver.get_server(directory / "pgdata", cleanup_mode=None)
@@ -75,9 +73,14 @@ def connect(url: str, *, autocommit: bool = False, vector: bool = True) -> psyco
     """Open a connection with pgvector's types registered; one clear error when it fails."""
     try:
         conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
+    except psycopg.ProgrammingError as exc:
+        # libpq refuses the URL itself before trying to connect
+        raise DatabaseError(
+            f"the database URL {redact(url)!r} is malformed: {_one_line(exc)}",
+            hint="write it as postgresql://user:password@host:port/dbname",
+        ) from None
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise DatabaseError(f"cannot connect to the database at {redact(url)}: {reason}") from None
+        raise DatabaseError(f"cannot connect to the database at {redact(url)}: {_one_line(exc)}") from None
     if vector:
         try:
             register_vector(conn)
@@ -117,6 +120,11 @@ def ensure_vector_extension(conn: psycopg.Connection) -> None:
                 "ask a superuser to run: CREATE EXTENSION vector"
             ) from None
     register_vector(conn)
+
+
+def _one_line(exc: BaseException) -> str:
+    """libpq's message, whose lines and tab indents become single spaces."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def redact(url: str) -> str:

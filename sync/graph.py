@@ -36,6 +36,7 @@ import psycopg
 from psycopg import sql
 
 from vectorsync.encoders.fastrp import fastrp, node_keys
+from vectorsync.errors import InputError
 from vectorsync.sync import models, queue, sink
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.neo4j_bridge import BridgeError, stream_embeddings
@@ -182,7 +183,7 @@ def _native(conn: psycopg.Connection, emb: Embedding, advance: Advance) -> tuple
             random_seed=spec.graph.random_seed,
         )
     except ValueError as exc:
-        raise ValueError(f"embedding {emb.name!r}: {exc}") from None
+        raise InputError(None, f"embedding {emb.name!r}: {exc}") from None
     timings["compute_seconds"] = time.perf_counter() - clock
     clock = time.perf_counter()
     with conn.transaction():
@@ -238,7 +239,9 @@ def _column_type(conn: psycopg.Connection, emb: Embedding, column: str) -> str:
         (emb.source.as_string(conn), column),
     ).fetchone()
     if row is None:
-        raise ValueError(f"embedding {emb.name!r}: feature column {column!r} not found in table {emb.source_table!r}")
+        raise InputError(
+            column, f"embedding {emb.name!r}: feature column {column!r} not found in table {emb.source_table!r}"
+        )
     return row[0]
 
 
@@ -283,7 +286,8 @@ def read_graph(conn: psycopg.Connection, emb: Embedding, graph: GraphSpec) -> _G
                 _report_dangling(conn, emb, edges, graph, edge_rows, skipped)
     except psycopg.errors.UndefinedFunction as exc:  # e.g. text edge columns against integer node keys
         message = str(exc).strip().splitlines()[0]
-        raise ValueError(
+        raise InputError(
+            None,
             f"embedding {emb.name!r}: the edge columns of {graph.edges!r} cannot be compared with the node keys "
             f"({emb.key_column}, {emb.key_type}): {message}; give them the same type"
         ) from None
@@ -319,7 +323,8 @@ def _check_unique(emb: Embedding, keys: list[str]) -> None:
     duplicated = pd.Series(keys).duplicated()
     if duplicated.any():
         example = keys[int(np.flatnonzero(duplicated.to_numpy())[0])]
-        raise ValueError(
+        raise InputError(
+            None,
             f"embedding {emb.name!r}: key {example!r} appears more than once in {emb.source_table!r}; "
             f"{emb.key_column!r} must be unique"
         )
@@ -380,7 +385,8 @@ def _report_dangling(
     column, example = (graph.source_column, source_example) if bad_source else (graph.target_column, target_example)
     where = f"{column!r} value {example!r} in edge table {graph.edges!r} is not a key of {emb.source_table!r}"
     if skipped == total:
-        raise ValueError(
+        raise InputError(
+            None,
             f"embedding {emb.name!r}: none of the {total} edges connects two nodes ({where}); "
             "check graph.source_column / graph.target_column and the node table's key"
         )
@@ -396,7 +402,8 @@ def _check_weights(
     bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(
+        raise InputError(
+            None,
             f"embedding {emb.name!r}: edge {keys[src[i]]} -> {keys[dst[i]]} in table {graph.edges!r} has weight "
             f"{'NULL or NaN' if np.isnan(weights[i]) else weights[i]} in column {graph.weight_column!r} "
             f"({bad.size} such edges); weights must be finite and >= 0"
@@ -419,7 +426,8 @@ def _read_features(
             block = np.array(values, dtype=np.float64).reshape(-1, 1)
         bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
         if bad.size:
-            raise ValueError(
+            raise InputError(
+                None,
                 f"embedding {emb.name!r}: node {keys[bad[0]]} has a NULL, NaN or infinite value in feature column "
                 f"{column!r} ({bad.size} such nodes); fill it in or leave the column out of graph.feature_columns"
             )
@@ -436,7 +444,8 @@ def _array_feature(emb: Embedding, keys: list[str], column: str, values: list[An
     if odd.size:
         i = int(odd[0])
         got = "NULL" if lengths[i] < 0 else f"{lengths[i]} values"
-        raise ValueError(
+        raise InputError(
+            None,
             f"embedding {emb.name!r}: node {keys[i]} has {got} in feature column {column!r} where the other nodes "
             f"have {expected}; every node needs an array of the same length"
         )

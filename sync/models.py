@@ -16,11 +16,12 @@ import psycopg
 
 from vectorsync.encoders.base import Encoder, ModelFormatError, load_encoder
 from vectorsync.encoders.registry import encoder_class
+from vectorsync.errors import ModelError
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.spec import EmbeddingSpec
 
 
-class NoModel(RuntimeError):
+class NoModel(ModelError):
     """The embedding needs a trained model and has none."""
 
 

@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
+from vectorsync.errors import DatabaseError, MissingExtraError
 from vectorsync.sync.spec import Neo4jSpec
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,15 @@ _GDS_PROCEDURES = {
 _ORIENTATIONS = {"UNDIRECTED": "BOTH", "NATURAL": "OUT", "REVERSE": "IN"}
 
 
-class BridgeError(RuntimeError):
+class BridgeError(DatabaseError):
     """The bridge cannot read embeddings; the message says what is wrong and what to do."""
 
 
 def _neo4j() -> Any:
     try:
         import neo4j
-    except ImportError as exc:  # pragma: no cover - depends on the installed extras
-        raise BridgeError("the Neo4j bridge needs the neo4j driver: pip install 'vectorsync[neo4j]'") from exc
+    except ImportError:  # pragma: no cover - depends on the installed extras
+        raise MissingExtraError("the Neo4j bridge", "neo4j", "neo4j driver") from None
     return neo4j
 
 

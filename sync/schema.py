@@ -13,11 +13,11 @@ from sqlalchemy.pool import NullPool
 
 from vectorsync.migrations import MIGRATIONS_DIR
 from vectorsync.migrations.operations import EmbeddingObjects, SchemaChangeError, create_embedding, drop_embedding
-from vectorsync.sync.db import ensure_vector_extension
-from vectorsync.sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, split_qualified
+from vectorsync.sync.db import connect, ensure_vector_extension
+from vectorsync.sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, SpecError, split_qualified
 
 
-class SpecMismatch(ValueError):
+class SpecMismatch(SpecError):
     """The config names tables or columns that the database does not have."""
 
 
@@ -123,7 +123,8 @@ def _alembic(conn_url: str) -> tuple[AlembicConfig, Engine]:
 
 def engine_for(url: str) -> Engine:
     """A SQLAlchemy engine (psycopg 3 driver) for any libpq URL or key=value conninfo."""
-    return create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(url), poolclass=NullPool)
+    # db.connect, so an unreachable server is one DatabaseError, as for every other command
+    return create_engine("postgresql+psycopg://", creator=lambda: connect(url, vector=False), poolclass=NullPool)
 
 
 def current_revision(conn: psycopg.Connection) -> str | None:

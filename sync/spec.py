@@ -13,14 +13,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vectorsync.encoders.registry import DEFAULT_ENCODER, ENCODERS
+from vectorsync.errors import SpecError
 
 Distance = Literal["cosine", "l2", "inner_product"]
 IndexKind = Literal["hnsw", "ivfflat", "none"]
-
-
-
-class SpecError(ValueError):
-    """The spec file is missing or invalid; the message names the embedding and field."""
 
 
 class _Strict(BaseModel):

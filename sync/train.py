@@ -9,6 +9,7 @@ import psycopg
 from psycopg import sql
 
 from vectorsync.encoders.base import Progress
+from vectorsync.errors import InputError
 from vectorsync.sync import queue, sources
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.models import new_encoder, store
@@ -40,7 +41,7 @@ def train(
     encoder = new_encoder(spec)
     rows = count_rows(conn, emb)
     if rows == 0:
-        raise ValueError(f"embedding {spec.name!r}: table {spec.table!r} has no rows to train on")
+        raise InputError(None, f"embedding {spec.name!r}: table {spec.table!r} has no rows to train on")
     limit = min(sample or spec.train_sample, rows)
     holdout_rows = max(1, limit // 10) if rows >= 20 else 0
     extra = [c for c in [getattr(spec, "label_column", None)] if c]

@@ -18,6 +18,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from vectorsync.encoders.base import load_encoder
 from vectorsync.encoders.image import ConvAutoencoder
 from vectorsync.encoders.registry import encoder_class
+from vectorsync.errors import ModelError
 
 COLUMN = "picture"
 PARAMS = {"image_size": 16, "channels": 1, "epochs": 10}
@@ -223,7 +224,7 @@ def test_an_unknown_parameter_is_rejected_by_name() -> None:
 
 
 def test_encoding_before_training_is_an_error(digits: pd.DataFrame) -> None:
-    with pytest.raises(RuntimeError, match="not trained yet"):
+    with pytest.raises(ModelError, match="not trained yet"):
         ConvAutoencoder(16, [COLUMN], PARAMS).encode(digits.iloc[:2])
 
 
