@@ -42,11 +42,9 @@ class Figure:
 @contextmanager
 def scratch_database(data_dir: Path) -> Iterator[str]:
     """A fresh database in the embedded server under ``data_dir``; dropped afterwards."""
-    import pgserver
+    from vectorsync.sync import embedded
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data_dir / "pgdata", cleanup_mode="stop")
-    base = server.get_uri()
+    base = embedded.start(data_dir)
     name = f"bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

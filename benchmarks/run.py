@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if failures:
         lines += ["", "Failed:", *[f"- {f}" for f in failures]]
+    from vectorsync.sync import embedded
+
+    embedded.stop(args.data_dir.resolve())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"report written to {args.out}", file=sys.stderr)

@@ -175,6 +175,35 @@ def init(
 
 
 @app.command()
+def doctor(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Show the server's PostgreSQL and pgvector versions, which features are on, and what an upgrade brings."""
+    from vectorsync.sync import capabilities
+
+    with db.connection(_state(ctx).url) as conn:
+        found = capabilities.detect(conn)
+    features = [
+        {"feature": f.name, "on": found.has(f.name), "needs": capabilities.short(f.needs), "gain": f.gain}
+        for f in capabilities.FEATURES
+    ]
+    if as_json:
+        out.print_json(data={
+            "postgres": found.postgres, "pgvector": capabilities.show(found.pgvector),
+            "pgvector_installed": found.pgvector_installed, "features": features,
+        })
+        return
+    out.print(f"PostgreSQL {found.postgres}, pgvector {capabilities.show(found.pgvector)}"
+              f"{'' if found.pgvector_installed else ' (available, not created yet: vectorsync migrate creates it)'}",
+              highlight=False)
+    for f in features:
+        mark = "on " if f["on"] else "off"
+        out.print(f"  {mark}  {f['feature']}" + ("" if f["on"] else f"  (pgvector >= {f['needs']}: {f['gain']})"),
+                  highlight=False)
+    if found.missing():
+        out.print("Upgrade pgvector to turn on what is off (ALTER EXTENSION vector UPDATE after installing it).",
+                  highlight=False)
+
+
+@app.command()
 def migrate(
     ctx: typer.Context,
     downgrade: Annotated[bool, typer.Option("--downgrade", help="Remove everything vectorsync made.")] = False,

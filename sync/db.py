@@ -1,10 +1,9 @@
-"""Database connections: URL precedence, the embedded pgserver default, and start-up checks."""
+"""Database connections: URL precedence, the embedded default (sync/embedded.py), and start-up checks."""
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,35 +29,17 @@ def data_dir(config_path: str | Path | None) -> Path:
 
 
 def embedded_url(directory: Path) -> str:
-    """Start (or join) the embedded PostgreSQL + pgvector in ``directory`` and return its URL.
+    """Start (or join) the embedded PostgreSQL + pgvector in ``directory`` and return its URL."""
+    from vectorsync.sync import embedded
 
-    The server outlives this process so later commands and concurrent processes reuse it;
-    ``vectorsync db-stop`` stops it cleanly.
-    """
-    try:
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI) and then falls
-            # back to a private folder, which is fine for pgserver's lock file
-            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-            import pgserver
-    except ImportError:  # pragma: no cover - pgserver is a hard dependency
-        raise DatabaseError("the embedded database needs the 'pgserver' package: pip install pgserver") from None
-    directory.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
-    server = pgserver.get_server(directory / "pgdata", cleanup_mode=None)
-    return server.get_uri()
+    return embedded.start(directory, notify=lambda line: log.warning("%s", line))
 
 
 def stop_embedded(directory: Path) -> bool:
     """Stop the embedded server in ``directory`` if it runs; return whether one was stopped."""
-    import pgserver
+    from vectorsync.sync import embedded
 
-    pgdata = directory / "pgdata"
-    if not (pgdata / "postmaster.pid").exists():
-        return False
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
-    server.cleanup()
-    return True
+    return embedded.stop(directory)
 
 
 def resolve_url(cli_url: str | None, config_url: str | None, config_path: str | Path | None) -> str:

