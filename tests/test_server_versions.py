@@ -16,8 +16,8 @@ import pytest
 
 from tests.pg_support import embedded_server, old_server
 from tests.test_foundation import DIGITS_SPEC, load_digits_table
-from vectorsync.sync import capabilities, embedded
 from vectorsync.errors import DatabaseError
+from vectorsync.sync import capabilities, embedded
 
 
 def test_the_embedded_default_is_postgres_18_with_pgvector_0_8(conn):
