@@ -13,11 +13,13 @@ them runs no unpickler, so a crafted registry row can at worst fail to load.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -106,6 +108,51 @@ class Encoder(ABC):
             "state": _pack(self.get_state(), "state", tensors),
         }
         return save(tensors, metadata={_META_KEY: json.dumps(header)})
+
+
+#: Overrides the number of torch threads a process uses (default: the cores it may use).
+THREADS_ENV = "VECTORSYNC_TORCH_THREADS"
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, int(quota)))
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by the cgroup (v2 ``cpu.max``, else v1 ``cfs_quota_us``), or None when unlimited."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def thread_count(share: int = 1) -> int:
+    """Torch threads for one of ``share`` workers in this process: ``VECTORSYNC_TORCH_THREADS`` when
+    set, else the usable cores divided among them."""
+    if os.environ.get(THREADS_ENV):
+        return max(1, int(os.environ[THREADS_ENV]))
+    return max(1, usable_cores() // max(1, share))
+
+
+def small_model_threads() -> int:
+    """Threads for tiny models (the tabular autoencoder): one, unless the user set a number. For
+    layers this small, thread hand-offs cost more than they save (~10x slower training on two)."""
+    return max(1, int(os.environ[THREADS_ENV])) if os.environ.get(THREADS_ENV) else 1
 
 
 @contextmanager

@@ -21,7 +21,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from vectorsync.encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, torch_threads
+from vectorsync.encoders.base import (
+    Batches,
+    Encoder,
+    EncodeResult,
+    InputError,
+    Progress,
+    small_model_threads,
+    torch_threads,
+)
 from vectorsync.errors import ModelError
 
 MAX_CATEGORIES = 50
@@ -224,8 +232,11 @@ class TabularAutoencoder(Encoder):
         seed: int = 0,
         progress: Progress | None = None,
     ) -> dict[str, float]:
-        with torch_threads(int(self.params.get("threads", 1))):
+        with torch_threads(self._threads()):
             return self._fit(train, holdout, seed, progress)
+
+    def _threads(self) -> int:
+        return int(self.params.get("threads") or small_model_threads())
 
     def _fit(self, train: Batches, holdout: Batches | None, seed: int, progress: Progress | None) -> dict[str, float]:
         torch.manual_seed(seed)
@@ -277,6 +288,10 @@ class TabularAutoencoder(Encoder):
             return float(nn.functional.mse_loss(recon, data))
 
     def encode(self, batch: pd.DataFrame) -> EncodeResult:
+        with torch_threads(self._threads()):
+            return self._encode(batch)
+
+    def _encode(self, batch: pd.DataFrame) -> EncodeResult:
         if self.model is None:
             raise ModelError("the tabular autoencoder is not trained; run `vectorsync train` first")
         missing = [c for c in self.columns if c not in batch.columns]

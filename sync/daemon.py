@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
+from vectorsync.sync import models
 from vectorsync.sync.db import connection
 from vectorsync.sync.metrics import WorkerMetrics
 from vectorsync.sync.spec import Config, GraphEmbeddingSpec
@@ -35,6 +36,8 @@ def run_workers(
     metrics = WorkerMetrics() if metrics_port else None
     if metrics is not None and metrics_port:
         metrics.serve(metrics_port)
+    models.share_threads(concurrency)
+    torch_threads = models.configure_torch()
     workers = [
         Worker(url, config, names, batch_size=batch_size, max_wait_ms=max_wait_ms, thread_index=i, metrics=metrics)
         for i in range(concurrency)
@@ -59,7 +62,8 @@ def run_workers(
     graphs = [s for s in specs if isinstance(s, GraphEmbeddingSpec) and s.schedule_seconds]
     if console:
         console.print(
-            f"worker running: {concurrency} thread(s) for {', '.join(s.name for s in specs) or 'no embeddings'}"
+            f"worker running: {concurrency} thread(s) for {', '.join(s.name for s in specs) or 'no embeddings'}, "
+            f"torch uses {torch_threads} thread(s)"
             + (f", metrics on :{metrics_port}" if metrics_port else "")
         )
     next_run = {s.name: 0.0 for s in graphs}

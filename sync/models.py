@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from vectorsync.encoders.base import Encoder, ModelFormatError, load_encoder
+from vectorsync.encoders.base import Encoder, ModelFormatError, load_encoder, thread_count
 from vectorsync.encoders.registry import encoder_class
 from vectorsync.errors import ModelError
 from vectorsync.sync.catalog import Embedding
@@ -40,22 +40,30 @@ def encoder_params(spec: EmbeddingSpec) -> dict[str, Any]:
     return params
 
 
-_torch_configured = False
+_thread_share = 1
+_torch_threads: int | None = None
 
 
-def configure_torch() -> None:
-    """Use ``VECTORSYNC_TORCH_THREADS`` threads (default 1) for the encoders of this process.
+def share_threads(workers: int) -> None:
+    """Divide this process's cores among ``workers`` encoding threads (``worker -n``)."""
+    global _thread_share, _torch_threads
+    _thread_share, _torch_threads = max(1, workers), None
 
-    Batches are small and a worker process runs beside PostgreSQL: more intra-op threads mostly
-    contend for the same cores (measured ~10x slower tabular training with 2 threads on 2 busy
-    cores). Scale out with more worker processes instead.
+
+def configure_torch() -> int:
+    """Give torch the cores this process may use (CPU affinity and cgroup quota respected), divided
+    among its worker threads, or ``VECTORSYNC_TORCH_THREADS``; return the count.
+
+    A worker or a ``sync`` that left cores idle ran the pretrained text model at half its speed;
+    tiny models (the tabular autoencoder) still run on one thread of their own accord.
     """
-    global _torch_configured
-    if not _torch_configured:
+    global _torch_threads
+    if _torch_threads is None:
         import torch
 
-        torch.set_num_threads(max(1, int(os.environ.get("VECTORSYNC_TORCH_THREADS", "1"))))
-        _torch_configured = True
+        _torch_threads = thread_count(_thread_share)
+        torch.set_num_threads(_torch_threads)
+    return _torch_threads
 
 
 def new_encoder(spec: EmbeddingSpec) -> Encoder:

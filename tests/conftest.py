@@ -19,10 +19,14 @@ from tests.pg_support import embedded_server
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> Iterator[None]:
-    """Train and encode on one thread, as workers do (sync.models.configure_torch): small models
-    gain nothing from more, and on a busy 2-core machine oversubscription made training ~60x slower."""
-    from vectorsync.encoders.base import torch_threads
+    """Train and encode on one thread in tests, in this process and in the workers it starts: on a
+    busy 2-core machine running several test sessions, oversubscription made training ~60x slower.
+    (Processes default to every usable core; tests/test_threads.py checks that default.)"""
+    import os
 
+    from vectorsync.encoders.base import THREADS_ENV, torch_threads
+
+    os.environ[THREADS_ENV] = "1"
     with torch_threads(1):
         yield
 
