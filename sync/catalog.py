@@ -15,13 +15,17 @@ class NotMigrated(DatabaseError):
     """The embedding has no schema yet."""
 
 
+class CatalogError(RuntimeError):
+    """A value in vectorsync's catalogue is not what migrate records."""
+
+
 @dataclass(frozen=True)
 class Embedding:
     spec: EmbeddingSpec
     source_schema: str
     source_table: str
     key_column: str
-    key_type: str
+    key_type: str  # a type name as PostgreSQL prints it (``regtype``), safe to compose into SQL
     target_schema: str
     target_table: str
     current_version: int | None
@@ -44,7 +48,7 @@ class Embedding:
 
     @property
     def key_array_type(self) -> sql.SQL:
-        """``<key type>[]`` for casting text keys (format_type() output is already quoted)."""
+        """``<key type>[]`` for casting text keys (``regtype`` output is already quoted)."""
         return sql.SQL(self.key_type + "[]")
 
     def input_hash_expr(self, alias: str = "s") -> sql.Composed:
@@ -67,7 +71,33 @@ def load(conn: psycopg.Connection, spec: EmbeddingSpec) -> Embedding:
     )
     if row is None:
         raise NotMigrated(f"embedding {spec.name!r} has no schema yet; run `vectorsync migrate` first")
-    return Embedding(spec, *row)
+    source_schema, source_table, key_column, recorded_type, target_schema, target_table, version = row
+    return Embedding(
+        spec,
+        source_schema,
+        source_table,
+        key_column,
+        _key_type(conn, spec.name, recorded_type),
+        target_schema,
+        target_table,
+        version,
+    )
+
+
+def _key_type(conn: psycopg.Connection, name: str, recorded: str) -> str:
+    """The recorded key type parsed as a type name (without length or precision, so casts never
+    truncate a key): catalogue text must never reach SQL as written."""
+    try:
+        with conn.transaction():
+            row = conn.execute("SELECT %s::regtype::text", (recorded,)).fetchone()
+    except psycopg.Error:
+        row = None
+    if row is None:
+        raise CatalogError(
+            f"the key type {recorded!r} recorded for embedding {name!r} is not a type name; "
+            "run `vectorsync migrate` to record it again"
+        )
+    return str(row[0])
 
 
 def _migrated(conn: psycopg.Connection) -> bool:

@@ -357,7 +357,8 @@ def search(
     with db.connection(state.url, autocommit=True) as conn:
         try:
             rows = conn.execute("SELECT key, distance FROM vectorsync.nearest(%s, %s, %s)", (name, key, k)).fetchall()
-        except psycopg.errors.RaiseException as exc:
+        except (psycopg.errors.RaiseException, psycopg.DataError, psycopg.errors.InsufficientPrivilege) as exc:
+            # the query functions' own errors (bad k, unknown key, no permission) are one line each
             raise SpecError(str(exc.diag.message_primary).removeprefix("vectorsync: ")) from None
         except psycopg.errors.DataError as exc:
             # the key does not convert to the source key's type (e.g. "abc" for an integer key)

@@ -127,6 +127,12 @@ def engine_for(url: str) -> Engine:
     return create_engine("postgresql+psycopg://", creator=lambda: connect(url, vector=False), poolclass=NullPool)
 
 
+def serialise(conn: psycopg.Connection) -> None:
+    """Wait for any other migrate of this database to commit: two at once would both create the
+    extension, the schema and the same tables, and one would fail on the other's."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('vectorsync migrate', 0))")
+
+
 def current_revision(conn: psycopg.Connection) -> str | None:
     exists = conn.execute("SELECT to_regclass('vectorsync.alembic_version')").fetchone()[0]
     if exists is None:
@@ -140,6 +146,7 @@ def upgrade(url: str, config: Config, *, recreate: list[str] | None = None) -> M
     cfg, engine = _alembic(url)
     with engine.begin() as sa_conn:
         raw: psycopg.Connection = sa_conn.connection.driver_connection  # type: ignore[assignment]
+        serialise(raw)
         ensure_vector_extension(raw)
         check_specs(raw, list(config.embeddings))
         before = current_revision(raw)

@@ -3,12 +3,16 @@ down reproduces each revision's functions and views exactly."""
 
 from __future__ import annotations
 
+import threading
+
 import psycopg
 from alembic import command
 from alembic.script import ScriptDirectory
 
+from vectorsync.sync import schema
 from vectorsync.sync.db import ensure_vector_extension
 from vectorsync.sync.schema import _alembic
+from vectorsync.sync.spec import parse_config
 
 
 def definitions(conn: psycopg.Connection) -> dict[str, str]:
@@ -48,3 +52,28 @@ def test_walking_every_revision_up_and_down_reproduces_each_revisions_functions(
         assert step(db_url, "downgrade", "-1") == at[previous], f"downgrade of {revision} left other definitions"
     for revision in revisions:
         assert step(db_url, "upgrade", revision) == at[revision], f"{revision} upgraded twice differs"
+
+
+def test_two_migrates_at_once_on_a_new_database_both_succeed(db_url, conn):
+    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, price real)")
+    config = parse_config(
+        {"embeddings": [{"name": "items", "table": "items", "key": "id", "modality": "tabular", "dim": 4,
+                         "columns": ["price"]}]}
+    )
+    start = threading.Barrier(2)
+    results: list[object] = []
+
+    def migrate() -> None:
+        start.wait()
+        try:
+            results.append(schema.upgrade(db_url, config))
+        except Exception as exc:  # the assertion below shows which
+            results.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert len(results) == 2 and all(isinstance(r, schema.MigrateReport) for r in results), results
+    assert conn.execute("SELECT count(*) FROM vectorsync.embeddings").fetchone()[0] == 1
