@@ -13,14 +13,14 @@
 - ``vectorsync.status`` counts the queue and failed items through ``vectorsync._backlog``, which
   reveals counts only, so readers need no right on the queue's keys.
 
-Revision ID: 0007_query_safety
-Revises: 0006_model_checksum
+Revision ID: 0008_query_safety
+Revises: 0007_training_history
 """
 
 from vectorsync.migrations.replaceable import Function, create, drop, replace
 
-revision = "0007_query_safety"
-down_revision = "0006_model_checksum"
+revision = "0008_query_safety"
+down_revision = "0007_training_history"
 branch_labels = None
 depends_on = None
 
