@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from vectorsync.encoders.params import EncoderParams, validate_params
 from vectorsync.errors import InputError, ModelError
 
 #: Yields the training data as DataFrame chunks; called once per epoch so data can be streamed.
@@ -59,10 +60,13 @@ class Encoder(ABC):
     #: Whether ``fit`` must run before ``encode`` (pretrained encoders set this to False).
     trainable: ClassVar[bool] = True
 
-    def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
+    def __init__(self, dim: int, columns: list[str], params: EncoderParams | dict[str, Any] | None = None) -> None:
         self.dim = dim
         self.columns = list(columns)
-        self.params = dict(params or {})
+        #: The validated parameters (``encoders.params``); a plain dict is validated here.
+        self.options = validate_params(self.type, params)
+        #: The parameters that were set (what the registry records), without defaults.
+        self.params: dict[str, Any] = self.options.model_dump(exclude={"type"}, exclude_unset=True)
         #: One entry per training epoch, e.g. ``{"epoch": 1, "loss": 0.12}``; ``fit`` fills it so the
         #: registry can keep each version's training curve.
         self.history: list[dict[str, float]] = []

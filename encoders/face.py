@@ -23,42 +23,13 @@ from torch.nn import functional as F
 
 from vectorsync.encoders.base import Batches, EncodeResult, InputError, Progress, check_finite
 from vectorsync.encoders.image import (
-    IMAGE_DEFAULTS,
     ImageEncoderBase,
     cell_image,
-    check_image_params,
     to_array,
     to_mode,
 )
-from vectorsync.errors import MissingExtraError, ModelFileError
-
-#: Parameters of the identity CNN; a spec may override any of them under ``[encoder]``.
-IDENTITY_CNN_DEFAULTS: dict[str, Any] = {
-    **IMAGE_DEFAULTS,
-    "detect_faces": True,  # False: every image already is a face crop
-    "label_column": None,  # identity labels to train on (``sync`` passes the spec's label_column)
-    "face_margin": 0.2,  # share of the detected face's side added around it before cropping
-    "width": 32,  # channels of the first conv block, doubled per block (capped at 256)
-    "dropout": 0.2,
-    "weight_decay": 5e-4,
-    "cosine_scale": 16.0,  # identity logits are scaled cosines (NormFace), matching cosine search
-    "cosine_margin": 0.2,  # subtracted from the true identity's cosine (CosFace): tighter identities
-    "augment": True,  # random flips, small rotations/shifts/zooms, brightness and contrast
-}
-
-#: Parameters of the pretrained dlib encoder; image_size, channels and label_column are accepted
-#: (the spec always passes them) but unused: dlib aligns its own 150 px RGB face chips.
-DLIB_DEFAULTS: dict[str, Any] = {
-    "image_size": 150,
-    "channels": 3,
-    "min_size": 8,
-    "max_pixels": IMAGE_DEFAULTS["max_pixels"],
-    "detect_faces": True,
-    "label_column": None,
-    "num_jitters": 0,  # >0 averages descriptors of jittered chips: slower, slightly more robust
-    "max_side": 1024,  # larger images are downscaled before face detection
-    "seed": 0,  # accepted for a uniform interface; nothing here is random
-}
+from vectorsync.encoders.params import DLIB_DIM, EncoderParams
+from vectorsync.errors import MissingExtraError, ModelFileError, SpecError
 
 # The detector scans the image at this working size (longer side): its 24 px window then misses faces
 # under ~1/8 of the longer side. Measured on skimage's lfw_subset, astronaut, coins and camera:
@@ -237,11 +208,10 @@ class IdentityCNN(ImageEncoderBase):
 
     type = "identity_cnn"
     trainable = True
-    defaults = IDENTITY_CNN_DEFAULTS
 
-    def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
+    def __init__(self, dim: int, columns: list[str], params: EncoderParams | dict[str, Any] | None = None) -> None:
         super().__init__(dim, columns, params)
-        self.config = check_image_params(self.type, self.params, IDENTITY_CNN_DEFAULTS)
+        self.config = self.options.model_dump()
         if self.config["detect_faces"]:
             _cascade()  # fail now, not on the first image, when scikit-image is missing
         self.network: _IdentityNet | None = None
@@ -466,15 +436,13 @@ class DlibFaceEncoder(ImageEncoderBase):
     type = "dlib"
     trainable = False
 
-    def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
+    def __init__(self, dim: int, columns: list[str], params: EncoderParams | dict[str, Any] | None = None) -> None:
         super().__init__(dim, columns, params)
-        if dim != 128:
-            raise ValueError(f"the dlib face encoder makes 128-dimensional vectors; set dim = 128 (got {dim})")
-        unknown = set(self.params) - set(DLIB_DEFAULTS)
-        if unknown:
-            known = ", ".join(sorted(DLIB_DEFAULTS))
-            raise ValueError(f"unknown dlib encoder parameter(s) {', '.join(sorted(unknown))}; known: {known}")
-        self.config = {**DLIB_DEFAULTS, **self.params}
+        if dim != DLIB_DIM:
+            raise SpecError(
+                f"the dlib face encoder makes {DLIB_DIM}-dimensional vectors; set dim = {DLIB_DIM} (got {dim})"
+            )
+        self.config = self.options.model_dump()
         self._dlib, self._detector, self._landmarks, self._resnet = _dlib_models()
 
     def fit(

@@ -21,27 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from vectorsync.encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, check_finite
+from vectorsync.encoders.params import ConvAutoencoderParams, EncoderParams
 from vectorsync.errors import ModelError
-
-#: Parameters every image encoder takes; ``sync`` passes ``image_size`` and ``channels`` from the spec.
-IMAGE_DEFAULTS: dict[str, Any] = {
-    "image_size": 32,  # the model sees (channels, image_size, image_size)
-    "channels": 1,  # 1: greyscale, 3: RGB
-    "min_size": 8,  # smaller images (either side, in pixels) are rejected as unusable
-    "max_pixels": 24_000_000,  # larger images (after JPEG draft reduction) are refused before decoding
-    "epochs": 20,
-    "lr": 3e-3,
-    "batch_size": 64,
-    "shuffle_buffer": 4096,  # images held at once while shuffling the training stream
-    "device": "cpu",
-    "seed": 0,  # recorded with the model; fit() trains with its own ``seed`` argument (sync passes the same)
-}
-
-#: Parameters of the convolutional autoencoder; a spec may override any of them under ``[encoder]``.
-CONV_AE_DEFAULTS: dict[str, Any] = {
-    **IMAGE_DEFAULTS,
-    "width": 32,  # channels of the first conv layer, doubled at each downsampling (capped at 256)
-}
 
 _DECODE_BATCH = 256
 _SHUFFLE_BYTES = 256 * 2**20
@@ -52,7 +33,7 @@ def cell_image(
     column: str,
     min_size: int = 8,
     draft_size: int | None = None,
-    max_pixels: int = IMAGE_DEFAULTS["max_pixels"],
+    max_pixels: int = ConvAutoencoderParams.model_fields["max_pixels"].default,
 ) -> Image.Image:
     """The decoded image in one cell, or ``InputError`` saying why there is none.
 
@@ -125,23 +106,6 @@ def to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1).copy()
 
 
-def check_image_params(kind: str, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """Defaults overridden by ``params``; unknown or out-of-range parameters raise ``ValueError``."""
-    unknown = set(params) - set(defaults)
-    if unknown:
-        known = ", ".join(sorted(defaults))
-        raise ValueError(f"unknown {kind} encoder parameter(s) {', '.join(sorted(unknown))}; known: {known}")
-    config = {**defaults, **params}
-    if int(config["channels"]) not in (1, 3):
-        raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {config['channels']!r}")
-    if not 8 <= int(config["image_size"]) <= 1024:
-        raise ValueError(f"image_size must be between 8 and 1024 pixels, got {config['image_size']!r}")
-    for name in ("epochs", "batch_size", "shuffle_buffer", "min_size"):
-        if int(config[name]) < 1:
-            raise ValueError(f"{name} must be at least 1, got {config[name]!r}")
-    return config
-
-
 class ImageEncoderBase(Encoder):
     """What the image and face encoders share: one input column, per-row loading with failures
     recorded, shuffled streaming of training batches."""
@@ -149,7 +113,7 @@ class ImageEncoderBase(Encoder):
     config: dict[str, Any]
     runtime_params = ("max_pixels",)
 
-    def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
+    def __init__(self, dim: int, columns: list[str], params: EncoderParams | dict[str, Any] | None = None) -> None:
         super().__init__(dim, columns, params)
         if len(self.columns) != 1:
             raise ValueError(f"the {self.type} encoder reads one image column, got {self.columns}")
@@ -197,9 +161,6 @@ class ImageEncoderBase(Encoder):
         """The embedding of each loaded image (``encode`` has already dealt with bad cells)."""
         raise NotImplementedError
 
-    #: The parameters' defaults; a saved config is laid over them when the model is loaded.
-    defaults: dict[str, Any]
-
     def _build(self) -> nn.Module:
         raise NotImplementedError
 
@@ -211,7 +172,7 @@ class ImageEncoderBase(Encoder):
 
     def set_state(self, state: dict[str, Any]) -> None:
         runtime = {k: self.params[k] for k in self.runtime_params if k in self.params}
-        self.config = {**self.defaults, **state["config"], **runtime}
+        self.config = {**self.options.model_dump(), **state["config"], **runtime}
         network = self._build()
         network.load_state_dict(state["weights"])
         self.network = network.eval()
@@ -313,12 +274,11 @@ class ConvAutoencoder(ImageEncoderBase):
     """
 
     type = "conv_autoencoder"
-    defaults = CONV_AE_DEFAULTS
     trainable = True
 
-    def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
+    def __init__(self, dim: int, columns: list[str], params: EncoderParams | dict[str, Any] | None = None) -> None:
         super().__init__(dim, columns, params)
-        self.config = check_image_params(self.type, self.params, CONV_AE_DEFAULTS)
+        self.config = self.options.model_dump()
         self.network: _ConvAutoencoderNet | None = None
 
     def _build(self) -> _ConvAutoencoderNet:

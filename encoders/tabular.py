@@ -30,6 +30,7 @@ from vectorsync.encoders.base import (
     small_model_threads,
     torch_threads,
 )
+from vectorsync.encoders.params import AutoencoderParams, EncoderParams
 from vectorsync.errors import ModelError
 
 MAX_CATEGORIES = 50
@@ -157,20 +158,19 @@ class _Autoencoder(nn.Module):
 
 
 class TabularAutoencoder(Encoder):
-    """Parameters: ``epochs`` (default: enough for ~3000 steps, at most 200), ``batch_size`` (256),
-    ``lr`` (3e-3), ``hidden`` (list of layer widths; default one layer between input and dim),
-    ``noise`` (0.05, denoising input noise)."""
+    """Parameters: ``encoders.params.AutoencoderParams``."""
 
     type = "autoencoder"
+    options: AutoencoderParams
 
-    def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
+    def __init__(self, dim: int, columns: list[str], params: EncoderParams | dict[str, Any] | None = None) -> None:
         super().__init__(dim, columns, params)
         self.pre = Preprocessor()
         self.model: _Autoencoder | None = None
 
     def _hidden(self, width: int) -> list[int]:
-        if "hidden" in self.params:
-            return [int(h) for h in self.params["hidden"]]
+        if self.options.hidden is not None:
+            return list(self.options.hidden)
         return [max(2 * self.dim, min(256, 2 * width))]
 
     def _fit_preprocessing(self, train: Batches) -> None:
@@ -236,7 +236,7 @@ class TabularAutoencoder(Encoder):
             return self._fit(train, holdout, seed, progress)
 
     def _threads(self) -> int:
-        return int(self.params.get("threads") or small_model_threads())
+        return self.options.threads or small_model_threads()
 
     def _fit(self, train: Batches, holdout: Batches | None, seed: int, progress: Progress | None) -> dict[str, float]:
         torch.manual_seed(seed)
@@ -246,11 +246,11 @@ class TabularAutoencoder(Encoder):
         if len(data) == 0:
             raise InputError(None, "no usable training rows (every row had invalid values)")
         self.model = _Autoencoder(self.pre.width, self.dim, self._hidden(self.pre.width))
-        batch_size = int(self.params.get("batch_size", 256))
+        batch_size = self.options.batch_size
         steps_per_epoch = math.ceil(len(data) / batch_size)
-        epochs = int(self.params.get("epochs", max(5, min(200, 3000 // steps_per_epoch))))
-        noise = float(self.params.get("noise", 0.05))
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(self.params.get("lr", 3e-3)))
+        epochs = self.options.epochs or max(5, min(200, 3000 // steps_per_epoch))
+        noise = self.options.noise
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.options.lr)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
         total, step = epochs * steps_per_epoch, 0
         self.model.train()
@@ -298,7 +298,7 @@ class TabularAutoencoder(Encoder):
         if missing:
             raise ValueError(f"input columns missing from the batch: {', '.join(missing)}")
         matrix, failures = self.pre.transform(batch)
-        with torch.no_grad(), torch_threads(int(self.params.get("threads", 1))):
+        with torch.no_grad():
             vectors = self.model.encoder(torch.from_numpy(matrix)).numpy().astype(np.float32)
         return EncodeResult(vectors, failures)
 

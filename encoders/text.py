@@ -21,34 +21,13 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from vectorsync.encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, check_finite
+from vectorsync.encoders.params import EncoderParams
 from vectorsync.errors import ModelError
 
 PAD, UNK = "<pad>", "<unk>"
 _TOKEN = re.compile(r"\w+(?:['\u2019]\w+)*|[^\w\s]")  # words (with ' or \u2019 inside) and punctuation
 
-#: Encoder parameters and their defaults; a spec may override any of them under ``[encoder]``.
-LSTM_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 20_000,  # most frequent tokens kept, plus <pad> and <unk>
-    "min_count": 2,  # rarer tokens (typos, ids) map to <unk>
-    "embedding_dim": 128,
-    "hidden_size": 64,
-    "num_layers": 1,
-    "bidirectional": True,
-    "dropout": 0.1,
-    "epochs": 8,
-    "lr": 3e-3,
-    "batch_size": 128,
-    "word_dropout": 0.5,  # share of tokens each contrastive view deletes
-    "temperature": 0.05,
-    "cooccurrence_init": True,  # start word vectors from the corpus' PPMI + SVD (see _init_word_vectors)
-    "cooccurrence_words": 4096,  # most frequent words that get co-occurrence vectors
-    "shuffle_buffer": 8192,  # training sequences shuffled together while streaming
-    "device": "cpu",
-    "max_tokens": 256,
-    "long_text": "truncate",
-    "encoding": "utf-8",
-}
-#: Input handling a caller may change on a trained model without retraining it.
+#: Parameters that govern input handling only; the spec's values override a loaded model's.
 RUNTIME_PARAMS = ("max_tokens", "long_text", "encoding", "device")
 
 
@@ -177,17 +156,11 @@ class LSTMTextEncoder(Encoder):
     trainable = True
     runtime_params = RUNTIME_PARAMS
 
-    def __init__(self, dim: int, columns: list[str], params: dict[str, Any] | None = None) -> None:
+    def __init__(self, dim: int, columns: list[str], params: EncoderParams | dict[str, Any] | None = None) -> None:
         super().__init__(dim, columns, params)
         if len(self.columns) != 1:
             raise ValueError(f"the lstm text encoder reads one text column, got {self.columns}")
-        unknown = set(self.params) - set(LSTM_DEFAULTS)
-        if unknown:
-            known = ", ".join(sorted(LSTM_DEFAULTS))
-            raise ValueError(f"unknown lstm encoder parameter(s) {', '.join(sorted(unknown))}; known: {known}")
-        self.config = {**LSTM_DEFAULTS, **self.params}
-        if self.config["long_text"] not in ("truncate", "chunk"):
-            raise ValueError(f"long_text must be 'truncate' or 'chunk', got {self.config['long_text']!r}")
+        self.config = self.options.model_dump()
         self.column = self.columns[0]
         self.vocab: list[str] = []
         self.index: dict[str, int] = {}
@@ -421,7 +394,7 @@ class LSTMTextEncoder(Encoder):
 
     def set_state(self, state: dict[str, Any]) -> None:
         runtime = {k: self.params[k] for k in RUNTIME_PARAMS if k in self.params}
-        self.config = {**LSTM_DEFAULTS, **state["config"], **runtime}
+        self.config = {**self.options.model_dump(), **state["config"], **runtime}
         self.vocab = list(state["vocab"])
         self.index = {token: i for i, token in enumerate(self.vocab)}
         network = _Network(len(self.vocab), self.dim, self.config)

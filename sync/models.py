@@ -14,10 +14,11 @@ from typing import Any
 import psycopg
 
 from vectorsync.encoders.base import Encoder, ModelFormatError, load_encoder, thread_count
+from vectorsync.encoders.params import EncoderParams
 from vectorsync.encoders.registry import encoder_class
 from vectorsync.errors import ModelError
 from vectorsync.sync.catalog import Embedding
-from vectorsync.sync.spec import EmbeddingSpec
+from vectorsync.sync.spec import EmbeddingSpec, SpecError
 
 
 class NoModel(ModelError):
@@ -28,15 +29,13 @@ class UnusableModel(NoModel):
     """A stored model version cannot be loaded safely (old pickle format, damaged or crafted row)."""
 
 
-def encoder_params(spec: EmbeddingSpec) -> dict[str, Any]:
-    """The encoder's parameters: the spec's ``encoder`` table plus the modality's own fields."""
-    params: dict[str, Any] = dict(spec.encoder.params)  # the seed goes to fit(), not here
-    for field in (
-        "image_size", "channels", "max_pixels", "detect_faces", "label_column", "encoding", "max_tokens", "long_text"
-    ):
-        if hasattr(spec, field):
-            params[field] = getattr(spec, field)
-    return params
+def encoder_params(spec: EmbeddingSpec) -> EncoderParams:
+    """The encoder's validated parameters: the spec's ``encoder`` table plus the embedding's own
+    fields the encoder reads (``image_size``, ``max_tokens``...)."""
+    if spec.encoder is None:
+        raise SpecError(f"embedding {spec.name!r} is a {spec.modality} embedding, which has no encoder")
+    fields = {name: getattr(spec, name) for name in spec.encoder.FROM_EMBEDDING if hasattr(spec, name)}
+    return spec.encoder.model_copy(update=fields)
 
 
 _thread_share = 1
@@ -187,7 +186,7 @@ def load_model(conn: psycopg.Connection, emb: Embedding, version: int) -> Encode
         raise UnusableModel(f"{where} does not match its recorded SHA-256 (the row was altered); {retrain}")
     configure_torch()
     try:
-        return load_encoder(blob, runtime=encoder_params(emb.spec))
+        return load_encoder(blob, runtime=encoder_params(emb.spec).model_dump(exclude_unset=True))
     except ModelFormatError as exc:
         raise UnusableModel(f"{where} was refused: {exc}; {retrain}") from None
 

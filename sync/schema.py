@@ -62,15 +62,40 @@ def resolve_schema(conn: psycopg.Connection, spec: EmbeddingSpec) -> str:
     return row[0] if row else "public"
 
 
-def table_columns(conn: psycopg.Connection, schema: str, table: str) -> list[str] | None:
+def table_columns(conn: psycopg.Connection, schema: str, table: str) -> dict[str, str] | None:
+    """Column name -> its type (``format_type``), in table order; None when the table does not exist."""
     rows = conn.execute(
-        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "SELECT a.attname, CASE WHEN t.typcategory = 'S' THEN 'string' ELSE format_type(a.atttypid, NULL) END "
+        "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_type t ON t.oid = a.atttypid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped "
         "ORDER BY a.attnum",
         (schema, table),
     ).fetchall()
-    return [r[0] for r in rows] or None
+    return {r[0]: r[1] for r in rows} or None
+
+
+#: Per modality, the input fields whose column must be of given types ("string": text, varchar...).
+_TYPED_INPUTS: dict[str, dict[str, tuple[set[str], str]]] = {
+    "text": {"column": ({"string", "bytea"}, "text (or bytea)"), "path_column": ({"string"}, "text (file paths)")},
+    "image": {"column": ({"bytea"}, "bytea (encoded images)"), "path_column": ({"string"}, "text (file paths)")},
+    "face": {"column": ({"bytea"}, "bytea (encoded images)"), "path_column": ({"string"}, "text (file paths)")},
+}
+
+
+def _type_problems(spec: EmbeddingSpec, columns: dict[str, str]) -> list[str]:
+    """Input columns of the wrong kind (a text embedding on a numeric column), found before any sync."""
+    problems = []
+    for field_name, (types, what) in _TYPED_INPUTS.get(spec.modality, {}).items():
+        column = getattr(spec, field_name, None)
+        found = columns.get(column) if column else None
+        if found is not None and found not in types:
+            problems.append(
+                f"embedding {spec.name!r}, field {field_name!r}: column {column!r} of table {spec.table!r} is "
+                f"{found}; a {spec.modality} embedding needs {what}"
+            )
+    return problems
 
 
 def required_columns(spec: EmbeddingSpec) -> list[tuple[str, str]]:
@@ -97,6 +122,7 @@ def check_specs(conn: psycopg.Connection, specs: list[EmbeddingSpec]) -> None:
                     f"embedding {spec.name!r}, field {field_name!r}: column {column!r} not found in "
                     f"table {spec.table!r} (columns: {', '.join(columns)})"
                 )
+        problems.extend(_type_problems(spec, columns))
         graph = getattr(spec, "graph", None)
         if graph is not None:
             gschema, gtable = graph.edges.split(".", 1) if "." in graph.edges else (schema, graph.edges)

@@ -8,11 +8,24 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vectorsync.encoders.registry import DEFAULT_ENCODER, ENCODERS
+from vectorsync.encoders.params import (
+    PARAMS,
+    AutoencoderParams,
+    ConvAutoencoderParams,
+    DlibParams,
+    EncoderParams,
+    IdentityCNNParams,
+    LSTMParams,
+    MiniLMParams,
+    SentenceTransformerParams,
+    explain,
+    nearest,
+)
+from vectorsync.encoders.registry import DEFAULT_ENCODER
 from vectorsync.errors import SpecError
 
 Distance = Literal["cosine", "l2", "inner_product"]
@@ -35,24 +48,18 @@ class IndexSpec(_Strict):
     probes: int = Field(10, ge=1, le=32768)
 
 
-class EncoderSpec(BaseModel):
-    """``type`` picks the encoder; every other key is passed to it as a parameter."""
+#: The encoders each modality can use; ``type`` selects the parameter model (encoders.params).
+FaceEncoder = Annotated[IdentityCNNParams | DlibParams, Field(discriminator="type")]
+TextEncoder = Annotated[LSTMParams | MiniLMParams | SentenceTransformerParams, Field(discriminator="type")]
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    type: str | None = None
-    seed: int = 0
-
-    @field_validator("type")
-    @classmethod
-    def _known_type(cls, value: str | None) -> str | None:
-        if value is not None and value not in ENCODERS:
-            raise ValueError(f"unknown encoder type {value!r}; known: {', '.join(sorted(ENCODERS))}")
-        return value
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+#: What each modality reads its input from, for "unknown field" messages.
+_INPUTS = {
+    "tabular": "`columns`",
+    "image": "`column` or `path_column`",
+    "face": "`column` or `path_column`",
+    "text": "`column` or `path_column`",
+    "graph": "[embeddings.graph] or [embeddings.neo4j]",
+}
 
 
 class Neo4jSpec(_Strict):
@@ -103,15 +110,38 @@ class EmbeddingSpec(_Strict):
     dim: int = Field(ge=1, le=16000)
     distance: Distance = "cosine"
     index: IndexSpec = Field(default_factory=IndexSpec)
-    encoder: EncoderSpec = Field(default_factory=EncoderSpec)
+    #: The encoder and its parameters; each modality narrows the types it accepts.
+    encoder: EncoderParams | None = None
     target: str | None = None
-    batch_size: int = Field(256, ge=1, le=100_000)
     train_sample: int = Field(200_000, ge=10)
 
     @field_validator("index", mode="before")
     @classmethod
     def _index_shorthand(cls, value: Any) -> Any:
         return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encoder_table(cls, data: Any) -> Any:
+        """Fill the modality's default encoder ``type``; refuse embedding fields in the encoder table."""
+        if not isinstance(data, dict) or not isinstance(data.get("encoder"), dict):
+            return data
+        encoder = dict(data["encoder"])
+        default = DEFAULT_ENCODER.get(str(data.get("modality")))
+        if default is not None:
+            encoder.setdefault("type", default)
+        model = PARAMS.get(str(encoder.get("type")))
+        for key in encoder:
+            if model is not None and key in model.FROM_EMBEDDING:
+                raise ValueError(f"{key!r} is a field of the embedding: set it there, not in its encoder table")
+        return {**data, "encoder": encoder}
+
+    @model_validator(mode="after")
+    def _encoder_dim(self) -> EmbeddingSpec:
+        fixed = self.encoder.DIM if self.encoder else None
+        if fixed is not None and self.dim != fixed:
+            raise ValueError(f"the {self.encoder_type} encoder makes {fixed}-dimensional vectors; set dim = {fixed}")
+        return self
 
     @property
     def source_schema(self) -> str | None:
@@ -127,7 +157,7 @@ class EmbeddingSpec(_Strict):
 
     @property
     def encoder_type(self) -> str:
-        return self.encoder.type or DEFAULT_ENCODER[self.modality]
+        return self.encoder.type if self.encoder else DEFAULT_ENCODER[self.modality]
 
     @property
     def input_columns(self) -> list[str]:
@@ -138,6 +168,7 @@ class EmbeddingSpec(_Strict):
 class TabularSpec(EmbeddingSpec):
     modality: Literal["tabular"]
     columns: list[str] = Field(min_length=1)
+    encoder: AutoencoderParams = Field(default_factory=AutoencoderParams)
 
     @property
     def input_columns(self) -> list[str]:
@@ -175,6 +206,7 @@ class MediaSpec(EmbeddingSpec):
 
 class ImageSpec(MediaSpec):
     modality: Literal["image"]
+    encoder: ConvAutoencoderParams = Field(default_factory=ConvAutoencoderParams)
     image_size: int = Field(32, ge=8, le=1024)
     channels: Literal[1, 3] = 1
     max_pixels: int = Field(24_000_000, ge=64)
@@ -185,7 +217,8 @@ class ImageSpec(MediaSpec):
 
 
 class FaceSpec(ImageSpec):
-    modality: Literal["face"]  # type: ignore[assignment]
+    modality: Literal["face"]  # type: ignore[assignment]  # a face spec is an image spec with its own tag
+    encoder: FaceEncoder = Field(default_factory=IdentityCNNParams)  # type: ignore[assignment]  # face encoders
     label_column: str | None = None
     detect_faces: bool = True
 
@@ -198,6 +231,7 @@ class FaceSpec(ImageSpec):
 
 class TextSpec(MediaSpec):
     modality: Literal["text"]
+    encoder: TextEncoder = Field(default_factory=LSTMParams)
     max_file_bytes: int = Field(16 * 2**20, ge=1)
     encoding: str = "utf-8"
     max_tokens: int = Field(256, ge=1)
@@ -213,6 +247,14 @@ class GraphEmbeddingSpec(EmbeddingSpec):
     neo4j: Neo4jSpec | None = None
     graph: GraphSpec | None = None
     schedule_seconds: float | None = Field(None, gt=0)
+
+    @field_validator("encoder", mode="before")
+    @classmethod
+    def _no_encoder_table(cls, value: Any) -> Any:
+        raise ValueError(
+            "graph embeddings take no encoder table: FastRP's settings go in [embeddings.graph], "
+            "the bridge's in [embeddings.neo4j]"
+        )
 
     @model_validator(mode="after")
     def _one_graph_source(self) -> GraphEmbeddingSpec:
@@ -298,20 +340,96 @@ def split_qualified(name: str) -> tuple[str | None, str]:
     raise SpecError(f"table name {name!r} has more than two dotted parts")
 
 
+_MODALITIES: dict[str, type[EmbeddingSpec]] = {
+    "tabular": TabularSpec,
+    "image": ImageSpec,
+    "face": FaceSpec,
+    "text": TextSpec,
+    "graph": GraphEmbeddingSpec,
+}
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The model classes inside a field's annotation (``X | None``, ``list[X]``, a tagged union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in _models_in(arg)]
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    models = _models_in(annotation)
+    return models[0] if len(models) == 1 else None
+
+
+def _model_at(model: type[BaseModel], path: list[Any]) -> type[BaseModel] | None:
+    """The model that the field path ``path`` (as pydantic reports it) leads into."""
+    current: type[BaseModel] | None = model
+    for part in path:
+        if current is None or isinstance(part, int):
+            continue
+        if part in PARAMS and part not in current.model_fields:  # a union's tag: the selected model
+            current = PARAMS[part]
+        elif part in current.model_fields:
+            current = _submodel(current.model_fields[part].annotation)
+        else:
+            return None
+    return current
+
+
+def _unknown(key: str, path: list[Any], model: type[BaseModel] | None, what: str, where: str) -> str:
+    field = ".".join(str(p) for p in [*path, key])
+    valid = sorted(model.model_fields) if model is not None else []
+    return f"unknown {what} {field!r} in {where}{nearest(key, valid)}"
+
+
 def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
-    loc = list(error["loc"])
-    where = "config"
-    if loc and loc[0] == "embeddings" and len(loc) > 1 and isinstance(loc[1], int):
-        index = loc[1]
-        entries = raw.get("embeddings") or []
-        name = entries[index].get("name") if index < len(entries) and isinstance(entries[index], dict) else None
-        where = f"embedding {name!r}" if name else f"embeddings[{index}]"
-        loc = loc[2:]
-        if loc and isinstance(loc[0], str) and loc[0] in {"tabular", "image", "face", "text", "graph"}:
-            loc = loc[1:]
-    field = ".".join(str(p) for p in loc) or "(entry)"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{where}, field {field!r}: {message}"
+    """One validation error in our words, naming the embedding, the field and the nearest valid name."""
+    loc, kind = list(error["loc"]), error["type"]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not (loc and loc[0] == "embeddings" and len(loc) > 1 and isinstance(loc[1], int)):
+        if kind == "extra_forbidden":
+            path = [p for p in loc[:-1] if not isinstance(p, int)]
+            return _unknown(str(loc[-1]), path, _model_at(Config, path), "setting", "the config")
+        return f"config, field {'.'.join(str(p) for p in loc) or '(entry)'!r}: {message}"
+    index = loc[1]
+    entries = raw.get("embeddings") or []
+    name = entries[index].get("name") if index < len(entries) and isinstance(entries[index], dict) else None
+    where = f"embedding {name!r}" if name else f"embeddings[{index}]"
+    if len(loc) == 2 and kind in ("union_tag_invalid", "union_tag_not_found"):
+        tag = str(error.get("ctx", {}).get("tag", ""))
+        valid = ", ".join(_MODALITIES)
+        if kind == "union_tag_not_found":
+            return f"{where}: set 'modality' to one of {valid}"
+        return f"{where}: unknown modality {tag!r}{nearest(tag, _MODALITIES)} (valid: {valid})"
+    modality, rest = str(loc[2]), loc[3:]
+    spec_model = _MODALITIES.get(modality, EmbeddingSpec)
+    if rest and rest[0] == "encoder" and spec_model is not GraphEmbeddingSpec:
+        allowed = _models_in(spec_model.model_fields["encoder"].annotation)
+        types = [str(m.model_fields["type"].default) for m in allowed]
+        if kind == "union_tag_invalid" or (kind == "literal_error" and rest[-1] == "type"):
+            tag = str(error.get("ctx", {}).get("tag", error.get("input")))
+            return (
+                f"{where}, field 'encoder.type': unknown encoder type {tag!r} for a {modality} embedding"
+                f"{nearest(tag, types)} (valid: {', '.join(types)})"
+            )
+        params = rest[1:]
+        model = allowed[0] if len(allowed) == 1 else None
+        if params and params[0] in PARAMS:
+            model, params = PARAMS[params[0]], params[1:]
+        if model is not None and params:
+            return explain({**error, "loc": tuple(params)}, model, "encoder parameter", f"in {where}")
+    if kind == "extra_forbidden":
+        key, path = str(rest[-1]), [p for p in rest[:-1] if not isinstance(p, int)]
+        text = _unknown(key, path, _model_at(spec_model, path), "field", where)
+        if not path and key in {"columns", "column", "path_column", "graph", "neo4j"}:
+            text += f" ({modality} embeddings take {_INPUTS[modality]})"
+        return text
+    if not rest:
+        return f"{where}: {message}"
+    field = ".".join(str(p) for p in rest)
+    value = error.get("input")
+    shown = f" = {value!r}" if not isinstance(value, dict) and kind != "value_error" else ""
+    return f"{where}, field {field!r}{shown}: {message}"
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> Config:

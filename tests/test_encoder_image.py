@@ -217,9 +217,9 @@ def test_every_pixel_format_is_read() -> None:
 
 
 def test_an_unknown_parameter_is_rejected_by_name() -> None:
-    with pytest.raises(ValueError, match=r"unknown conv_autoencoder encoder parameter\(s\) epoch;"):
+    with pytest.raises(ValueError, match=r"unknown encoder parameter 'epoch' of the conv_autoencoder encoder; did you"):
         ConvAutoencoder(16, [COLUMN], {**PARAMS, "epoch": 3})
-    with pytest.raises(ValueError, match="channels must be 1"):
+    with pytest.raises(ValueError, match=r"encoder parameter channels = 2 .* is not valid: Input should be 1 or 3"):
         ConvAutoencoder(16, [COLUMN], {**PARAMS, "channels": 2})
 
 
