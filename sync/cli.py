@@ -357,13 +357,21 @@ def search(
     with db.connection(state.url, autocommit=True) as conn:
         try:
             rows = conn.execute("SELECT key, distance FROM vectorsync.nearest(%s, %s, %s)", (name, key, k)).fetchall()
-        except (psycopg.errors.RaiseException, psycopg.DataError, psycopg.errors.InsufficientPrivilege) as exc:
-            # the query functions' own errors (bad k, unknown key, no permission) are one line each
-            raise SpecError(str(exc.diag.message_primary).removeprefix("vectorsync: ")) from None
-        except psycopg.errors.DataError as exc:
+        except psycopg.errors.InvalidTextRepresentation as exc:
             # the key does not convert to the source key's type (e.g. "abc" for an integer key)
             raise InputError(
                 "key", f"key {key!r} does not fit embedding {name!r}'s key column: {exc.diag.message_primary}"
+            ) from None
+        except (
+            psycopg.errors.RaiseException,
+            psycopg.errors.NoDataFound,
+            psycopg.DataError,
+            psycopg.errors.InsufficientPrivilege,
+        ) as exc:
+            # the query functions' own errors (bad k, unknown embedding, no such row, not embedded
+            # yet, no permission) are one line each, with the function's hint
+            raise InputError(
+                "key", str(exc.diag.message_primary).removeprefix("vectorsync: "), hint=exc.diag.message_hint
             ) from None
     result = [{"key": r[0], "distance": r[1]} for r in rows]
     if as_json:
