@@ -13,22 +13,32 @@ Every identifier is composed with ``psycopg.sql.Identifier``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import psycopg
 from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
 
 from vectorsync.errors import DatabaseError
 
 OPCLASS = {"cosine": "vector_cosine_ops", "l2": "vector_l2_ops", "inner_product": "vector_ip_ops"}
-TRIGGER_EVENTS = {
-    "insert": "AFTER INSERT ON {table} REFERENCING NEW TABLE AS vs_new FOR EACH STATEMENT",
-    "update": "AFTER UPDATE ON {table} REFERENCING OLD TABLE AS vs_old NEW TABLE AS vs_new FOR EACH STATEMENT",
-    "delete": "AFTER DELETE ON {table} REFERENCING OLD TABLE AS vs_old FOR EACH STATEMENT",
-    "truncate": "AFTER TRUNCATE ON {table} FOR EACH STATEMENT",
+
+#: Settings under which keys are written as text, by the capture trigger (its function pins them,
+#: revision 0006) and by every vectorsync session (sync.db.connect), so a key reads back the same
+#: whatever the session that changed the row had set.
+KEY_TEXT_SETTINGS = {
+    "DateStyle": "ISO, YMD",
+    "TimeZone": "UTC",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
 }
+
+#: Column names vectorsync gives the target table besides the key.
+TARGET_COLUMNS = ("embedding", "model_version", "input_hash", "embedded_at")
 
 
 #: Target tables carry this comment so autogenerate filters (migrations.autogenerate) can skip them.
@@ -72,7 +82,18 @@ class EmbeddingObjects:
 
     @property
     def index_name(self) -> str:
-        return f"{self.target_table[:50]}_embedding_idx"
+        return object_name(self.target_table, "_embedding_idx", unique_for=f"{self.target_schema}.{self.target_table}")
+
+
+def object_name(base: str, suffix: str, *, unique_for: str) -> str:
+    """``base + suffix`` when it fits Postgres's 63 bytes, else ``base`` cut and tagged with a hash
+    of ``unique_for``: Postgres would cut it silently, and two long names would share one object."""
+    if len((base + suffix).encode()) <= 63:
+        return base + suffix
+    tag = "_" + hashlib.md5(unique_for.encode()).hexdigest()[:8]
+    room = 63 - len((tag + suffix).encode())
+    cut = base.encode()[:room].decode(errors="ignore")
+    return cut + tag + suffix
 
 
 def _cursor(connection: Any) -> Any:
@@ -86,10 +107,11 @@ def execute_script(connection: Any, script: str) -> None:
     _cursor(connection).execute(script)
 
 
-def key_type(cur: Any, schema: str, table: str, column: str) -> str:
+def column_info(cur: Any, schema: str, table: str, column: str) -> tuple[int, str]:
+    """(attribute number, declared type) of a column."""
     cur.execute(
         """
-        SELECT format_type(a.atttypid, a.atttypmod)
+        SELECT a.attnum, format_type(a.atttypid, a.atttypmod)
         FROM pg_attribute a
         JOIN pg_class c ON c.oid = a.attrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -100,7 +122,11 @@ def key_type(cur: Any, schema: str, table: str, column: str) -> str:
     row = cur.fetchone()
     if row is None:
         raise SchemaChangeError(f"column {column!r} not found in table {schema}.{table}")
-    return row[0]
+    return row[0], row[1]
+
+
+def key_type(cur: Any, schema: str, table: str, column: str) -> str:
+    return column_info(cur, schema, table, column)[1]
 
 
 def target_dim(cur: Any, schema: str, table: str) -> int | None:
@@ -130,45 +156,67 @@ def index_statement(e: EmbeddingObjects, rows: int = 0) -> sql.Composed | None:
     )
 
 
-def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool = True) -> None:
-    """Create or bring up to date everything ``e`` needs; a changed ``dim`` is refused."""
+def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool = True) -> bool:
+    """Create or bring up to date everything ``e`` needs; a changed ``dim`` is refused.
+
+    Returns True when this repaired an embedding that schema drift had marked broken: its capture
+    may have missed changes meanwhile, so the caller re-queues the table against its vectors.
+    """
     cur = _cursor(connection)
-    ktype = key_type(cur, e.source_schema, e.source_table, e.key_column)
+    key_attnum, ktype = column_info(cur, e.source_schema, e.source_table, e.key_column)
+    input_attnums = [column_info(cur, e.source_schema, e.source_table, c)[0] for c in e.input_columns]
     existing_dim = target_dim(cur, e.target_schema, e.target_table)
     if existing_dim is not None and existing_dim != e.dim:
         raise SchemaChangeError(
             f"embedding {e.name!r} changes dim from {existing_dim} to {e.dim}; its vectors must be "
             f"rebuilt: run `vectorsync migrate --recreate {e.name}` (drops and re-embeds them)"
         )
+    cur.execute("SELECT broken IS NOT NULL FROM vectorsync.embeddings WHERE name = %s", (e.name,))
+    row = cur.fetchone()
+    repaired = bool(row and row[0])
+    cur.execute("SELECT to_regclass(%s)::oid", (e.source.as_string(cur),))
+    source_relid = cur.fetchone()[0]
     values = asdict(e)
     cur.execute(
         """
         INSERT INTO vectorsync.embeddings (name, modality, source_schema, source_table, key_column,
             key_type, input_columns, target_schema, target_table, dim, distance, index_kind,
-            ef_search, probes, spec)
+            ef_search, probes, spec, source_relid, key_attnum, input_attnums)
         VALUES (%(name)s, %(modality)s, %(source_schema)s, %(source_table)s, %(key_column)s,
             %(key_type)s, %(input_columns)s, %(target_schema)s, %(target_table)s, %(dim)s,
-            %(distance)s, %(index_kind)s, %(ef_search)s, %(probes)s, %(spec)s)
+            %(distance)s, %(index_kind)s, %(ef_search)s, %(probes)s, %(spec)s, %(source_relid)s,
+            %(key_attnum)s, %(input_attnums)s)
         ON CONFLICT (name) DO UPDATE SET modality = EXCLUDED.modality,
             source_schema = EXCLUDED.source_schema, source_table = EXCLUDED.source_table,
             key_column = EXCLUDED.key_column, key_type = EXCLUDED.key_type,
             input_columns = EXCLUDED.input_columns, target_schema = EXCLUDED.target_schema,
             target_table = EXCLUDED.target_table, dim = EXCLUDED.dim, distance = EXCLUDED.distance,
             index_kind = EXCLUDED.index_kind, ef_search = EXCLUDED.ef_search,
-            probes = EXCLUDED.probes, spec = EXCLUDED.spec
+            probes = EXCLUDED.probes, spec = EXCLUDED.spec, source_relid = EXCLUDED.source_relid,
+            key_attnum = EXCLUDED.key_attnum, input_attnums = EXCLUDED.input_attnums,
+            broken = NULL, broken_at = NULL
         WHERE (vectorsync.embeddings.modality, vectorsync.embeddings.source_schema,
                vectorsync.embeddings.source_table, vectorsync.embeddings.key_column,
                vectorsync.embeddings.key_type, vectorsync.embeddings.input_columns,
                vectorsync.embeddings.target_schema, vectorsync.embeddings.target_table,
                vectorsync.embeddings.dim, vectorsync.embeddings.distance, vectorsync.embeddings.index_kind,
-               vectorsync.embeddings.ef_search, vectorsync.embeddings.probes, vectorsync.embeddings.spec)
+               vectorsync.embeddings.ef_search, vectorsync.embeddings.probes, vectorsync.embeddings.spec,
+               vectorsync.embeddings.source_relid, vectorsync.embeddings.key_attnum,
+               vectorsync.embeddings.input_attnums, vectorsync.embeddings.broken)
           IS DISTINCT FROM
               (EXCLUDED.modality, EXCLUDED.source_schema, EXCLUDED.source_table, EXCLUDED.key_column,
                EXCLUDED.key_type, EXCLUDED.input_columns, EXCLUDED.target_schema, EXCLUDED.target_table,
                EXCLUDED.dim, EXCLUDED.distance, EXCLUDED.index_kind, EXCLUDED.ef_search, EXCLUDED.probes,
-               EXCLUDED.spec)
+               EXCLUDED.spec, EXCLUDED.source_relid, EXCLUDED.key_attnum, EXCLUDED.input_attnums, NULL::text)
         """,
-        {**values, "key_type": ktype, "spec": json.dumps(e.spec, sort_keys=True)},
+        {
+            **values,
+            "key_type": ktype,
+            "spec": json.dumps(e.spec, sort_keys=True),
+            "source_relid": source_relid,
+            "key_attnum": key_attnum,
+            "input_attnums": input_attnums,
+        },
     )
     cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(e.target_schema)))
     cur.execute(
@@ -189,33 +237,65 @@ def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool =
             dim=sql.Literal(e.dim),
         )
     )
+    _follow_key(cur, e, ktype)
     cur.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", (e.target.as_string(cur),))
     comment = f"{MANAGED_COMMENT} {e.name}"
     if cur.fetchone()[0] != comment:
         cur.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(e.target, sql.Literal(comment)))
+    _adopt_index(cur, e)
     statement = index_statement(e)
     if with_index and statement is not None:
         cur.execute(statement)
     if e.capture:
-        install_triggers(cur, e)
+        cur.execute("SELECT vectorsync.install_capture(%s)", (e.name,))
+    return repaired
 
 
-def install_triggers(cur: Any, e: EmbeddingObjects) -> None:
-    """Create the missing capture triggers; they are generic (the function reads the catalogue),
-    so an existing trigger is already right and is left alone."""
+def _follow_key(cur: Any, e: EmbeddingObjects, ktype: str) -> None:
+    """Give the target's key column the source key's current name and type (after the user renamed
+    or retyped it); keys that do not convert need a recreate."""
     cur.execute(
-        "SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
-        (e.source_schema, e.source_table),
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+        "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped "
+        "AND a.attname <> ALL(%s) ORDER BY a.attnum LIMIT 1",
+        (e.target.as_string(cur), list(TARGET_COLUMNS)),
     )
-    existing = {row[0] for row in cur.fetchall()}
-    for event, clause in TRIGGER_EVENTS.items():
-        if f"vectorsync_{e.name}_{event}" in existing:
-            continue
-        trigger = sql.Identifier(f"vectorsync_{e.name}_{event}")
+    name, declared = cur.fetchone()
+    if name != e.key_column:
         cur.execute(
-            sql.SQL("CREATE TRIGGER {} " + clause + " EXECUTE FUNCTION vectorsync.capture_changes({})").format(
-                trigger, sql.Literal(e.name), table=e.source
+            sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
+                e.target, sql.Identifier(name), sql.Identifier(e.key_column)
+            )
+        )
+    if declared != ktype:
+        cur.execute("SAVEPOINT vectorsync_key_type")
+        try:
+            cur.execute(
+                sql.SQL("ALTER TABLE {t} ALTER COLUMN {k} TYPE {kt} USING CAST(CAST({k} AS text) AS {kt})").format(
+                    t=e.target, k=sql.Identifier(e.key_column), kt=sql.SQL(ktype)
+                )
+            )
+        except psycopg.Error as exc:
+            cur.execute("ROLLBACK TO SAVEPOINT vectorsync_key_type")
+            raise SchemaChangeError(
+                f"embedding {e.name!r}: the stored keys do not convert from {declared} to {ktype} "
+                f"({str(exc).strip().splitlines()[0]}); run `vectorsync migrate --recreate {e.name}`"
+            ) from None
+        cur.execute("RELEASE SAVEPOINT vectorsync_key_type")
+
+
+def _adopt_index(cur: Any, e: EmbeddingObjects) -> None:
+    """Rename the target's vector index to ``e.index_name`` if it was made under an older name."""
+    cur.execute(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam "
+        "WHERE i.indrelid = to_regclass(%s) AND am.amname IN ('hnsw', 'ivfflat')",
+        (e.target.as_string(cur),),
+    )
+    names = [row[0] for row in cur.fetchall()]
+    if len(names) == 1 and names[0] != e.index_name:
+        cur.execute(
+            sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                sql.Identifier(e.target_schema, names[0]), sql.Identifier(e.index_name)
             )
         )
 
@@ -230,15 +310,8 @@ def drop_embedding(connection: Any, name: str) -> bool:
     row = cur.fetchone()
     if row is None:
         return False
-    source_schema, source_table, target_schema, target_table = row
-    cur.execute("SELECT to_regclass(%s)", (sql.Identifier(source_schema, source_table).as_string(cur),))
-    if cur.fetchone()[0] is not None:
-        for event in TRIGGER_EVENTS:
-            cur.execute(
-                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-                    sql.Identifier(f"vectorsync_{name}_{event}"), sql.Identifier(source_schema, source_table)
-                )
-            )
+    _, _, target_schema, target_table = row
+    cur.execute("SELECT vectorsync.drop_capture(%s)", (name,))
     cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(target_schema, target_table)))
     for table in ("queue", "failed", "errors", "runs"):
         cur.execute(sql.SQL("DELETE FROM {} WHERE embedding = %s").format(sql.Identifier("vectorsync", table)), (name,))

@@ -24,6 +24,7 @@ from psycopg import sql
 from vectorsync.migrations.operations import index_statement
 from vectorsync.sync import queue, sink, sources
 from vectorsync.sync.catalog import Embedding
+from vectorsync.sync.db import session_options
 from vectorsync.sync.models import ModelCache, ensure_model
 from vectorsync.sync.schema import objects_for
 from vectorsync.sync.spec import WorkerSpec
@@ -73,7 +74,7 @@ def _encoded_chunks(url: str, emb: Embedding, version: int, cache: ModelCache, c
 
     def produce() -> None:
         try:
-            with psycopg.connect(url) as reader:
+            with psycopg.connect(url, options=session_options(url)) as reader:
                 encoder = cache.get(reader, emb, version)
                 for frame in sources.stream_stale(reader, emb, version, chunk_rows=chunk_rows):
                     failures = sources.resolve_references(emb, frame)

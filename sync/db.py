@@ -12,6 +12,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 
 from vectorsync.errors import DatabaseError
+from vectorsync.migrations.operations import KEY_TEXT_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,21 @@ def resolve_url(cli_url: str | None, config_url: str | None, config_path: str | 
     return embedded_url(data_dir(config_path))
 
 
+def session_options(url: str) -> str:
+    """The URL's ``options`` plus the settings keys are written as text under (``KEY_TEXT_SETTINGS``),
+    so keys this session reads or writes as text match those the capture trigger queued."""
+    try:
+        given = psycopg.conninfo.conninfo_to_dict(url).get("options") or ""
+    except psycopg.ProgrammingError:
+        given = ""
+    pinned = " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in KEY_TEXT_SETTINGS.items())
+    return f"{given} {pinned}".strip()
+
+
 def connect(url: str, *, autocommit: bool = False, vector: bool = True) -> psycopg.Connection:
     """Open a connection with pgvector's types registered; one clear error when it fails."""
     try:
-        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
+        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10, options=session_options(url))
     except psycopg.ProgrammingError as exc:
         # libpq refuses the URL itself before trying to connect
         raise DatabaseError(

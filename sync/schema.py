@@ -12,9 +12,19 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import NullPool
 
 from vectorsync.migrations import MIGRATIONS_DIR
-from vectorsync.migrations.operations import EmbeddingObjects, SchemaChangeError, create_embedding, drop_embedding
+from vectorsync.migrations.operations import (
+    TARGET_COLUMNS,
+    EmbeddingObjects,
+    SchemaChangeError,
+    create_embedding,
+    drop_embedding,
+)
+from vectorsync.sync import catalog, queue, sink
 from vectorsync.sync.db import connect, ensure_vector_extension
+from vectorsync.sync.models import current_version
+from vectorsync.sync.sources import HASH, KEY
 from vectorsync.sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, SpecError, split_qualified
+from vectorsync.sync.worker import queue_embeddable
 
 
 class SpecMismatch(SpecError):
@@ -107,10 +117,38 @@ def required_columns(spec: EmbeddingSpec) -> list[tuple[str, str]]:
     return needed
 
 
+def key_is_unique(conn: psycopg.Connection, schema: str, table: str, column: str) -> bool:
+    """Whether ``column`` alone is the table's primary key or carries a unique index, and is NOT NULL."""
+    return conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+        "AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass(%s) AND a.attname = %s AND a.attnotnull "
+        "AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL AND i.indexprs IS NULL)",
+        (sql.Identifier(schema, table).as_string(conn), column),
+    ).fetchone()[0]
+
+
+def name_clashes(spec: EmbeddingSpec) -> list[str]:
+    """Problems with column names that vectorsync uses itself (in its row frames and target table)."""
+    problems = [
+        f"embedding {spec.name!r}, field 'columns': column {column!r} has a name vectorsync uses internally; "
+        f"sync a view that renames it"
+        for column in spec.input_columns
+        if column in (KEY, HASH)
+    ]
+    if spec.key in TARGET_COLUMNS or spec.key in (KEY, HASH):
+        problems.append(
+            f"embedding {spec.name!r}, field 'key': key column {spec.key!r} has the name of a column of the "
+            f"target table ({', '.join(TARGET_COLUMNS)}); sync a view that renames it"
+        )
+    return problems
+
+
 def check_specs(conn: psycopg.Connection, specs: list[EmbeddingSpec]) -> None:
-    """Every table and column the specs name must exist; report all problems at once."""
+    """Every table and column the specs name must exist, and each key must identify one row;
+    report all problems at once."""
     problems: list[str] = []
     for spec in specs:
+        problems += name_clashes(spec)
         schema = resolve_schema(conn, spec)
         columns = table_columns(conn, schema, spec.source_name)
         if columns is None:
@@ -123,6 +161,13 @@ def check_specs(conn: psycopg.Connection, specs: list[EmbeddingSpec]) -> None:
                     f"table {spec.table!r} (columns: {', '.join(columns)})"
                 )
         problems.extend(_type_problems(spec, columns))
+        unique = spec.key not in columns or key_is_unique(conn, schema, spec.source_name, spec.key)
+        if queue_embeddable(spec) and not unique:
+            problems.append(
+                f"embedding {spec.name!r}, field 'key': column {spec.key!r} of table {spec.table!r} is neither "
+                f"the primary key nor a NOT NULL column with a unique index of its own; add one "
+                f"(e.g. ALTER TABLE ... ADD PRIMARY KEY ({spec.key})) or choose another key"
+            )
         graph = getattr(spec, "graph", None)
         if graph is not None:
             gschema, gtable = graph.edges.split(".", 1) if "." in graph.edges else (schema, graph.edges)
@@ -182,10 +227,21 @@ def upgrade(url: str, config: Config, *, recreate: list[str] | None = None) -> M
             config.embedding(name)
             drop_embedding(sa_conn, name)
         for spec in config.embeddings:
-            create_embedding(sa_conn, objects_for(spec, resolve_schema(raw, spec)))
+            if create_embedding(sa_conn, objects_for(spec, resolve_schema(raw, spec))):
+                reconcile(raw, spec)
         after = current_revision(raw)
     engine.dispose()
     return MigrateReport(before, after, [s.name for s in config.embeddings])
+
+
+def reconcile(conn: psycopg.Connection, spec: EmbeddingSpec) -> None:
+    """After repairing a broken embedding: queue every row whose vector is missing or stale and
+    remove vectors of deleted rows, since capture could not follow the table meanwhile."""
+    if not queue_embeddable(spec):
+        return
+    emb = catalog.load(conn, spec)
+    sink.delete_orphans(conn, emb)
+    queue.enqueue_backfill(conn, emb, current_version(conn, spec.name))
 
 
 def downgrade(url: str) -> list[str]:

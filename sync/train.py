@@ -12,6 +12,7 @@ from vectorsync.encoders.base import Progress
 from vectorsync.errors import InputError
 from vectorsync.sync import queue, sources
 from vectorsync.sync.catalog import Embedding
+from vectorsync.sync.db import session_options
 from vectorsync.sync.models import new_encoder, store
 from vectorsync.sync.spec import ImageSpec
 
@@ -51,7 +52,7 @@ def train(
     chunk_rows = IMAGE_CHUNK_ROWS if isinstance(spec, ImageSpec) else 2048
 
     def batches(holdout: bool, cap: int) -> Iterator[pd.DataFrame]:
-        with psycopg.connect(url) as reader:
+        with psycopg.connect(url, options=session_options(url)) as reader:
             yield from sources.stream_rows(
                 reader, emb, extra_columns=extra, holdout=holdout, sample=cap, seed=seed, chunk_rows=chunk_rows
             )

@@ -1,0 +1,288 @@
+"""Change capture: it runs as vectorsync's owner, cannot be hijacked through a caller's search path,
+survives schema drift without failing the user's statements, writes keys in one text form whatever
+the session's settings, and follows partitions."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from tests.worker_support import vectorsync
+from vectorsync.sync.db import session_options
+
+SPEC = """
+[[embeddings]]
+name = "{name}"
+table = "{table}"
+key = "{key}"
+modality = "tabular"
+dim = 4
+index = "none"
+columns = [{columns}]
+encoder = {{ type = "autoencoder", seed = 1, epochs = 1, hidden = [8] }}
+"""
+
+
+def spec(path: Path, *, name: str = "items", table: str = "items", key: str = "id", columns=("a", "b")) -> Path:
+    path.write_text(
+        textwrap.dedent(SPEC.format(name=name, table=table, key=key, columns=", ".join(f'"{c}"' for c in columns)))
+    )
+    return path
+
+
+def as_role(url: str, role: str, **settings: str) -> psycopg.Connection:
+    info = conninfo_to_dict(url)
+    info["user"] = role
+    if settings:
+        info["options"] = " ".join(f"-c {k}={v}" for k, v in settings.items())
+    return psycopg.connect(make_conninfo(**info), autocommit=True)
+
+
+@pytest.fixture
+def make_role(conn: psycopg.Connection, db_url: str) -> Iterator:
+    """Create login roles for one test (roles belong to the whole server: unique names, dropped after)."""
+    made: list[str] = []
+
+    def make(prefix: str) -> str:
+        role = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+            sql.Identifier(conninfo_to_dict(db_url)["dbname"]), sql.Identifier(role)))
+        made.append(role)
+        return role
+
+    yield make
+    for role in made:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(
+            sql.Identifier(conninfo_to_dict(db_url)["dbname"]), sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def create_items(conn: psycopg.Connection, rows: int = 40, key_type: str = "integer") -> None:
+    conn.execute(f"CREATE TABLE items (id {key_type} PRIMARY KEY, a double precision, b double precision, note text)")
+    conn.execute(
+        "INSERT INTO items (id, a, b) SELECT g, g %% 7, cos(g) FROM generate_series(1, %s) g", (rows,)
+    )
+
+
+@pytest.fixture
+def items(conn: psycopg.Connection, db_url: str, tmp_path: Path) -> Path:
+    """``items`` (integer key) migrated, trained and synced."""
+    create_items(conn)
+    config = spec(tmp_path / "vectorsync.toml")
+    vectorsync(db_url, config, "migrate")
+    vectorsync(db_url, config, "train", "items")
+    vectorsync(db_url, config, "sync")
+    return config
+
+
+def vectors_match_source(conn: psycopg.Connection) -> bool:
+    return conn.execute(
+        "SELECT (SELECT array_agg(id ORDER BY id) FROM items) IS NOT DISTINCT FROM "
+        "(SELECT array_agg(id ORDER BY id) FROM items_embeddings)"
+    ).fetchone()[0]
+
+
+def broken(conn: psycopg.Connection, name: str = "items") -> str | None:
+    return conn.execute("SELECT broken FROM vectorsync.embeddings WHERE name = %s", (name,)).fetchone()[0]
+
+
+# --- roles -------------------------------------------------------------------------------------
+
+
+def test_an_application_role_with_table_rights_only_writes_and_vectors_follow(conn, db_url, items, make_role):
+    app = make_role("app")
+    conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON items TO {}").format(sql.Identifier(app)))
+    with as_role(db_url, app) as writer:
+        writer.execute("INSERT INTO items (id, a, b) VALUES (1000, 1, 2)")
+        writer.execute("UPDATE items SET a = a + 1 WHERE id <= 5")
+        writer.execute("DELETE FROM items WHERE id = 7")
+    assert conn.execute("SELECT count(*) FROM vectorsync.queue").fetchone()[0] == 6
+    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id = 7").fetchone()[0] == 0
+    vectorsync(db_url, items, "sync")
+    assert vectors_match_source(conn)
+    with as_role(db_url, app) as writer:
+        writer.execute("TRUNCATE items")
+    assert conn.execute("SELECT count(*) FROM items_embeddings").fetchone()[0] == 0
+
+
+def test_a_callers_search_path_cannot_make_the_trigger_run_its_objects(conn, db_url, items, make_role):
+    evil = make_role("evil")
+    conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON items TO {}").format(sql.Identifier(evil)))
+    conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+        sql.Identifier(conninfo_to_dict(db_url)["dbname"]), sql.Identifier(evil)))
+    with as_role(db_url, evil) as attacker:
+        attacker.execute("CREATE SCHEMA evil")
+        attacker.execute("CREATE TABLE evil.calls (what text)")
+        attacker.execute("CREATE TABLE evil.queue (embedding text, key text)")
+        attacker.execute("CREATE TABLE evil.failed (embedding text, key text)")
+        for signature, returns, value in (
+            ("pg_notify(text, text)", "void", ""),
+            ("count(double precision)", "bigint", "0"),
+            ("record_image_eq(record, record)", "boolean", "true"),
+            ("text(integer)", "text", "'0'"),
+            ("int4eq(integer, integer)", "boolean", "true"),
+        ):
+            name = signature.split("(")[0]
+            attacker.execute(
+                f"CREATE FUNCTION evil.{signature} RETURNS {returns} LANGUAGE plpgsql AS "
+                # only calls made from inside a trigger count: the attacker's own statement uses them too
+                f"$$ BEGIN IF pg_catalog.pg_trigger_depth() > 0 THEN INSERT INTO evil.calls VALUES ('{name}'); "
+                f"END IF; RETURN {value}; END $$"
+            )
+        attacker.execute(
+            "CREATE OPERATOR evil.= (LEFTARG = integer, RIGHTARG = integer, FUNCTION = evil.int4eq)"
+        )
+        attacker.execute("SET search_path = evil, pg_catalog, public")
+        # the attacker's own statements name pg_catalog's operators, so only the trigger could meet evil's
+        attacker.execute(
+            "UPDATE public.items SET a = a OPERATOR(pg_catalog.+) 10 WHERE id OPERATOR(pg_catalog.=) ANY ('{1,2}')"
+        )
+        attacker.execute("DELETE FROM public.items WHERE id OPERATOR(pg_catalog.=) 3")
+        assert attacker.execute("SELECT count(*) FROM evil.calls").fetchone()[0] == 0
+        assert attacker.execute("SELECT count(*) FROM evil.queue").fetchone()[0] == 0
+    assert sorted(r[0] for r in conn.execute("SELECT key FROM vectorsync.queue")) == ["1", "2"]
+    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id = 3").fetchone()[0] == 0
+
+
+def test_capture_functions_are_security_definer_with_a_pinned_search_path(conn, items):
+    rows = conn.execute(
+        "SELECT p.proname, p.prosecdef, p.proconfig FROM pg_proc p JOIN pg_trigger t ON t.tgfoid = p.oid "
+        "WHERE t.tgrelid = 'items'::regclass"
+    ).fetchall()
+    assert rows and all(secdef for _, secdef, _ in rows)
+    assert all("search_path=pg_catalog, pg_temp" in config for _, _, config in rows)
+
+
+# --- schema drift ------------------------------------------------------------------------------
+
+
+def user_statements_succeed(conn: psycopg.Connection, key_expr: str = "1000") -> None:
+    conn.execute(f"INSERT INTO items (id, a) VALUES ({key_expr}, 1)")
+    conn.execute("UPDATE items SET note = 'x', a = 3 WHERE id IN (SELECT id FROM items ORDER BY id LIMIT 3)")
+    conn.execute("UPDATE items SET a = a + 1")  # a bulk statement takes the EXECUTE path
+    conn.execute("DELETE FROM items WHERE id IN (SELECT id FROM items ORDER BY id LIMIT 2)")
+
+
+def test_dropping_an_input_column_keeps_writes_working_and_migrate_repairs(conn, db_url, items, tmp_path):
+    conn.execute("ALTER TABLE items DROP COLUMN b")
+    user_statements_succeed(conn)
+    reason = broken(conn)
+    assert "input column b was dropped by `ALTER TABLE items DROP COLUMN b`" in reason
+    assert "vectorsync migrate" in reason
+    spec(items, columns=("a",))
+    vectorsync(db_url, items, "migrate")
+    assert broken(conn) is None
+    vectorsync(db_url, items, "train", "items")
+    vectorsync(db_url, items, "sync")
+    assert vectors_match_source(conn)
+    conn.execute("UPDATE items SET a = a + 1 WHERE id = 10")
+    assert conn.execute("SELECT key FROM vectorsync.queue").fetchall() == [("10",)]
+
+
+def test_renaming_an_input_column_keeps_capture_by_attribute_number(conn, db_url, items):
+    conn.execute("ALTER TABLE items RENAME COLUMN b TO bee")
+    user_statements_succeed(conn)
+    assert "input column b was renamed to bee" in broken(conn)
+    conn.execute("DELETE FROM vectorsync.queue")
+    conn.execute("UPDATE items SET bee = bee + 1 WHERE id = 20")
+    conn.execute("UPDATE items SET note = 'unrelated' WHERE id = 21")
+    assert conn.execute("SELECT key FROM vectorsync.queue").fetchall() == [("20",)]
+    spec(items, columns=("a", "bee"))
+    vectorsync(db_url, items, "migrate")
+    assert broken(conn) is None
+    vectorsync(db_url, items, "train", "items")
+    vectorsync(db_url, items, "sync")
+    assert vectors_match_source(conn)
+
+
+@pytest.mark.parametrize("new_type", ["bigint", "text"])
+def test_changing_the_key_type_keeps_writes_working_and_migrate_repairs(conn, db_url, items, new_type):
+    conn.execute(f"ALTER TABLE items ALTER COLUMN id TYPE {new_type}")
+    user_statements_succeed(conn, "'1000'" if new_type == "text" else "1000")
+    assert f"key column id changed type from integer to {new_type}" in broken(conn)
+    vectorsync(db_url, items, "migrate")
+    assert broken(conn) is None
+    vectorsync(db_url, items, "sync")
+    assert conn.execute(
+        "SELECT (SELECT array_agg(id::text ORDER BY id::text) FROM items) = "
+        "(SELECT array_agg(id::text ORDER BY id::text) FROM items_embeddings)"
+    ).fetchone()[0]
+
+
+def test_renaming_the_source_table_is_reported_and_capture_goes_on(conn, db_url, items):
+    conn.execute("ALTER TABLE items RENAME TO goods")
+    conn.execute("INSERT INTO goods (id, a) VALUES (1000, 1)")
+    conn.execute("UPDATE goods SET a = a + 1 WHERE id = 3")
+    conn.execute("DELETE FROM goods WHERE id = 4")
+    assert "source table public.items was renamed to public.goods" in broken(conn)
+    assert sorted(r[0] for r in conn.execute("SELECT key FROM vectorsync.queue")) == ["1000", "3"]
+    spec(items, table="goods")
+    vectorsync(db_url, items, "migrate")
+    assert broken(conn) is None
+    vectorsync(db_url, items, "sync")
+    assert conn.execute(
+        "SELECT (SELECT array_agg(id ORDER BY id) FROM goods) = "
+        "(SELECT array_agg(id ORDER BY id) FROM items_embeddings)"
+    ).fetchone()[0]
+
+
+def test_dropping_the_source_table_is_reported(conn, items):
+    conn.execute("DROP TABLE items")
+    assert "source table public.items was dropped by `DROP TABLE items`" in broken(conn)
+
+
+def test_without_event_triggers_drift_is_recorded_instead_of_failing_the_statement(conn, items):
+    conn.execute("DROP EVENT TRIGGER vectorsync_ddl_end")
+    conn.execute("SELECT vectorsync.install_capture('items')")
+    conn.execute("ALTER TABLE items DROP COLUMN b")
+    user_statements_succeed(conn)
+    assert "change capture failed" in broken(conn) and "vectorsync migrate" in broken(conn)
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+KEYS = {
+    "date": "DATE '2024-03-04' + g",
+    "timestamp": "TIMESTAMP '2024-03-04 05:06:07.25' + g * INTERVAL '1 day 1 hour'",
+    "timestamptz": "TIMESTAMPTZ '2024-03-04 05:06:07.25+00' + g * INTERVAL '1 day 1 hour'",
+    "numeric": "g / 3.0",
+    "double precision": "g / 3.0::float8",
+    "uuid": "md5(g::text)::uuid",
+    "text": "'k,' || g || ' ü'",
+    "interval": "g * INTERVAL '1 day 2 hours'",
+}
+
+
+@pytest.mark.parametrize("key_type", list(KEYS))
+def test_keys_written_under_other_session_settings_embed_the_right_row(conn, db_url, tmp_path, key_type):
+    conn.execute(f"CREATE TABLE items (id {key_type} PRIMARY KEY, a double precision, b double precision)")
+    conn.execute(f"INSERT INTO items SELECT {KEYS[key_type]}, g % 7, cos(g) FROM generate_series(1, 40) g")
+    config = spec(tmp_path / "vectorsync.toml")
+    vectorsync(db_url, config, "migrate")
+    vectorsync(db_url, config, "train", "items")
+    vectorsync(db_url, config, "sync")
+    canonical = psycopg.connect(db_url, autocommit=True, options=session_options(db_url))
+    snapshot = "SELECT id::text, embedded_at FROM items_embeddings"
+    before = dict(canonical.execute(snapshot).fetchall())
+    with as_role(
+        db_url, conninfo_to_dict(db_url).get("user") or "postgres",
+        DateStyle="SQL,DMY", TimeZone="Asia/Kolkata", IntervalStyle="sql_standard", extra_float_digits="0",
+    ) as writer:
+        writer.execute("UPDATE items SET a = a + 100 WHERE id = (SELECT id FROM items ORDER BY id OFFSET 12 LIMIT 1)")
+    (expected,) = canonical.execute("SELECT id::text FROM items ORDER BY items.id OFFSET 12 LIMIT 1").fetchone()
+    assert conn.execute("SELECT key FROM vectorsync.queue").fetchall() == [(expected,)]
+    vectorsync(db_url, config, "sync")
+    after = dict(canonical.execute(snapshot).fetchall())
+    canonical.close()
+    assert after.keys() == before.keys()
+    assert [k for k in after if after[k] != before[k]] == [expected]
+    assert conn.execute("SELECT count(*) FROM vectorsync.queue").fetchone()[0] == 0
