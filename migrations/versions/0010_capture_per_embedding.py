@@ -23,16 +23,16 @@ rights on vectorsync could not write its own table).
 - The queue loses its (embedding, key) index: it made every enqueued change cost a random btree
   insert, and nothing needs it on the capture path.
 
-Revision ID: 0009_capture_per_embedding
-Revises: 0008_query_safety
+Revision ID: 0010_capture_per_embedding
+Revises: 0009_missing_row
 """
 
 from alembic import op
 
 from vectorsync.migrations.operations import execute_script
 
-revision = "0009_capture_per_embedding"
-down_revision = "0008_query_safety"
+revision = "0010_capture_per_embedding"
+down_revision = "0009_missing_row"
 branch_labels = None
 depends_on = None
 
@@ -426,7 +426,7 @@ def downgrade() -> None:
     bind = op.get_bind()
     if bind.exec_driver_sql("SELECT count(*) FROM vectorsync.embeddings").scalar():
         raise RuntimeError(
-            "downgrading below 0009 would leave embeddings without change capture; "
+            "downgrading below 0010 would leave embeddings without change capture; "
             "run `vectorsync migrate --downgrade` (drops every embedding) instead"
         )
     execute_script(bind, DOWNGRADE)
