@@ -457,6 +457,61 @@ def demo(
     run_demo(state, k=k, console=out, progress=_progress)
 
 
+@app.command()
+def report(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Embedding.")],
+    label: Annotated[
+        str | None, typer.Option(help="Column of the source table: compare kNN label agreement with a baseline.")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="HTML file (default NAME-report.html).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON instead.")] = False,
+    sample: Annotated[int, typer.Option(help="Rows compared at most.")] = 2000,
+) -> None:
+    """Model quality: training curves, held-out metrics and, with --label, kNN (k=5) label agreement
+    against a same-dimension baseline (PCA, TF-IDF + SVD, raw graph features) on the same rows."""
+    from vectorsync.sync import catalog
+    from vectorsync.sync import report as reports
+
+    state = _state(ctx)
+    spec = state.config.embedding(name)
+    with db.connection(state.url, autocommit=True) as conn:
+        data = reports.build(conn, catalog.load(conn, spec), label=label, sample=sample)
+    if as_json:
+        out.print(json.dumps(data, default=str), highlight=False, soft_wrap=True)
+        return
+    path = output or Path(f"{name}-report.html")
+    path.write_text(reports.render_html(data))
+    if data.get("verdict"):
+        console.print(data["verdict"], highlight=False)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def ui(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to bind; beyond loopback needs --allow-remote.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8765,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Allow binding beyond loopback; every request then needs the token.")
+    ] = False,
+    token: Annotated[
+        str | None, typer.Option(envvar="VECTORSYNC_UI_TOKEN", help="Token for remote use (default: a random one).")
+    ] = None,
+    allow_retry: Annotated[bool, typer.Option("--allow-retry", help="Enable the retry button (a write).")] = False,
+) -> None:
+    """A local web explorer: status, nearest neighbours with thumbnails, a 2-D map, models and reports."""
+    try:
+        from vectorsync.sync.ui import server
+    except ImportError as exc:
+        raise SpecError(f"the UI needs the 'ui' extra ({exc.name} is missing): pip install 'vectorsync[ui]'") from None
+
+    state = _state(ctx)
+    url, token = server.plan(host, port, allow_remote=allow_remote, token=token)
+    console.print(f"vectorsync ui on {url} (read-{'write: retry enabled' if allow_retry else 'only'}); Ctrl+C stops it")
+    server.serve(state.url, state.config, host=host, port=port, token=token, allow_retry=allow_retry)
+
+
 def main_entry(argv: list[str] | None = None) -> int:
     """Run the CLI. A ``VectorsyncError`` is expected: its message (and hint) on stderr, exit 1.
     Anything else is a bug: a one-line hint, or the traceback with ``--verbose``; exit 2."""

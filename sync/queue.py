@@ -157,6 +157,17 @@ def retry_failed(conn: psycopg.Connection, names: Sequence[str]) -> int:
     return cur.rowcount
 
 
+def failed_items(conn: psycopg.Connection, *, limit: int = 100) -> list[dict[str, Any]]:
+    """The most recent failed items: embedding, key, column, reason, attempts, when."""
+    rows = conn.execute(
+        "SELECT embedding, key, column_name, error, attempts, failed_at FROM vectorsync.failed "
+        "ORDER BY failed_at DESC, embedding, key LIMIT %s",
+        (limit,),
+    ).fetchall()
+    names = ("embedding", "key", "column", "error", "attempts", "failed_at")
+    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
 def queue_depth(conn: psycopg.Connection, name: str, *, ready_only: bool = False) -> int:
     condition = " AND not_before <= now()" if ready_only else ""
     row = conn.execute("SELECT count(*) FROM vectorsync.queue WHERE embedding = %s" + condition, (name,)).fetchone()
