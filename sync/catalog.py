@@ -8,6 +8,7 @@ import psycopg
 from psycopg import sql
 
 from vectorsync.errors import DatabaseError
+from vectorsync.migrations.operations import SchemaChangeError
 from vectorsync.sync.spec import EmbeddingSpec
 
 
@@ -63,7 +64,7 @@ def load(conn: psycopg.Connection, spec: EmbeddingSpec) -> Embedding:
     row = (
         conn.execute(
             "SELECT source_schema, source_table, key_column, key_type, target_schema, target_table, "
-            "current_version FROM vectorsync.embeddings WHERE name = %s",
+            "current_version, dim FROM vectorsync.embeddings WHERE name = %s",
             (spec.name,),
         ).fetchone()
         if _migrated(conn)
@@ -71,7 +72,15 @@ def load(conn: psycopg.Connection, spec: EmbeddingSpec) -> Embedding:
     )
     if row is None:
         raise NotMigrated(f"embedding {spec.name!r} has no schema yet; run `vectorsync migrate` first")
-    source_schema, source_table, key_column, recorded_type, target_schema, target_table, version = row
+    source_schema, source_table, key_column, recorded_type, target_schema, target_table, version, dim = row
+    if dim != spec.dim:
+        # a model or vectors of the spec's dim would not fit the table: refuse before any work
+        raise SchemaChangeError(
+            f"embedding {spec.name!r} sets dim = {spec.dim} but its table {target_table!r} holds {dim}-dimensional "
+            "vectors",
+            hint=f"run `vectorsync migrate --recreate {spec.name}` to rebuild the table (its vectors are dropped), "
+            f"or set dim = {dim} again",
+        )
     return Embedding(
         spec,
         source_schema,

@@ -253,8 +253,19 @@ def train(
                 bar.update(task, completed=step, total=total, info=info)
 
             version, metrics, rows = training.train(state.url, conn, emb, progress=report, sample=sample)
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-    console.print(f"{name}: model version {version} trained on {rows} rows ({shown})")
+    console.print(f"{name}: model version {version} {_training_summary(rows, metrics)}", soft_wrap=True)
+
+
+def _training_summary(rows: int, metrics: dict[str, float]) -> str:
+    """"trained on 900 rows, 100 held out (...)", saying how many rows had unusable inputs."""
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("_rows"))
+    if "train_rows" not in metrics:
+        return f"trained on {rows} rows ({shown})"
+    trained, held = int(metrics["train_rows"]), int(metrics.get("holdout_rows", 0))
+    text = f"trained on {trained} rows, {held} more held out to measure it ({shown})"
+    if trained + held < rows:
+        text += f"; {rows - trained - held} of {rows} rows were skipped: their inputs could not be used"
+    return text
 
 
 def _sync_one(state: State, conn: psycopg.Connection, spec: Any, batch_size: int, bar: Progress) -> dict[str, Any]:
@@ -290,13 +301,33 @@ def sync_command(
     """Embed every row that has no vector from the current model or whose inputs changed; remove
     vectors of deleted rows. Exits 0 when nothing is pending; a second run does no work."""
     state = _state(ctx)
-    specs = state.config.select(names)
+    _sync_all(state, state.config.select(names), batch_size)
+
+
+def _sync_all(state: State, specs: list[Any], batch_size: int) -> None:
+    failed: dict[str, int] = {}
     with db.connection(state.url, autocommit=True) as conn, _progress() as bar:
         for spec in specs:
             counts = _sync_one(state, conn, spec, batch_size, bar)
             bar.console.print(
                 f"{spec.name}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if not k.endswith("seconds"))
             )
+            if counts.get("failed"):
+                failed[spec.name] = int(counts["failed"])
+    _refuse_failures(failed)
+
+
+def _refuse_failures(failed: dict[str, int]) -> None:
+    """A sync that left rows unembedded did not do what it was asked: say so, where to look, what to run."""
+    if not failed:
+        return
+    first = next(iter(failed))
+    raise InputError(
+        None,
+        "; ".join(f"{count} row(s) of {name} could not be embedded" for name, count in failed.items()),
+        hint=f"see why with: SELECT key, error FROM vectorsync.failed WHERE embedding = '{first}'; "
+        f"fix those rows (or files), then run: vectorsync retry {' '.join(failed)}",
+    )
 
 
 @app.command()
@@ -389,14 +420,17 @@ def search(
 def retry(
     ctx: typer.Context,
     names: Annotated[list[str] | None, typer.Argument(help="Embeddings (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 2048,
 ) -> None:
-    """Re-queue items from vectorsync.failed (after you fixed their rows or files)."""
+    """Re-queue items from vectorsync.failed (after you fixed their rows or files) and sync them;
+    exits non-zero if some fail again."""
     state = _state(ctx)
-    selected = [s.name for s in state.config.select(names)]
+    specs = state.config.select(names)
     with db.connection(state.url) as conn:
-        count = queue.retry_failed(conn, selected)
+        count = queue.retry_failed(conn, [s.name for s in specs])
         conn.commit()
     console.print(f"re-queued {count} failed item(s)")
+    _sync_all(state, specs, batch_size)
 
 
 @app.command()

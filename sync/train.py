@@ -45,19 +45,22 @@ def train(
         raise InputError(None, f"embedding {spec.name!r}: table {spec.table!r} has no rows to train on")
     limit = min(sample or spec.train_sample, rows)
     holdout_rows = max(1, limit // 10) if rows >= 20 else 0
+    # Without sampling, the key-hash split alone decides (~10 % held out), so every row is used once;
+    # capping each part at a count would leave out rows the hash put on the larger side.
+    train_cap, holdout_cap = (None, None) if limit == rows else (limit - holdout_rows, holdout_rows)
     extra = [c for c in [getattr(spec, "label_column", None)] if c]
     seed = spec.encoder.seed
 
     # Encoded images can be megabytes each: fetch fewer per chunk so a chunk stays small in memory.
     chunk_rows = IMAGE_CHUNK_ROWS if isinstance(spec, ImageSpec) else 2048
 
-    def batches(holdout: bool, cap: int) -> Iterator[pd.DataFrame]:
+    def batches(holdout: bool, cap: int | None) -> Iterator[pd.DataFrame]:
         with psycopg.connect(url, options=session_options(url)) as reader:
             yield from sources.stream_rows(
                 reader, emb, extra_columns=extra, holdout=holdout, sample=cap, seed=seed, chunk_rows=chunk_rows
             )
 
-    def resolved(holdout: bool, cap: int) -> Iterator[pd.DataFrame]:
+    def resolved(holdout: bool, cap: int | None) -> Iterator[pd.DataFrame]:
         for chunk in batches(holdout, cap):
             failures = sources.resolve_references(emb, chunk)
             if failures:
@@ -67,8 +70,8 @@ def train(
 
     if holdout_rows:
         metrics = encoder.fit(
-            lambda: resolved(False, limit - holdout_rows),
-            lambda: resolved(True, holdout_rows),
+            lambda: resolved(False, train_cap),
+            lambda: resolved(True, holdout_cap),
             seed=seed,
             progress=progress,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 PRODUCTS = """
@@ -34,3 +36,37 @@ def test_search_tells_a_missing_row_from_one_not_embedded_yet(products, cli):
     assert pending.code == 1
     assert "row 1 of embedding products has no embedding yet" in pending.err
     assert "hint: run vectorsync sync products" in pending.err
+
+
+def test_train_refuses_a_dim_the_migrated_table_does_not_have(products, cli, conn):
+    changed = products.read_text().replace("dim = 2", "dim = 3")
+    products.write_text(changed)
+    assert cli("migrate", config=products).code == 1  # the dim change needs --recreate
+    result = cli("train", "products", config=products)
+    assert result.code == 1
+    assert "sets dim = 3 but its table 'products_embeddings' holds 2-dimensional vectors" in result.err
+    assert "vectorsync migrate --recreate products" in result.err
+    assert conn.execute("SELECT count(*) FROM vectorsync.models").fetchone()[0] == 0
+    assert cli("sync", config=products).code == 1
+
+
+def test_sync_and_retry_exit_non_zero_when_rows_failed(products, cli, conn):
+    conn.execute("UPDATE products SET price = 'NaN' WHERE id = 7")
+    result = cli("sync", config=products)
+    assert result.code == 1, result.err
+    assert "1 row(s) of products could not be embedded" in result.err
+    assert "SELECT key, error FROM vectorsync.failed WHERE embedding = 'products'" in result.err
+    assert "vectorsync retry products" in result.err
+    again = cli("retry", "products", config=products)
+    assert again.code == 1 and "re-queued 1 failed item(s)" in again.err
+    conn.execute("UPDATE products SET price = 10.5 WHERE id = 7")
+    assert cli("retry", "products", config=products).code == 0
+    assert conn.execute("SELECT count(*) FROM products_embeddings").fetchone()[0] == 60
+
+
+def test_training_summary_accounts_for_every_row(products, cli):
+    result = cli("train", "products", config=products)
+    assert result.code == 0, result.err
+    summary = result.err.strip().splitlines()[-1]
+    trained, held = (int(n) for n in re.findall(r"trained on (\d+) rows, (\d+) more held out", summary)[0])
+    assert trained + held == 60, summary

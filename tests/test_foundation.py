@@ -384,7 +384,7 @@ def test_non_finite_values_fail_with_row_and_column(conn, write_config, cli):
     assert cli("train", "m", config=config).code == 0
     conn.execute("UPDATE m SET b = 'NaN' WHERE id = 7")
     conn.execute("UPDATE m SET a = 'Infinity' WHERE id = 9")
-    assert cli("sync", config=config).code == 0
+    assert cli("sync", config=config).code == 1  # rows failed: the exit status says so
     failed = conn.execute("SELECT key, column_name, error FROM vectorsync.failed ORDER BY key").fetchall()
     assert [(k, c) for k, c, _ in failed] == [("7", "b"), ("9", "a")]
     assert all("not finite" in e for _, _, e in failed)

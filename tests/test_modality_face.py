@@ -137,7 +137,7 @@ def test_detection_finds_lfw_faces_and_a_photo_without_a_face_fails(conn, write_
     )
     run_ok(cli, "migrate", config=config)
     run_ok(cli, "train", "snaps", config=config)  # briefly: the detection path is under test here
-    run_ok(cli, "sync", config=config)
+    assert cli("sync", config=config).code == 1  # images without a face fail, and sync says so
 
     failed = dict(conn.execute(
         "SELECT key::int, error FROM vectorsync.failed WHERE embedding = 'snaps' AND column_name = 'photo'"
@@ -187,7 +187,8 @@ def test_dlib_needs_no_training_and_puts_a_face_nearest_its_mirror_image(conn, w
     insert(conn, "scenes", [(1, encoded(Image.fromarray(skimage.data.astronaut()))),
                             (2, encoded(Image.fromarray(skimage.data.coins())))])
     run_ok(cli, "migrate", config=config)
-    run_ok(cli, "sync", config=config)  # no `vectorsync train`: pretrained encoders register version 1
+    # no `vectorsync train`: pretrained encoders register version 1; the coins have no face, so sync exits 1
+    assert cli("sync", config=config).code == 1
 
     assert conn.execute(
         "SELECT embedding, version, encoder_type FROM vectorsync.models ORDER BY embedding"

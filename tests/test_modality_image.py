@@ -64,14 +64,16 @@ def spec(name: str, table: str, input_line: str, *, dim: int = 16, size: int = S
     )
 
 
-def migrate_train_sync(cli, config: Path, *names: str) -> None:
+def migrate_train_sync(cli, config: Path, *names: str, failing: bool = False) -> None:
+    """``failing``: some rows cannot be embedded, so sync exits 1 and says so."""
     result = cli("migrate", config=config)
     assert result.code == 0, result.err
     for name in names:
         result = cli("train", name, config=config)
         assert result.code == 0, result.err
     result = cli("sync", config=config)
-    assert result.code == 0, result.err
+    assert result.code == (1 if failing else 0), result.err
+    assert ("could not be embedded" in result.err) == failing
 
 
 
@@ -132,7 +134,7 @@ def test_bad_images_in_bytea_fail_with_key_column_and_reason_while_the_rest_embe
         cur.executemany("INSERT INTO pictures VALUES (%s, %s)", rows)
     config = write_config(WORKER + spec("pictures", "pictures", 'column = "png"', epochs=2))
 
-    migrate_train_sync(cli, config, "pictures")  # training skips the unusable images too
+    migrate_train_sync(cli, config, "pictures", failing=True)  # training skips the unusable images too
 
     failed = failed_rows(conn, "pictures")
     assert set(failed) == {str(key) for key in bad}
@@ -212,7 +214,7 @@ def test_bad_references_fail_with_key_column_and_reason_while_the_rest_embed(con
         cur.executemany("INSERT INTO files VALUES (%s, %s)", rows)
     config = write_config(WORKER + spec("files", "files", f'path_column = "path"\nbase_dir = "{base}"', epochs=2))
 
-    migrate_train_sync(cli, config, "files")
+    migrate_train_sync(cli, config, "files", failing=True)
 
     failed = failed_rows(conn, "files")
     assert set(failed) == {str(key) for key in bad}

@@ -161,7 +161,7 @@ def test_text_files_are_read_with_the_spec_encoding_and_bad_files_fail_with_reas
     )
     run_ok(cli, "migrate", config=config)
     run_ok(cli, "train", "files_lstm", config=config)  # trains on the readable files, skips the others
-    run_ok(cli, "sync", config=config)
+    assert cli("sync", config=config).code == 1  # the unreadable files' rows fail, and sync says so
 
     in_row, from_files = vectors(conn, "in_row_embeddings"), vectors(conn, "from_files_embeddings")
     assert set(from_files) == set(range(len(texts))) == set(vectors(conn, "files_lstm_embeddings"))
