@@ -145,7 +145,7 @@ def tables(conn: psycopg.Connection, names: list[str] | None = None) -> list[Tab
                 (oid,),
             ).fetchall()
         ]
-        count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name))).fetchone()[0]
+        count = _one(conn, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name)))[0]
         found.append(Table(schema, name, columns, pk, fks, count))
     missing = wanted - {t.name for t in found} - {f"{t.schema}.{t.name}" for t in found}
     if missing:
@@ -153,9 +153,15 @@ def tables(conn: psycopg.Connection, names: list[str] | None = None) -> list[Tab
     return found
 
 
+def _one(conn: psycopg.Connection, query: sql.Composed | sql.SQL) -> tuple[Any, ...]:
+    row = conn.execute(query).fetchone()
+    assert row is not None  # aggregates always return a row
+    return row
+
+
 def managed_tables(conn: psycopg.Connection) -> set[tuple[str, str]]:
     """Target tables vectorsync already created (never proposed as sources)."""
-    if not conn.execute("SELECT to_regclass('vectorsync.embeddings') IS NOT NULL").fetchone()[0]:
+    if not _one(conn, sql.SQL("SELECT to_regclass('vectorsync.embeddings') IS NOT NULL"))[0]:
         return set()
     return {(r[0], r[1]) for r in conn.execute("SELECT target_schema, target_table FROM vectorsync.embeddings")}
 
@@ -345,9 +351,9 @@ def _text_column(
         entry = _base(name, table, key, "text", text["dim"]) | {"column": column, "encoder": text["encoder"]}
         why = f"{column}: text of {mean_length:.0f} characters on average; {text['why']}"
         return Proposal(table.qualified, "text", entry, why)
-    distinct = conn.execute(
-        sql.SQL("SELECT count(DISTINCT {c}), count({c}) FROM {t}").format(c=sql.Identifier(column), t=table.ident)
-    ).fetchone()
+    distinct = _one(
+        conn, sql.SQL("SELECT count(DISTINCT {c}), count({c}) FROM {t}").format(c=sql.Identifier(column), t=table.ident)
+    )
     if distinct[0] <= MAX_CATEGORIES and distinct[0] < distinct[1]:
         return "categorical"
     return None

@@ -154,7 +154,7 @@ def _sample(conn: psycopg.Connection, emb: Embedding, label: str, limit: int) ->
     try:
         with conn.cursor() as cur:
             cur.execute(query, (emb.current_version, limit))
-            frame = pd.DataFrame(cur.fetchall(), columns=[d.name for d in cur.description], dtype=object)
+            frame = pd.DataFrame(cur.fetchall(), columns=[d.name for d in cur.description or []], dtype=object)
     except psycopg.errors.UndefinedColumn:
         raise SpecError(f"table {emb.spec.table!r} has no column {label!r}; pass an existing --label column") from None
     return frame

@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,6 @@ def explorer(
     conn: psycopg.Connection, db_url: str, cli: Any, tmp_path: Path
 ) -> Iterator[tuple[str, psycopg.Connection]]:
     """The database, migrated, trained and synced, served by the UI on a free local port."""
-    import uvicorn
-
     from vectorsync.sync.demo import load_wine_table
     from vectorsync.sync.ui.app import Settings, create_app
 
@@ -97,8 +96,16 @@ def explorer(
         result = cli(*args, config=config_path)
         assert result.code == 0, result.err
     conn.execute("INSERT INTO photos VALUES (999, %s)", (f"../{tmp_path.name}-secret.png",))
+    with serving(create_app(Settings(db_url, load_config(config_path)))) as base:
+        yield base, conn
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free local port; yields its base URL."""
+    import uvicorn
+
     port = free_port()
-    app = create_app(Settings(db_url, load_config(config_path)))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -107,7 +114,7 @@ def explorer(
         assert time.monotonic() < deadline, "the UI did not start within 60 s"
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}", conn
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -266,3 +273,35 @@ def check_pages(base: str, conn: psycopg.Connection, browser: Any, shots: Path) 
     with pytest.raises(urllib.error.HTTPError) as outside:
         urllib.request.urlopen(f"{base}/thumb/photos/999")
     assert outside.value.code == 404 and b"outside base_dir" in outside.value.read()
+
+
+def test_binding_beyond_loopback_needs_the_explicit_flag_and_a_token():
+    from vectorsync.sync.spec import SpecError
+    from vectorsync.sync.ui.server import plan
+
+    assert plan("127.0.0.1", 8765, allow_remote=False, token=None) == ("http://127.0.0.1:8765/", None)
+    with pytest.raises(SpecError, match="--allow-remote"):
+        plan("0.0.0.0", 8765, allow_remote=False, token=None)
+    url, token = plan("0.0.0.0", 8765, allow_remote=True, token=None)
+    assert token and len(token) >= 24 and url.endswith(f"?token={token}")
+    assert plan("0.0.0.0", 1, allow_remote=True, token="s3cret")[1] == "s3cret"
+
+
+def test_with_a_token_every_request_needs_it(db_url):
+    from vectorsync.sync.spec import Config
+    from vectorsync.sync.ui.app import Settings, create_app
+
+    with serving(create_app(Settings(db_url, Config(), token="s3cret-token"))) as base:
+        for path in ("/", "/static/app.js", "/vendor/plotly.min.js", "/api/status"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(base + path)
+            assert refused.value.code == 401, path
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(base + "/?token=wrong")
+        with urllib.request.urlopen(base + "/?token=s3cret-token") as response:
+            assert "vectorsync migrate" in response.read().decode()  # the page, on an empty database
+            cookie = response.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+        request = urllib.request.Request(base + "/api/status", headers={"Cookie": cookie.split(";")[0]})
+        with urllib.request.urlopen(request) as response:
+            assert response.status == 200

@@ -388,7 +388,7 @@ def _project(conn: psycopg.Connection, emb: catalog.Embedding, method: str) -> d
 
 def _column_values(conn: psycopg.Connection, emb: catalog.Embedding, column: str, keys: list[str]) -> list[Any]:
     try:
-        rows = dict(
+        rows: dict[str, Any] = dict(
             conn.execute(
                 sql.SQL("SELECT {key}::text, {c} FROM {src} WHERE {key}::text = ANY(%s)").format(
                     key=emb.key, c=sql.Identifier(column), src=emb.source
