@@ -238,10 +238,11 @@ def test_face_encode_throughput(trained: tuple, detecting: IdentityCNN, unseen: 
     rates = {}
     for name, model, frame in (("crops 48 px", encoder, unseen), ("detection on 128 px photos", detecting, photos)):
         start = time.perf_counter()
-        model.encode(frame)
+        result = model.encode(frame)
         rates[name] = len(frame) / (time.perf_counter() - start)
+        # speed is reported, and measured against a baseline in benchmarks/; never asserted in tests
+        assert result.vectors.shape[0] == len(frame)
     print("\nidentity CNN encode: " + ", ".join(f"{name} {rate:.0f} images/s" for name, rate in rates.items()))
-    assert min(rates.values()) > 10
 
 
 # -- pretrained dlib --------------------------------------------------------------------------------

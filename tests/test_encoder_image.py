@@ -246,5 +246,5 @@ def test_encode_throughput(size: int, channels: int) -> None:
     result = encoder.encode(frame)
     rate = len(frame) / (time.perf_counter() - start)
     print(f"\nconv AE encode {size}x{size}x{channels} PNG: {rate:.0f} images/s (decode included, 1 thread)")
-    assert result.failures == {}
-    assert rate > 20
+    # speed is reported here and measured against a baseline in benchmarks/ (never asserted in tests)
+    assert result.failures == {} and result.vectors.shape == (len(frame), 32)
