@@ -8,6 +8,7 @@ backfill (reported separately). Target: sync ≥ 0.5 x raw.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,36 @@ def raw_bound(url: str, rows: int) -> float:
     return elapsed[0]
 
 
+def hand_tuned_bound(url: str, target: sql.Composable) -> float:
+    """Seconds to binary-COPY the vectors vectorsync produced into a fresh table and build the same
+    HNSW index as a DBA would by hand: maintenance_work_mem large enough for the graph, a parallel
+    worker per core beside the leader, then ANALYZE."""
+    with psycopg.connect(url) as conn:
+        register_vector(conn)
+        keys, vectors = [], []
+        with conn.cursor(binary=True) as cur:
+            cur.execute(sql.SQL("SELECT id, embedding FROM {}").format(target))
+            for key, vector in cur:
+                keys.append(key)
+                vectors.append(vector)
+        conn.execute(sql.SQL("CREATE TABLE tuned_vectors (id bigint PRIMARY KEY, embedding vector({}))").format(
+            sql.Literal(DIM)))
+        conn.commit()
+        workers = max(1, (os.cpu_count() or 2) - 1)
+        with timer() as elapsed:
+            with conn.cursor().copy("COPY tuned_vectors (id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "vector"])
+                for key, vector in zip(keys, vectors, strict=True):
+                    copy.write_row((key, vector))
+            conn.execute("SET maintenance_work_mem = '2GB'")
+            conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(sql.Literal(workers)))
+            conn.execute("CREATE INDEX ON tuned_vectors USING hnsw (embedding vector_cosine_ops) "
+                         "WITH (m = 16, ef_construction = 64)")
+            conn.execute("ANALYZE tuned_vectors")
+            conn.commit()
+    return elapsed[0]
+
+
 def run(data_dir: Path, quick: bool) -> list[Figure]:
     from vectorsync.sync import catalog, schema
     from vectorsync.sync import train as training
@@ -96,10 +127,14 @@ def run(data_dir: Path, quick: bool) -> list[Figure]:
         assert counts["embedded"] == rows, counts
         sync_seconds = elapsed[0]
         index_seconds = counts.get("index_seconds", 0.0)
+        tuned_seconds = hand_tuned_bound(url, emb.target)
     sync_rate = rows / (sync_seconds - index_seconds)
     return [
         Figure("tabular sync", f"rows/s, {rows:,} rows, dim {DIM} (index build excluded)", sync_rate, "rows/s",
                "raw read + binary COPY", rows / raw_seconds, "ratio ≥ 0.5"),
         Figure("tabular sync", "rows/s including the HNSW build after the backfill", rows / sync_seconds, "rows/s",
                "raw read + binary COPY", rows / raw_seconds),
+        Figure("tabular sync", f"sync incl. index build, {rows:,} rows", rows / sync_seconds, "rows/s",
+               "the same vectors: binary COPY + hand-tuned CREATE INDEX + ANALYZE", rows / tuned_seconds,
+               "ratio ≥ 0.9"),
     ]

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from vectorsync.encoders.base import usable_cores
 from vectorsync.migrations.operations import index_statement
 from vectorsync.sync import queue, sink, sources
 from vectorsync.sync.catalog import Embedding
@@ -32,9 +33,8 @@ from vectorsync.sync.worker import BatchResult, drain, encode_frame
 
 #: A backfill at least this large (and at least half the table) drops the index and rebuilds it after.
 BULK_THRESHOLD = 10_000
-#: maintenance_work_mem and parallel workers for index builds after a backfill and for reindex.
-INDEX_BUILD_MEMORY = "512MB"
-INDEX_BUILD_WORKERS = 1
+#: The most maintenance_work_mem an index build asks for (vectorsync cannot see the server's RAM).
+INDEX_BUILD_MEMORY_CAP = 2 << 30
 
 
 def target_rows(conn: psycopg.Connection, emb: Embedding) -> int:
@@ -49,17 +49,36 @@ def drop_index(conn: psycopg.Connection, emb: Embedding) -> None:
     conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(_index(emb)))
 
 
+def build_memory(rows: int, dim: int, m: int) -> int:
+    """Bytes for an HNSW graph of ``rows`` vectors to stay in memory while it is built (a build
+    that spills is many times slower): each element keeps its vector and about 2m neighbour
+    links on layer 0 (6-byte item pointers), plus per-element overhead; with a quarter to spare."""
+    per_element = 4 * dim + 2 * m * 6 + m * 6 + 96
+    return int(rows * per_element * 1.25)
+
+
 def create_index(conn: psycopg.Connection, emb: Embedding) -> None:
-    """Build the index in one go, with room to keep the HNSW graph in memory (a build that spills
-    is many times slower) and one parallel maintenance worker (pgvector ≥ 0.6 builds in parallel)."""
+    """Build the index in one go, as a careful DBA would: maintenance_work_mem sized to hold the
+    graph (never lowered, at most ``INDEX_BUILD_MEMORY_CAP``), a parallel maintenance worker per
+    core beside the leader (pgvector ≥ 0.6 builds in parallel), then ANALYZE for the planner."""
     objects = objects_for(emb.spec, emb.source_schema)
-    statement = index_statement(objects, rows=target_rows(conn, emb))
+    rows = target_rows(conn, emb)
+    statement = index_statement(objects, rows=rows)
     if statement is None:
         return
     with conn.transaction():
-        conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (INDEX_BUILD_MEMORY,))
-        conn.execute("SELECT set_config('max_parallel_maintenance_workers', %s, true)", (str(INDEX_BUILD_WORKERS),))
+        current, parallel = conn.execute(
+            "SELECT pg_size_bytes(current_setting('maintenance_work_mem')), "
+            "current_setting('max_parallel_workers')::int"
+        ).fetchone()
+        wanted = min(max(build_memory(rows, emb.spec.dim, objects.m or 16), current), INDEX_BUILD_MEMORY_CAP)
+        conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (f"{wanted // 1024}kB",))
+        # the server's cores are not visible over SQL; this machine's stand in for them (the embedded
+        # default runs here), minus one for the leader process that builds too
+        workers = max(1, min(parallel, usable_cores() - 1))
+        conn.execute("SELECT set_config('max_parallel_maintenance_workers', %s, true)", (str(workers),))
         conn.execute(statement)
+    conn.execute(sql.SQL("ANALYZE {}").format(emb.target))
 
 
 def rebuild_index(conn: psycopg.Connection, emb: Embedding) -> None:
