@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import psycopg
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -36,8 +37,10 @@ app = typer.Typer(
     # click's plain help: typer's rich panels label on/off flags "<bool>" as if they took a value
     rich_markup_mode=None,
 )
-console = Console(stderr=True)
-out = Console()
+# soft_wrap: lines longer than the terminal (a URL, a command to copy) are never broken mid-word;
+# tables still fit the width
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 #: Set by ``--verbose``; read when an unexpected exception reaches ``main_entry``.
 _verbose = False
 
@@ -64,6 +67,12 @@ class State:
             config_url = self.config_or_empty().database.url
             self._url = db.resolve_url(self.database_url, config_url, self.config_path)
         return self._url
+
+    def where(self) -> str:
+        """The config and the database in use, in one line."""
+        config = str(self.config_path) + ("" if self.config_path.exists() else " (not found)")
+        database = db.describe(self.database_url, self.config_or_empty().database.url, self.config_path, self.url)
+        return f"config {config}; database {database}"
 
 
 def _state(ctx: typer.Context) -> State:
@@ -339,40 +348,75 @@ def status(
     from vectorsync.sync import monitor
 
     state = _state(ctx)
+    if not state.config_path.exists() and db.configured_url(state.database_url, None) is None:
+        # without a config there is no database to look at: starting an empty embedded one here would mislead
+        raise SpecError(
+            f"config file {str(state.config_path)!r} not found and no database URL given, so there is nothing "
+            "to report",
+            hint="run status in your project's folder, or pass --config PATH or --database-url URL",
+        )
     with db.connection(state.url, autocommit=True) as conn:
         report = monitor.status(conn, state.config_or_empty())
     if as_json:
         out.print_json(json.dumps(report, default=str))
         return
-    table = Table(title="embeddings")
-    columns = [
-        "name",
-        "source_rows",
-        "embedded",
-        "pending",
-        "failed",
-        "model_version",
-        "lag_seconds",
-        "per_second_1m",
-        "last_sync",
-    ]
-    for column in columns:
-        table.add_column(column)
-    for row in report["embeddings"]:
-        table.add_row(*[("" if row.get(c) is None else str(row.get(c))) for c in columns])
-    out.print(table)
-    workers = Table(title="live workers")
-    for column in ["id", "embeddings", "embedded", "failed", "heartbeat_age_s"]:
-        workers.add_column(column)
-    for row in report["workers"]:
-        workers.add_row(
-            row["id"],
-            ",".join(row["embeddings"]),
-            str(row["embedded"]),
-            str(row["failed"]),
-            f"{row['heartbeat_age_s']:.1f}",
+    console.print(state.where(), highlight=False, soft_wrap=True)
+    if not report["migrated"]:
+        console.print("no embeddings yet: run vectorsync migrate", highlight=False)
+        return
+    out.print(_status_table(report["embeddings"]))
+    if report["workers"]:
+        out.print(_workers_table(report["workers"]))
+    else:
+        out.print("no live workers")
+
+
+def _narrow_table(title: str, headers: dict[str, str]) -> Table:
+    """A table that fits 80 columns: short headers (the long names are in ``--json``), names that
+    wrap instead of being cut, numbers right-aligned."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    for header, justify in headers.items():
+        table.add_column(header, justify="left" if justify == "<" else "right", overflow="fold", no_wrap=justify == ">")
+    return table
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _status_table(rows: list[dict[str, Any]]) -> Table:
+    table = _narrow_table(
+        "embeddings",
+        {"name": "<", "rows": ">", "embedded": ">", "pending": ">", "failed": ">", "model": ">", "lag": ">",
+         "rows/s": ">", "synced": ">"},
+    )
+    now = time.time()
+    for row in rows:
+        last = row.get("last_sync")
+        table.add_row(
+            str(row["name"]),
+            *(str(row.get(c, "")) for c in ("source_rows", "embedded", "pending", "failed")),
+            "" if row.get("model_version") is None else str(row["model_version"]),
+            _age(row.get("lag_seconds")),
+            f"{row.get('per_second_1m', 0):g}",
+            "never" if last is None else _age(now - last.timestamp()) + " ago",
         )
-    out.print(workers)
+    return table
+
+
+def _workers_table(rows: list[dict[str, Any]]) -> Table:
+    table = _narrow_table("live workers", {"id": "<", "embeddings": "<", "embedded": ">", "failed": ">", "seen": ">"})
+    for row in rows:
+        table.add_row(
+            row["id"], ", ".join(row["embeddings"]), str(row["embedded"]), str(row["failed"]),
+            _age(row["heartbeat_age_s"]) + " ago",
+        )
+    return table
 
 
 @app.command()

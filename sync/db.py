@@ -43,12 +43,21 @@ def stop_embedded(directory: Path) -> bool:
     return embedded.stop(directory)
 
 
+def configured_url(cli_url: str | None, config_url: str | None) -> str | None:
+    """``--database-url`` > ``VECTORSYNC_DATABASE_URL`` > ``[database] url``; None: the embedded default."""
+    return next((c for c in (cli_url, os.environ.get(ENV_URL), config_url) if c), None)
+
+
 def resolve_url(cli_url: str | None, config_url: str | None, config_path: str | Path | None) -> str:
-    """``--database-url`` > ``VECTORSYNC_DATABASE_URL`` > ``[database] url`` > embedded default."""
-    for candidate in (cli_url, os.environ.get(ENV_URL), config_url):
-        if candidate:
-            return candidate
-    return embedded_url(data_dir(config_path))
+    """The configured URL, or the embedded server's (started if need be)."""
+    return configured_url(cli_url, config_url) or embedded_url(data_dir(config_path))
+
+
+def describe(cli_url: str | None, config_url: str | None, config_path: str | Path | None, url: str) -> str:
+    """Which server ``url`` is, for humans: the embedded one names its data folder."""
+    if configured_url(cli_url, config_url):
+        return redact(url)
+    return f"embedded PostgreSQL in {data_dir(config_path)} ({redact(url)})"
 
 
 def session_options(url: str) -> str:

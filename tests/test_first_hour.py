@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PRODUCTS = """
 [[embeddings]]
@@ -70,3 +76,45 @@ def test_training_summary_accounts_for_every_row(products, cli):
     summary = result.err.strip().splitlines()[-1]
     trained, held = (int(n) for n in re.findall(r"trained on (\d+) rows, (\d+) more held out", summary)[0])
     assert trained + held == 60, summary
+
+
+def _vectorsync(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vectorsync", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "80", **env},
+    )
+
+
+def test_status_fits_80_columns_without_cutting_headers_or_names(products, cli, db_url, conn, tmp_path):
+    long_name = "a_rather_long_name_for_the_products"
+    products.write_text(products.read_text() + PRODUCTS.replace('name = "products"', f'name = "{long_name}"'))
+    assert cli("migrate", config=products).code == 0
+    assert cli("sync", config=products).code == 0
+    result = _vectorsync("--config", str(products), "status", cwd=tmp_path, env={"VECTORSYNC_DATABASE_URL": db_url})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), result.stdout
+    assert "…" not in result.stdout, result.stdout
+    header = next(line for line in lines if "embedded" in line and "pending" in line)
+    for word in ("name", "rows", "embedded", "pending", "failed", "model", "lag", "synced"):
+        assert word in header.split(), header
+    first_column = "".join(line.split()[0] for line in lines[lines.index(header) + 2 :] if line.strip())
+    assert long_name in first_column, result.stdout  # wrapped within its column, never cut
+    where = result.stderr.splitlines()[0]  # longer than 80 columns, and still one line to copy from
+    assert where.startswith(f"config {products}; database ") and "dbname=" in where, result.stderr
+
+
+def test_status_without_a_config_says_so_instead_of_starting_a_server(tmp_path):
+    data = tmp_path / "data"
+    result = _vectorsync(
+        "--config", str(tmp_path / "vectorsync.toml"), "status", cwd=tmp_path,
+        env={"VECTORSYNC_DATA_DIR": str(data), "VECTORSYNC_DATABASE_URL": ""},
+    )
+    assert result.returncode == 1
+    assert "vectorsync.toml' not found and no database URL given" in result.stderr
+    assert "hint: run status in your project's folder" in result.stderr
+    assert not data.exists(), "no embedded server may be started for a status without a config"
