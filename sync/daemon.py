@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from vectorsync.sync import models
-from vectorsync.sync.db import connection
+from vectorsync.sync.graph import GraphRunner
 from vectorsync.sync.metrics import WorkerMetrics
 from vectorsync.sync.spec import Config, GraphEmbeddingSpec
 from vectorsync.sync.worker import Worker
@@ -59,20 +59,17 @@ def run_workers(
     threads = [threading.Thread(target=w.run, name=f"worker-{i}", daemon=True) for i, w in enumerate(workers)]
     for thread in threads:
         thread.start()
-    graphs = [s for s in specs if isinstance(s, GraphEmbeddingSpec) and s.schedule_seconds]
+    graphs = GraphRunner(url, [s for s in specs if isinstance(s, GraphEmbeddingSpec)])
     if console:
         console.print(
             f"worker running: {concurrency} thread(s) for {', '.join(s.name for s in specs) or 'no embeddings'}, "
             f"torch uses {torch_threads} thread(s)"
             + (f", metrics on :{metrics_port}" if metrics_port else "")
         )
-    next_run = {s.name: 0.0 for s in graphs}
     while not stop.is_set():
-        for spec in graphs:
-            if time.monotonic() >= next_run[spec.name]:
-                _run_graph(url, spec)
-                next_run[spec.name] = time.monotonic() + (spec.schedule_seconds or 0)
+        graphs.tick()
         stop.wait(0.5)
+    graphs.close()
     deadline = time.monotonic() + shutdown_timeout
     for w, thread in zip(workers, threads, strict=True):
         thread.join(max(0.0, deadline - time.monotonic()))
@@ -82,12 +79,3 @@ def run_workers(
     if console:
         console.print("worker stopped")
 
-
-def _run_graph(url: str, spec: GraphEmbeddingSpec) -> None:
-    from vectorsync.sync import catalog, graph
-
-    try:
-        with connection(url, autocommit=True) as conn:
-            graph.sync_graph(conn, catalog.load(conn, spec))
-    except Exception as exc:  # a bridge outage must not stop the row workers
-        log.warning("graph embedding %s failed this round: %s", spec.name, exc)

@@ -1,11 +1,14 @@
 """Graph embeddings: native FastRP over edges held in Postgres, and the Neo4j bridge.
 
-A node's graph embedding depends on its neighbourhood, so a change to one row can move vectors
-several hops away: both paths recompute the whole graph on every run (``vectorsync sync NAME``, or
-the worker every ``schedule_seconds``) and write through the ordinary binary-COPY upsert, which
-leaves identical vectors untouched. Each run is one write transaction, so readers see the previous
-run's vectors or the new ones, never a mix of two random projections; it is recorded in
-``vectorsync.runs`` with its counts.
+Native FastRP is kept fresh from change capture: triggers on the node and edge tables log what
+changed (``vectorsync.graph_changes``, migration 0011) and NOTIFY. A run with nothing logged since
+the last one does no graph work. A process that ran the last sync keeps the graph and every
+FastRP iteration in memory (the worker does) and applies the logged changes incrementally,
+recomputing only the nodes a change can reach and writing only vectors that moved; otherwise the
+run reads the whole graph and computes it (``details.mode``: ``unchanged``, ``incremental`` or
+``full``). Each run is one REPEATABLE READ transaction, so readers see the previous run's vectors
+or the new ones, and the change log it consumes is exactly the one its snapshot saw; it is recorded
+in ``vectorsync.runs`` with its counts.
 
 Model versions: a graph embedding has no trained weights, but its vectors are only comparable when
 they were made with the same parameters. Each distinct parameter set (FastRP's parameters, or the
@@ -35,7 +38,7 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from vectorsync.encoders.fastrp import fastrp, node_keys
+from vectorsync.encoders.fastrp import Edges, FastRPParams, IncrementalFastRP, node_keys
 from vectorsync.errors import InputError
 from vectorsync.sync import models, queue, sink
 from vectorsync.sync.catalog import Embedding
@@ -47,7 +50,9 @@ log = logging.getLogger(__name__)
 #: Vectors per ``sink.upsert`` call (one binary COPY each).
 CHUNK_ROWS = 20_000
 #: The version of this module's FastRP; bumping it re-embeds every native graph.
-FASTRP_IMPLEMENTATION = 1
+FASTRP_IMPLEMENTATION = 2
+#: More logged changes than this are applied by reading the whole graph again.
+MAX_INCREMENTAL_CHANGES = 200_000
 _INTEGER_KEYS = {"smallint", "integer", "bigint"}
 _NODES = sql.Identifier("vectorsync_graph_nodes")
 _SEEN = sql.Identifier("vectorsync_graph_seen")
@@ -76,7 +81,7 @@ def sync_graph(conn: psycopg.Connection, emb: Embedding, progress: Any = None) -
             progress.update(task, completed=done, info=info, **({"total": total} if total is not None else {}))
 
     try:
-        counts, details = _bridge(conn, emb, advance) if spec.neo4j else _native(conn, emb, advance)
+        counts, details = _bridge(conn, emb, advance) if spec.neo4j else _native(conn, emb, advance, run_id)
     except BaseException as exc:
         queue.fail_run(conn, run_id, exc)
         raise
@@ -86,6 +91,47 @@ def sync_graph(conn: psycopg.Connection, emb: Embedding, progress: Any = None) -
         details=details,
     )
     return {"run_id": run_id, **counts}
+
+
+class GraphRunner:
+    """The worker's graph runs: a native FastRP graph runs as soon as its change log has rows
+    (checked every tick; its NOTIFY wakes the row workers, not this loop), and any graph with
+    ``schedule_seconds`` also runs on that schedule (a bridge run skips work when the Neo4j graph
+    did not change). A failed run is logged and retried next time: it must not stop the workers."""
+
+    def __init__(self, url: str, specs: list[GraphEmbeddingSpec]) -> None:
+        self.url = url
+        self.native = [s for s in specs if s.graph is not None and s.encoder_type == "fastrp"]
+        self.scheduled = [s for s in specs if s.schedule_seconds]
+        self._next: dict[str, float] = {s.name: 0.0 for s in self.scheduled}
+        self._conn: psycopg.Connection | None = None
+
+    def tick(self) -> None:
+        if not self.native and not self.scheduled:
+            return
+        try:
+            if self._conn is None or self._conn.closed:
+                from vectorsync.sync.db import connect
+
+                self._conn = connect(self.url, autocommit=True)
+            due = {s.name: s for s in self.native if changes_pending(self._conn, s.name)}
+            for spec in self.scheduled:
+                if time.monotonic() >= self._next[spec.name]:
+                    due[spec.name] = spec
+                    self._next[spec.name] = time.monotonic() + (spec.schedule_seconds or 0)
+            for spec in due.values():
+                from vectorsync.sync import catalog
+
+                sync_graph(self._conn, catalog.load(self._conn, spec))
+        except Exception as exc:  # a bridge outage or a bad edge must not stop the row workers
+            log.warning("graph embeddings failed this round: %s", exc)
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
 
 
 def _lock(conn: psycopg.Connection, emb: Embedding) -> None:
@@ -155,48 +201,152 @@ def fastrp_params(spec: GraphEmbeddingSpec) -> dict[str, Any]:
     }
 
 
-def _native(conn: psycopg.Connection, emb: Embedding, advance: Advance) -> tuple[dict[str, int], dict[str, Any]]:
+def _native(
+    conn: psycopg.Connection, emb: Embedding, advance: Advance, run_id: int
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """One native FastRP run, in one REPEATABLE READ transaction: the change log it consumes is
+    exactly the one its snapshot saw, so a change committed meanwhile stays for the next run."""
     spec = emb.spec
     assert isinstance(spec, GraphEmbeddingSpec) and spec.graph is not None
+    params = fastrp_params(spec)
+    conn.execute("SELECT pg_advisory_lock(hashtextextended('vectorsync.graph:' || %s, 0))", (emb.name,))
+    try:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            state = _graph_state(conn, emb)
+            changes = _pending_changes(conn, emb)
+            # the stored vectors are what the last run left (nobody emptied the target meanwhile)
+            unchanged = (
+                state is not None
+                and state["params"] == params
+                and state["model_version"] == models.current_version(conn, emb.name)
+                and conn.execute(sql.SQL("SELECT count(*) FROM {}").format(emb.target)).fetchone()[0] == state["nodes"]
+            )
+            if unchanged and changes == 0:
+                assert state is not None
+                nodes = int(state["nodes"])
+                advance(nodes, "nothing changed since the last run", nodes)
+                log.info("embedding %s: nothing changed since the last run; no graph work", emb.name)
+                counts = {"embedded": 0, "unchanged": nodes, "deleted": 0, "nodes": nodes, "model_version":
+                          state["model_version"]}
+                return counts, {"mode": "unchanged", "nodes": nodes, "model_version": state["model_version"]}
+            cached = _CACHE.pop(emb.name, None)
+            usable = (
+                cached is not None
+                and unchanged
+                and state is not None
+                and cached.serial == state["serial"]
+                and cached.params == params
+            )
+            if usable:
+                assert cached is not None
+                outcome = _incremental(conn, emb, spec.graph, cached, changes, advance)
+            else:
+                outcome = None
+            if outcome is None:
+                counts, details, cached = _full(conn, emb, spec.graph, params, advance)
+            else:
+                counts, details = outcome
+            assert cached is not None
+            conn.execute("DELETE FROM vectorsync.graph_changes WHERE embedding = %s", (emb.name,))
+            conn.execute(
+                "INSERT INTO vectorsync.graph_state (embedding, model_version, params, nodes, serial) "
+                "VALUES (%(name)s, %(version)s, %(params)s, %(nodes)s, %(serial)s) ON CONFLICT (embedding) DO UPDATE "
+                "SET model_version = EXCLUDED.model_version, params = EXCLUDED.params, nodes = EXCLUDED.nodes, "
+                "serial = EXCLUDED.serial, synced_at = now()",
+                {"name": emb.name, "version": counts["model_version"], "params": json.dumps(params),
+                 "nodes": counts["nodes"], "serial": run_id},
+            )
+        cached.serial = run_id
+        _CACHE[emb.name] = cached
+        return counts, details
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(hashtextextended('vectorsync.graph:' || %s, 0))", (emb.name,))
+
+
+@dataclass
+class _Cached:
+    """A process's FastRP state of one embedding, valid while ``serial`` is the last run's id."""
+
+    serial: int
+    params: dict[str, Any]
+    version: int
+    state: IncrementalFastRP
+    keys: list[str]
+    positions: dict[str, int]
+
+
+#: Incremental FastRP states of this process (the worker keeps them between runs).
+_CACHE: dict[str, _Cached] = {}
+
+
+def _graph_state(conn: psycopg.Connection, emb: Embedding) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT model_version, params, nodes, serial FROM vectorsync.graph_state WHERE embedding = %s", (emb.name,)
+    ).fetchone()
+    return None if row is None else dict(zip(("model_version", "params", "nodes", "serial"), row, strict=True))
+
+
+def _pending_changes(conn: psycopg.Connection, emb: Embedding) -> int:
+    """Changes logged since the last run, counted up to a bound (past it, a full run is due anyway)."""
+    return conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM vectorsync.graph_changes WHERE embedding = %s LIMIT %s) c",
+        (emb.name, MAX_INCREMENTAL_CHANGES + 1),
+    ).fetchone()[0]
+
+
+def changes_pending(conn: psycopg.Connection, name: str) -> bool:
+    """Whether a native graph embedding has changes its last run has not seen."""
+    return conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM vectorsync.graph_changes WHERE embedding = %s)", (name,)
+    ).fetchone()[0]
+
+
+def _fastrp_params(graph: GraphSpec, dim: int) -> FastRPParams:
+    return FastRPParams(
+        dim=dim,
+        iteration_weights=tuple(graph.iteration_weights),
+        node_self_influence=graph.node_self_influence,
+        normalization_strength=graph.normalization_strength,
+        orientation=graph.orientation,
+        property_ratio=graph.property_ratio,
+        random_seed=graph.random_seed,
+    )
+
+
+def _full(
+    conn: psycopg.Connection, emb: Embedding, graph_spec: GraphSpec, params: dict[str, Any], advance: Advance
+) -> tuple[dict[str, int], dict[str, Any], _Cached]:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     advance(0, "reading the graph")
-    graph = read_graph(conn, emb, spec.graph)
+    graph = read_graph(conn, emb, graph_spec)
     timings["read_seconds"] = time.perf_counter() - clock
     n = len(graph.keys)
     advance(0, f"FastRP over {n} nodes, {len(graph.src)} edges", n)
     clock = time.perf_counter()
     try:
-        vectors = fastrp(
-            n,
-            graph.src,
-            graph.dst,
-            graph.weights,
-            dim=spec.dim,
-            iteration_weights=spec.graph.iteration_weights,
-            node_self_influence=spec.graph.node_self_influence,
-            normalization_strength=spec.graph.normalization_strength,
-            orientation=spec.graph.orientation,
-            features=graph.features,
-            property_ratio=spec.graph.property_ratio,
-            node_ids=graph.ids,
-            random_seed=spec.graph.random_seed,
+        state = IncrementalFastRP(
+            _fastrp_params(graph_spec, emb.spec.dim),
+            graph.ids,
+            Edges(graph.src, graph.dst, graph.weights),
+            graph.features,
         )
     except ValueError as exc:
         raise InputError(None, f"embedding {emb.name!r}: {exc}") from None
+    vectors = state.embedding(np.arange(n))
     timings["compute_seconds"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    with conn.transaction():
-        _lock(conn, emb)
-        version = model_version(conn, emb, "fastrp", fastrp_params(spec))
-        rebuild = _drop_index_for_large_load(conn, emb, n)
-        written = _upsert_chunks(conn, emb, graph.keys, vectors, version, advance)
-        deleted = sink.delete_orphans(conn, emb)
-        if rebuild:
-            from vectorsync.sync.bulk import create_index
+    version = model_version(conn, emb, "fastrp", params)
+    rebuild = _drop_index_for_large_load(conn, emb, n)
+    written = _upsert_chunks(conn, emb, graph.keys, vectors, version, advance)
+    deleted = sink.delete_orphans(conn, emb)
+    if rebuild:
+        from vectorsync.sync.bulk import create_index
 
-            create_index(conn, emb)
+        create_index(conn, emb)
     timings["write_seconds"] = time.perf_counter() - clock
+    log.info("embedding %s: full FastRP run over %d nodes, %d vectors written", emb.name, n, written)
     counts = {
         "embedded": written,
         "unchanged": n - written,
@@ -207,12 +357,105 @@ def _native(conn: psycopg.Connection, emb: Embedding, advance: Advance) -> tuple
         "model_version": version,
     }
     details = {
+        "mode": "full",
         "nodes": n,
         "edges": len(graph.src),
         "skipped_edges": graph.skipped_edges,
         "model_version": version,
-        "edges_table": spec.graph.edges,
+        "edges_table": graph_spec.edges,
         **{k: round(v, 3) for k, v in timings.items()},
+    }
+    positions = dict(zip(graph.keys, range(n), strict=True))
+    return counts, details, _Cached(0, params, version, state, list(graph.keys), positions)
+
+
+def _incremental(
+    conn: psycopg.Connection,
+    emb: Embedding,
+    graph_spec: GraphSpec,
+    cached: _Cached,
+    pending: int,
+    advance: Advance,
+) -> tuple[dict[str, int], dict[str, Any]] | None:
+    """Apply the logged changes to the process's FastRP state; None when a full run must read the
+    graph again (a TRUNCATE, or more changes than an incremental run is worth)."""
+    if pending > MAX_INCREMENTAL_CHANGES:
+        log.info("embedding %s: %d+ changes logged; reading the whole graph again", emb.name, pending)
+        return None
+    clock = time.perf_counter()
+    rows = conn.execute(
+        "SELECT kind, source, target, weight FROM vectorsync.graph_changes WHERE embedding = %s", (emb.name,)
+    ).fetchall()
+    if any(kind == "all" for kind, *_ in rows):
+        log.info("embedding %s: a node or edge table was truncated; reading the whole graph again", emb.name)
+        return None
+    touched = sorted({source for kind, source, _, _ in rows if kind == "node"})
+    present, features = _read_nodes(conn, emb, graph_spec, touched)
+    touched_set = set(touched)
+    new_keys = [k for k in touched if k not in cached.positions]
+    state = cached.state
+    for key, position in zip(new_keys, state.add_nodes(_node_ids(emb, new_keys)), strict=True):
+        cached.positions[key] = int(position)
+        cached.keys.append(key)
+    reset = np.array([cached.positions[k] for k in touched], dtype=np.int64)
+    dead = np.array([cached.positions[k] for k in touched if k not in present], dtype=np.int64)
+    alive_after = state.alive.copy()
+    alive_after[reset] = [k in present for k in touched]
+    added: list[tuple[int, int, float]] = []
+    removed: list[tuple[int, int, float]] = []
+    # A touched node's edges are read again whole (its reset drops the ones the state held).
+    logged = [(k, s, t, w) for k, s, t, w in rows if k != "node" and s not in touched_set and t not in touched_set]
+    current = [("edge+", s, t, w) for s, t, w in _edges_of(conn, emb, graph_spec, sorted(present))]
+    for kind, source, target, weight in logged + current:
+        a, b = cached.positions.get(source), cached.positions.get(target)
+        if a is None or b is None or not (alive_after[a] and alive_after[b]):
+            continue  # a dangling edge: left out, as in a full run
+        value = 1.0 if weight is None else float(weight)
+        if graph_spec.weight_column and not (np.isfinite(value) and value >= 0):
+            raise InputError(
+                graph_spec.weight_column,
+                f"embedding {emb.name!r}: edge {source} -> {target} in table {graph_spec.edges!r} has weight "
+                f"{'NULL' if weight is None else weight} in column {graph_spec.weight_column!r}; "
+                "weights must be finite and >= 0"
+            )
+        (added if kind == "edge+" else removed).append((a, b, value))
+    read_seconds = time.perf_counter() - clock
+    clock = time.perf_counter()
+    weighted = graph_spec.weight_column is not None
+    result = state.update(
+        added=_edges(added, weighted),
+        removed=_edges(removed, weighted),
+        reset=reset,
+        dead=dead,
+        features=features[: len(reset)] if features is not None else None,
+    )
+    compute_seconds = time.perf_counter() - clock
+    clock = time.perf_counter()
+    written_positions = result.written
+    keys = [cached.keys[i] for i in written_positions]
+    written = _upsert_chunks(conn, emb, keys, state.embedding(written_positions), cached.version, advance)
+    deleted = sink.delete_keys(conn, emb, [cached.keys[i] for i in dead])
+    nodes = int(state.alive.sum())
+    log.info(
+        "embedding %s: %s FastRP run for %d logged change(s): recomputed %s node(s) per iteration, wrote %d",
+        emb.name, result.mode, len(rows), result.recomputed, written,
+    )
+    counts = {
+        "embedded": written,
+        "unchanged": nodes - written,
+        "deleted": deleted,
+        "nodes": nodes,
+        "model_version": cached.version,
+    }
+    details = {
+        "mode": result.mode,
+        "changes": len(rows),
+        "recomputed": result.recomputed,
+        "nodes": nodes,
+        "model_version": cached.version,
+        "read_seconds": round(read_seconds, 3),
+        "compute_seconds": round(compute_seconds, 3),
+        "write_seconds": round(time.perf_counter() - clock, 3),
     }
     return counts, details
 
@@ -256,13 +499,13 @@ def _feature_expression(column: str, type_name: str) -> sql.Composable:
 
 
 def read_graph(conn: psycopg.Connection, emb: Embedding, graph: GraphSpec) -> _Graph:
-    """Nodes, edges and features from one consistent snapshot. Node ``i`` is the ``i``-th key in key
-    order, so the same data always gives the same sparse matrix and bit-identical vectors."""
+    """Nodes, edges and features (call inside a REPEATABLE READ transaction, for one consistent
+    snapshot). Node ``i`` is the ``i``-th key in key order, so the same data always gives the same
+    sparse matrix and bit-identical vectors."""
     edges = _edges_table(emb, graph)
     columns = [(c, _column_type(conn, emb, c)) for c in graph.feature_columns]
     try:
         with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_NODES))
             features = [
                 sql.SQL(", {} AS {}").format(_feature_expression(c, t), sql.Identifier(f"f{i}"))
@@ -296,9 +539,69 @@ def read_graph(conn: psycopg.Connection, emb: Embedding, graph: GraphSpec) -> _G
         # Duplicate edges' weights are summed: a fixed order keeps the float sums bit-identical.
         order = np.lexsort((weights, dst, src))
         src, dst, weights = src[order], dst[order], weights[order]
-    integer_keys = emb.key_type in _INTEGER_KEYS
-    ids = node_keys(pd.Series(keys, dtype=str).astype(np.int64).to_numpy() if integer_keys else keys)
-    return _Graph(keys, ids, src, dst, weights, matrix, edge_rows, skipped)
+    return _Graph(keys, _node_ids(emb, keys), src, dst, weights, matrix, edge_rows, skipped)
+
+
+def _node_ids(emb: Embedding, keys: list[str]) -> np.ndarray:
+    """FastRP's stable per-node integer keys for the text form of Postgres keys."""
+    if emb.key_type in _INTEGER_KEYS:
+        return node_keys(pd.Series(keys, dtype=str).astype(np.int64).to_numpy())
+    return node_keys(keys)
+
+
+def _read_nodes(
+    conn: psycopg.Connection, emb: Embedding, graph: GraphSpec, keys: list[str]
+) -> tuple[set[str], np.ndarray | None]:
+    """Which of ``keys`` are nodes now, and their features (one row per key; zeros for gone ones)."""
+    if not keys:
+        return set(), None
+    columns = [(c, _column_type(conn, emb, c)) for c in graph.feature_columns]
+    features = [sql.SQL(", {}").format(_feature_expression(c, t)) for c, t in columns]
+    with conn.cursor(binary=True) as cur:
+        cur.execute(
+            sql.SQL("SELECT {key}::text{features} FROM {source} WHERE {key} = ANY(CAST(%s AS {karr}))").format(
+                key=emb.key, features=sql.SQL("").join(features), source=emb.source, karr=emb.key_array_type
+            ),
+            (keys,),
+        )
+        found = {row[0]: row[1:] for row in cur.fetchall()}
+    if not columns:
+        return set(found), None
+    present = [k for k in keys if k in found]
+    matrix = _feature_matrix(emb, present, columns, [found[k] for k in present])
+    out = np.zeros((len(keys), matrix.shape[1]))
+    out[[i for i, k in enumerate(keys) if k in found]] = matrix
+    return set(found), out
+
+
+def _edges_of(
+    conn: psycopg.Connection, emb: Embedding, graph: GraphSpec, keys: list[str]
+) -> list[tuple[str, str, float | None]]:
+    """Every edge with an end among ``keys`` (each edge once)."""
+    if not keys:
+        return []
+    weight = sql.SQL("CAST({} AS float8)").format(sql.Identifier(graph.weight_column)) if graph.weight_column \
+        else sql.SQL("NULL::float8")
+    return conn.execute(
+        sql.SQL(
+            "SELECT {s}::text, {t}::text, {w} FROM {edges} WHERE {s} = ANY(CAST(%(k)s AS {karr})) "
+            "OR {t} = ANY(CAST(%(k)s AS {karr}))"
+        ).format(
+            s=sql.Identifier(graph.source_column),
+            t=sql.Identifier(graph.target_column),
+            w=weight,
+            edges=_edges_table(emb, graph),
+            karr=emb.key_array_type,
+        ),
+        {"k": keys},
+    ).fetchall()
+
+
+def _edges(edges: list[tuple[int, int, float]], weighted: bool) -> Edges:
+    if not edges:
+        return Edges.empty()
+    table = np.array(edges, dtype=np.float64)
+    return Edges(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2] if weighted else None)
 
 
 def _copy_out(conn: psycopg.Connection, statement: sql.Composable) -> bytes:
@@ -417,6 +720,13 @@ def _read_features(
     with conn.cursor(binary=True) as cur:
         cur.execute(sql.SQL("SELECT {} FROM {} ORDER BY i").format(names, _NODES))
         rows = cur.fetchall()
+    return _feature_matrix(emb, keys, columns, rows)
+
+
+def _feature_matrix(
+    emb: Embedding, keys: list[str], columns: list[tuple[str, str]], rows: list[Any]
+) -> np.ndarray:
+    """Feature rows (one value per column, arrays spread) as a float matrix; bad values name the node."""
     blocks: list[np.ndarray] = []
     for position, (column, type_name) in enumerate(columns):
         values = [row[position] for row in rows]

@@ -39,6 +39,8 @@ class MigrateReport:
 
 
 def objects_for(spec: EmbeddingSpec, source_schema: str) -> EmbeddingObjects:
+    graph = spec.graph if isinstance(spec, GraphEmbeddingSpec) else None
+    edges_schema, edges_table = split_qualified(graph.edges) if graph is not None else (None, None)
     return EmbeddingObjects(
         name=spec.name,
         modality=spec.modality,
@@ -56,8 +58,11 @@ def objects_for(spec: EmbeddingSpec, source_schema: str) -> EmbeddingObjects:
         ef_search=spec.index.ef_search,
         lists=spec.index.lists,
         probes=spec.index.probes,
-        capture=not isinstance(spec, GraphEmbeddingSpec),
+        capture=not isinstance(spec, GraphEmbeddingSpec) or graph is not None,
         spec=spec.model_dump(mode="json"),
+        edges_schema=edges_schema or source_schema if graph is not None else None,
+        edges_table=edges_table,
+        graph_capture=graph is not None and spec.encoder_type == "fastrp",
     )
 
 
