@@ -5,6 +5,13 @@
 - Write rate: ``vectorsync sync`` of that graph into an unindexed pgvector table (vectors/s of the
   write phase: COPY into the staging table and the skip-unchanged upsert) vs a raw binary COPY of the
   same vectors into a fresh unindexed table, measured in the same run.
+- Live graph: the same generated graph with edge weights, kept fresh from change capture. ``full``
+  is the first sync (read + FastRP + write, which also builds the worker's in-memory state); then
+  a sync with nothing changed, and a sync applying 1,000 random edge changes (inserts, deletes,
+  weight updates) through the incremental path (target ≤ 2 s at 1M / 5M), both against the full
+  sync of the same run. Run with ``GRAPH_GENERATOR=uniform`` for a graph without hubs: on the
+  default power-law graph, 1,000 changes reach most nodes within 3 iterations, so the run falls back
+  to a full recompute and says so (``mode``).
 - Bridge: stored node vectors (dim 128) on a real Bolt server (ArcadeDB from ``arcadedb-embedded``),
   a few thousand nodes: node embeddings/s of a whole bridge run into pgvector vs the neo4j driver's
   own read rate of the same query's data, in the same run.
@@ -30,18 +37,30 @@ DIM = 128
 ITERATION_WEIGHTS = [0.0, 1.0, 1.0]
 
 
-def generate(conn: psycopg.Connection, nodes: int, edges: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``nodes(id bigint)`` and ``edges(source, target)``; targets skewed towards low ids (hubs)."""
+def generate(
+    conn: psycopg.Connection, nodes: int, edges: int, seed: int = 0, *, weighted: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """``nodes(id bigint)`` and ``edges(source, target[, weight])``; targets skewed towards low ids
+    (hubs), or uniform with ``GRAPH_GENERATOR=uniform``."""
     conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     rng = np.random.default_rng(seed)
     src = rng.integers(0, nodes, edges)
-    dst = np.minimum((rng.pareto(1.5, edges) * nodes / 50).astype(np.int64), nodes - 1)
+    if os.environ.get("GRAPH_GENERATOR") == "uniform":
+        dst = rng.integers(0, nodes, edges)
+    else:
+        dst = np.minimum((rng.pareto(1.5, edges) * nodes / 50).astype(np.int64), nodes - 1)
     conn.execute("CREATE TABLE nodes (id bigint PRIMARY KEY)")
     conn.execute("INSERT INTO nodes SELECT generate_series(0, %s)", (nodes - 1,))
-    conn.execute("CREATE TABLE edges (source bigint NOT NULL, target bigint NOT NULL)")
+    frame = pd.DataFrame({"source": src, "target": dst})
+    if weighted:
+        frame["weight"] = rng.uniform(0.5, 2.0, edges).round(3)
+    conn.execute(
+        "CREATE TABLE edges (source bigint NOT NULL, target bigint NOT NULL"
+        + (", weight float8 NOT NULL)" if weighted else ")")
+    )
     buffer = BytesIO()
-    pd.DataFrame({"s": src, "t": dst}).to_csv(buffer, sep="\t", header=False, index=False)
-    with conn.cursor().copy("COPY edges (source, target) FROM STDIN") as copy:
+    frame.to_csv(buffer, sep="\t", header=False, index=False)
+    with conn.cursor().copy(f"COPY edges ({', '.join(frame.columns)}) FROM STDIN") as copy:
         copy.write(buffer.getvalue())
     conn.execute("ANALYZE nodes")
     conn.execute("ANALYZE edges")
@@ -114,6 +133,68 @@ def fastrp_figures(data_dir: Path, quick: bool) -> list[Figure]:
                "raw binary COPY", nodes / raw_seconds),
         Figure("graph fastrp", "seconds, second sync (nothing changed, nothing written)", again[0], "s",
                "first sync", whole[0]),
+    ]
+
+
+def live_figures(data_dir: Path, quick: bool) -> list[Figure]:
+    from vectorsync.sync import catalog, schema
+    from vectorsync.sync.graph import sync_graph
+    from vectorsync.sync.spec import parse_config
+
+    nodes, edges = (100_000, 500_000) if quick else (1_000_000, 5_000_000)
+    changes = 1_000
+    with scratch_database(data_dir) as url, psycopg.connect(url, autocommit=True) as conn:
+        config = parse_config(
+            {
+                "embeddings": [
+                    {
+                        "name": "live",
+                        "table": "nodes",
+                        "key": "id",
+                        "modality": "graph",
+                        "dim": DIM,
+                        "index": "none",
+                        "graph": {"edges": "edges", "weight_column": "weight", "iteration_weights": ITERATION_WEIGHTS},
+                    }
+                ]
+            }
+        )
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        schema.upgrade(url, config)  # triggers first, then the graph: a bulk load logs its changes too
+        generate(conn, nodes, edges, weighted=True)
+        emb = catalog.load(conn, config.embeddings[0])
+        with timer() as full:
+            first = sync_graph(conn, emb)
+        assert first["embedded"] == nodes, first
+        with timer() as idle:
+            idle_run = sync_graph(conn, emb)
+        assert idle_run["embedded"] == 0, idle_run
+        rng = np.random.default_rng(9)
+        inserted, deleted = changes * 2 // 5, changes * 3 // 10
+        updated = changes - inserted - deleted
+        conn.execute(
+            "INSERT INTO edges SELECT s, t, 1.0 FROM unnest(%s::bigint[], %s::bigint[]) AS e(s, t)",
+            (rng.integers(0, nodes, inserted).tolist(), rng.integers(0, nodes, inserted).tolist()),
+        )
+        conn.execute(
+            "DELETE FROM edges WHERE ctid IN (SELECT ctid FROM edges TABLESAMPLE SYSTEM (1) LIMIT %s)", (deleted,)
+        )
+        conn.execute(
+            "UPDATE edges SET weight = weight * 1.5 WHERE ctid IN "
+            "(SELECT ctid FROM edges TABLESAMPLE SYSTEM (1) LIMIT %s)",
+            (updated,),
+        )
+        with timer() as applied:
+            run = sync_graph(conn, emb)
+        details = conn.execute("SELECT details FROM vectorsync.runs WHERE id = %s", (run["run_id"],)).fetchone()[0]
+    generator = os.environ.get("GRAPH_GENERATOR", "power-law")
+    size = f"{nodes:,} nodes, {edges:,} edges ({generator}), dim {DIM}, {len(ITERATION_WEIGHTS)} iterations"
+    return [
+        Figure("graph live", f"seconds, sync with nothing changed, {size}", idle[0], "s", "full sync", full[0],
+               target="≤ 1 s (1M/5M)"),
+        Figure("graph live", f"seconds, sync applying {changes:,} edge changes (mode {details['mode']}, "
+               f"recomputed per iteration {details.get('recomputed')}, {run['embedded']:,} vectors written)",
+               applied[0], "s", "full sync", full[0], target="≤ 2 s (1M/5M)"),
     ]
 
 
@@ -191,4 +272,4 @@ def bridge_figures(data_dir: Path, quick: bool) -> list[Figure]:
 
 
 def run(data_dir: Path, quick: bool) -> list[Figure]:
-    return fastrp_figures(data_dir, quick) + bridge_figures(data_dir, quick)
+    return fastrp_figures(data_dir, quick) + live_figures(data_dir, quick) + bridge_figures(data_dir, quick)

@@ -9,7 +9,7 @@ nothing. Node rows log their key (``node``) on insert, delete and input-column u
 logs ``all``. The sync, not the trigger, removes the vectors of deleted nodes: only graph runs
 write a FastRP target, one at a time.
 
-Like ``vectorsync.capture_changes`` the function runs as vectorsync's owner with a pinned
+Like the row capture functions, it runs as vectorsync's owner with a pinned
 ``search_path``, so an application role needs no right on vectorsync's objects.
 
 Revision ID: 0011_graph_change_capture
