@@ -16,7 +16,7 @@ class NotMigrated(DatabaseError):
     """The embedding has no schema yet."""
 
 
-class CatalogError(RuntimeError):
+class CatalogError(DatabaseError):
     """A value in vectorsync's catalogue is not what migrate records."""
 
 

@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -458,6 +459,41 @@ def search(
     for row in result:
         table.add_row(row["key"], f"{row['distance']:.4f}")
     out.print(table)
+
+
+class RoleKind(StrEnum):
+    worker = "worker"
+    reader = "reader"
+
+
+@app.command()
+def grant(
+    ctx: typer.Context,
+    kind: Annotated[RoleKind, typer.Argument(help="worker: runs `vectorsync worker`; reader: queries embeddings.")],
+    role: Annotated[str, typer.Argument(help="The role (created, able to log in, if it does not exist).")],
+    check: Annotated[bool, typer.Option("--check", help="Change nothing; list what ROLE lacks.")] = False,
+) -> None:
+    """Create or check a worker or reader role with exactly the rights it needs (see the README)."""
+    from vectorsync.sync import privileges
+
+    state = _state(ctx)
+    with db.connection(state.url) as conn:
+        report = privileges.setup_role(conn, kind.value, role, check=check)
+        conn.commit()
+    for name in report.unreadable:
+        console.print(f"{role} may not read the source table of embedding {name!r}: it gets nothing on it")
+    if check:
+        for right in report.missing:
+            out.print(f"missing: {right}", highlight=False)
+        if report.missing:
+            raise typer.Exit(1)
+        out.print(f"{role} holds everything a {kind.value} needs", highlight=False)
+        return
+    if report.created:
+        out.print(f"created role {role} (LOGIN, no password: set one with ALTER ROLE)", highlight=False)
+    for right in report.granted:
+        out.print(f"granted {right}", highlight=False)
+    out.print(f"{role} holds everything a {kind.value} needs", highlight=False)
 
 
 @app.command()

@@ -19,7 +19,7 @@ from vectorsync.migrations.operations import (
     create_embedding,
     drop_embedding,
 )
-from vectorsync.sync import catalog, queue, sink
+from vectorsync.sync import catalog, privileges, queue, sink
 from vectorsync.sync.db import connect, ensure_vector_extension
 from vectorsync.sync.models import current_version
 from vectorsync.sync.sources import HASH, KEY
@@ -223,17 +223,29 @@ def upgrade(url: str, config: Config, *, recreate: list[str] | None = None) -> M
     with engine.begin() as sa_conn:
         raw: psycopg.Connection = sa_conn.connection.driver_connection  # type: ignore[assignment]
         serialise(raw)
-        ensure_vector_extension(raw)
         check_specs(raw, list(config.embeddings))
+        objects = [objects_for(spec, resolve_schema(raw, spec)) for spec in config.embeddings]
+        privileges.check_migrate(
+            raw,
+            [
+                privileges.MigrateTarget(
+                    o.name, (o.source_schema, o.source_table), (o.target_schema, o.target_table), o.capture
+                )
+                for o in objects
+            ],
+        )
+        ensure_vector_extension(raw)
         before = current_revision(raw)
         cfg.attributes["connection"] = sa_conn
         command.upgrade(cfg, "head")
         for name in recreate or []:
             config.embedding(name)
             drop_embedding(sa_conn, name)
-        for spec in config.embeddings:
-            if create_embedding(sa_conn, objects_for(spec, resolve_schema(raw, spec))):
+        for spec, embedding in zip(config.embeddings, objects, strict=True):
+            if create_embedding(sa_conn, embedding):
                 reconcile(raw, spec)
+        privileges.mirror_reader_grants(raw)
+        privileges.refresh_worker_grants(raw)
         after = current_revision(raw)
     engine.dispose()
     return MigrateReport(before, after, [s.name for s in config.embeddings])
@@ -255,6 +267,7 @@ def downgrade(url: str) -> list[str]:
     dropped: list[str] = []
     with engine.begin() as sa_conn:
         raw: psycopg.Connection = sa_conn.connection.driver_connection  # type: ignore[assignment]
+        serialise(raw)
         if current_revision(raw) is None:
             return dropped
         for (name,) in raw.execute("SELECT name FROM vectorsync.embeddings ORDER BY name").fetchall():
