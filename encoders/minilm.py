@@ -63,10 +63,18 @@ def _load(folder: Path, device: str) -> Any:
         if key not in _cache:
             try:
                 from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as transformers_logging
             except ImportError:
                 raise MissingExtraError("pretrained text encoders", "text", "sentence-transformers") from None
-            # local_files_only: a folder path must never fall back to a Hub download.
-            _cache[key] = SentenceTransformer(str(folder), device=device, local_files_only=True).eval()
+            # transformers draws its own "Loading weights" bar on stderr, in the middle of ours
+            bars = transformers_logging.is_progress_bar_enabled()
+            transformers_logging.disable_progress_bar()
+            try:
+                # local_files_only: a folder path must never fall back to a Hub download.
+                _cache[key] = SentenceTransformer(str(folder), device=device, local_files_only=True).eval()
+            finally:
+                if bars:
+                    transformers_logging.enable_progress_bar()
         return _cache[key]
 
 

@@ -251,6 +251,7 @@ class Worker:
         self._conn: psycopg.Connection | None = None
         self._backoff = 0.5
         self._lost_since: float | None = None
+        self._served = False  # whether it ever reached the database
 
     def run(self) -> None:
         """Serve until ``stop`` is set. Every error is handled here: a lost database is logged once
@@ -262,14 +263,15 @@ class Worker:
                 if self.stop.is_set():
                     break
                 if _connection_lost(exc):
+                    # a daemon keeps trying, and says at every try what it waits for and until when
+                    now = time.monotonic()
                     if self._lost_since is None:
-                        self._lost_since = time.monotonic()
-                        log.warning(
-                            "worker %s lost the database connection (%s); reconnecting with backoff",
-                            self.id, _one_line(exc),
-                        )
-                    else:
-                        log.debug("worker %s: still no database (%s)", self.id, _one_line(exc))
+                        self._lost_since = now
+                    log.warning(
+                        "worker %s has waited %.0fs for the database%s; next try in %.1fs (%s)",
+                        self.id, now - self._lost_since, " since losing it" if self._served else "",
+                        self._backoff, _one_line(exc),
+                    )
                 else:
                     log.error(
                         "worker %s: %s: %s; retrying in %.1fs", self.id, type(exc).__name__, _one_line(exc),
@@ -287,6 +289,7 @@ class Worker:
             queue.listen(listener)
             embeddings = [load(conn, s) for s in self.specs]
             self._heartbeat(conn, "running")
+            self._served = True
             if self._lost_since is not None:
                 log.warning("worker %s reconnected after %.1fs", self.id, time.monotonic() - self._lost_since)
                 self._lost_since = None

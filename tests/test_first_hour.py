@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,45 @@ def test_status_without_a_config_says_so_instead_of_starting_a_server(tmp_path):
     assert "vectorsync.toml' not found and no database URL given" in result.stderr
     assert "hint: run status in your project's folder" in result.stderr
     assert not data.exists(), "no embedded server may be started for a status without a config"
+
+
+def test_loading_minilm_draws_no_progress_bar_of_its_own():
+    pytest.importorskip("sentence_transformers")
+    script = (
+        "import pandas as pd\n"
+        "from vectorsync.encoders.minilm import MiniLMEncoder\n"
+        "print(MiniLMEncoder(384, ['t'], {}).encode(pd.DataFrame({'t': ['hello']})).vectors.shape)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TQDM_DISABLE": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 384)"
+    assert "Loading weights" not in result.stderr and "it/s" not in result.stderr, result.stderr
+
+
+def test_a_worker_without_its_database_says_it_is_waiting_and_when_it_tries_next(write_config, tmp_path):
+    config = write_config(PRODUCTS)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vectorsync", "--config", str(config), "worker"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "VECTORSYNC_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none"},
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr or []), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 180  # start-up imports torch: slow on a busy machine
+    while time.monotonic() < deadline and sum("waited" in line for line in lines) < 3:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    reader.join(10)
+    waits = [line for line in lines if "for the database" in line]
+    assert len(waits) >= 3, "".join(lines)
+    assert all("next try in" in line and "cannot connect to the database at" in line for line in waits), waits
+    assert re.search(r"has waited [1-9]\d*s for the database", waits[-1]), waits[-1]  # how long it has been
+    assert not any("Traceback" in line for line in lines)
