@@ -189,3 +189,32 @@ def test_migrate_by_a_role_lacking_a_privilege_stops_before_changing_anything(co
     schema.upgrade(db_url, load_config(config))
     with pytest.raises(privileges.PrivilegeError, match=r"migrate must run as .*the owner of schema vectorsync"):
         schema.upgrade(as_role(db_url, migrator), load_config(config))
+
+
+def test_every_security_definer_function_pins_its_search_path(conn, project):
+    rows = conn.execute(
+        "SELECT p.oid::regprocedure::text, p.proconfig FROM pg_proc p "
+        "WHERE p.pronamespace = 'vectorsync'::regnamespace AND p.prosecdef"
+    ).fetchall()
+    assert rows, "status counts the queue through a SECURITY DEFINER function"
+    for function, config in rows:
+        assert "search_path=pg_catalog, pg_temp" in (config or []), function
+
+
+def test_a_role_cannot_make_status_run_its_own_objects_as_the_owner(conn, db_url, project, new_role):
+    attacker = new_role("attacker")
+    conn.execute(sql.SQL("GRANT SELECT ON items TO {}").format(sql.Identifier(attacker)))
+    conn.execute(sql.SQL("CREATE SCHEMA {0} AUTHORIZATION {0}").format(sql.Identifier(attacker)))
+    vectorsync(db_url, project, "migrate")
+    with psycopg.connect(as_role(db_url, attacker), autocommit=True) as as_attacker:
+        as_attacker.execute("CREATE TABLE calls (by_role text)")
+        # the name of what the queue counts call (as the owner), ahead of pg_catalog on the caller's path
+        as_attacker.execute(
+            "CREATE FUNCTION now() RETURNS timestamptz LANGUAGE sql "
+            f"AS $$ INSERT INTO {attacker}.calls VALUES (current_user) RETURNING NULL::timestamptz $$"
+        )
+        as_attacker.execute(sql.SQL("SET search_path = {}, pg_catalog, public").format(sql.Identifier(attacker)))
+        assert as_attacker.execute("SELECT name, pending FROM vectorsync.status").fetchall() == [("items", 0)]
+        assert as_attacker.execute("SELECT count(*) FROM vectorsync._backlog('items')").fetchone()[0] == 1
+        calls = as_attacker.execute(sql.SQL("SELECT by_role FROM {}.calls").format(sql.Identifier(attacker)))
+        assert all(by_role == attacker for (by_role,) in calls.fetchall())
