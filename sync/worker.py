@@ -288,6 +288,10 @@ class Worker:
             listener = connect(self.url, autocommit=True, vector=False)
             queue.listen(listener)
             embeddings = [load(conn, s) for s in self.specs]
+            for emb in embeddings:  # load models now: on the first change it cost the first rows a second or more
+                version = current_version(conn, emb.name)
+                if version is not None:
+                    self._cache.get(conn, emb, version)
             self._heartbeat(conn, "running")
             self._served = True
             if self._lost_since is not None:

@@ -163,3 +163,22 @@ def test_a_worker_without_its_database_says_it_is_waiting_and_when_it_tries_next
     assert all("next try in" in line and "cannot connect to the database at" in line for line in waits), waits
     assert re.search(r"has waited [1-9]\d*s for the database", waits[-1]), waits[-1]  # how long it has been
     assert not any("Traceback" in line for line in lines)
+
+
+def test_a_worker_loads_its_models_before_the_first_change(products, cli, db_url):
+    from vectorsync.sync.spec import load_config
+    from vectorsync.sync.worker import Worker
+
+    assert cli("train", "products", config=products).code == 0
+    worker = Worker(db_url, load_config(products), poll_seconds=0.2)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not worker._served and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker._served
+        assert [key[:2] for key in worker._cache._models] == [("products", 1)]  # before any change arrived
+    finally:
+        worker.stop.set()
+        thread.join(30)
