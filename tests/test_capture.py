@@ -286,3 +286,97 @@ def test_keys_written_under_other_session_settings_embed_the_right_row(conn, db_
     assert after.keys() == before.keys()
     assert [k for k in after if after[k] != before[k]] == [expected]
     assert conn.execute("SELECT count(*) FROM vectorsync.queue").fetchone()[0] == 0
+
+
+def test_migrate_requires_a_unique_not_null_key(conn, db_url, tmp_path, cli):
+    conn.execute("CREATE TABLE items (id integer, a double precision, b double precision)")
+    config = spec(tmp_path / "vectorsync.toml")
+    result = cli("migrate", config=config)
+    assert result.code == 1
+    assert "column 'id' of table 'items' is neither the primary key nor a NOT NULL column with a unique index" in (
+        result.err.replace("\n", " ")
+    )
+    conn.execute("CREATE UNIQUE INDEX ON items (id)")
+    assert cli("migrate", config=config).code == 1  # unique, but NULL keys would still be allowed
+    conn.execute("ALTER TABLE items ALTER COLUMN id SET NOT NULL")
+    assert cli("migrate", config=config).code == 0
+
+
+def test_names_vectorsync_uses_itself_are_refused_with_the_column_named(conn, tmp_path, cli):
+    conn.execute('CREATE TABLE items (embedding integer PRIMARY KEY, "__key__" double precision, b real)')
+    result = cli("migrate", config=spec(tmp_path / "vectorsync.toml", key="embedding", columns=("__key__", "b")))
+    assert result.code == 1
+    message = result.err.replace("\n", " ")
+    assert "column '__key__' has a name vectorsync uses internally" in message
+    assert "key column 'embedding' has the name of a column of the target table" in message
+
+
+def test_long_embedding_names_get_distinct_index_and_trigger_names(conn, db_url, tmp_path):
+    long = "a_long_embedding_name_of_forty_chars_"  # + "one"/"two": 40, the longest a name may be
+    conn.execute("CREATE TABLE items (id integer PRIMARY KEY, a double precision, b double precision)")
+    conn.execute("INSERT INTO items SELECT g, g, g FROM generate_series(1, 5) g")
+    config = tmp_path / "vectorsync.toml"
+    config.write_text(
+        "".join(
+            textwrap.dedent(SPEC.format(name=long + suffix, table="items", key="id", columns='"a", "b"')).replace(
+                'index = "none"', 'index = "hnsw"'
+            )
+            # targets that agree on their first 60 bytes: cut to 63 bytes, their index names would too
+            + f'target = "vectors_of_an_embedding_whose_target_name_is_long_and_shared_{suffix}"\n'
+            for suffix in ("one", "two")
+        )
+    )
+    vectorsync(db_url, config, "migrate")
+    indexes = conn.execute(
+        "SELECT indexrelid::regclass::text, indrelid::regclass::text FROM pg_index i "
+        "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam WHERE am.amname = 'hnsw'"
+    ).fetchall()
+    assert len({index for index, _ in indexes}) == 2 and len({table for _, table in indexes}) == 2
+    triggers = conn.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = 'items'::regclass").fetchall()
+    assert len(triggers) == 8 and all(len(name.encode()) <= 63 for (name,) in triggers)
+    conn.execute("UPDATE items SET a = a + 1 WHERE id = 1")
+    assert sorted(conn.execute("SELECT embedding FROM vectorsync.queue").fetchall()) == [
+        (long + "one",), (long + "two",)
+    ]
+
+
+# --- partitions --------------------------------------------------------------------------------
+
+
+def test_partitioned_sources_capture_the_parent_each_partition_and_new_partitions(conn, db_url, tmp_path):
+    conn.execute(
+        "CREATE TABLE items (id integer PRIMARY KEY, a double precision, b double precision, note text) "
+        "PARTITION BY RANGE (id)"
+    )
+    conn.execute("CREATE TABLE items_low PARTITION OF items FOR VALUES FROM (0) TO (100)")
+    conn.execute("CREATE TABLE items_high PARTITION OF items FOR VALUES FROM (100) TO (200)")
+    conn.execute("INSERT INTO items SELECT g, g % 7, cos(g) FROM generate_series(1, 150) g")
+    config = spec(tmp_path / "vectorsync.toml")
+    vectorsync(db_url, config, "migrate")
+    vectorsync(db_url, config, "train", "items")
+    vectorsync(db_url, config, "sync")
+
+    def queued() -> list[str]:
+        keys = sorted((r[0] for r in conn.execute("SELECT key FROM vectorsync.queue")), key=int)
+        conn.execute("DELETE FROM vectorsync.queue")
+        return keys
+
+    conn.execute("INSERT INTO items (id, a) VALUES (10000 % 199, 1)")  # through the parent
+    conn.execute("INSERT INTO items_low (id, a) VALUES (0, 1)")  # straight into a partition
+    assert queued() == ["0", "50"]
+    conn.execute("UPDATE items_high SET a = a + 1 WHERE id = 120")
+    conn.execute("UPDATE items SET a = a + 1 WHERE id = 5")
+    conn.execute("UPDATE items SET id = 150 WHERE id = 6")  # moves to the other partition
+    assert queued() == ["5", "120", "150"]
+    conn.execute("CREATE TABLE items_top PARTITION OF items FOR VALUES FROM (200) TO (300)")
+    conn.execute("CREATE TABLE items_more (LIKE items)")
+    conn.execute("ALTER TABLE items ATTACH PARTITION items_more FOR VALUES FROM (300) TO (400)")
+    conn.execute("INSERT INTO items_top (id, a) VALUES (250, 1)")
+    conn.execute("INSERT INTO items_more (id, a) VALUES (350, 1)")
+    assert queued() == ["250", "350"]
+    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id = 6").fetchone()[0] == 0
+    conn.execute("DELETE FROM items_low WHERE id = 7")
+    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id = 7").fetchone()[0] == 0
+    conn.execute("TRUNCATE items_low")
+    assert conn.execute("SELECT min(id) FROM items_embeddings").fetchone()[0] >= 100
+    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id >= 100").fetchone()[0] == 50
