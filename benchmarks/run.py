@@ -23,6 +23,7 @@ BENCHMARKS = {
     "text": "benchmarks.bench_text",
     "graph": "benchmarks.bench_graph",
     "query": "benchmarks.bench_query",
+    "trigger": "benchmarks.bench_trigger",
 }
 
 
