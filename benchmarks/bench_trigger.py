@@ -15,7 +15,6 @@ The queue is emptied and both tables vacuumed between repetitions, so each start
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,11 +128,3 @@ def run(data_dir: Path, quick: bool) -> list[Figure]:
             )
     return figures
 
-
-if __name__ == "__main__":
-    import sys
-
-    started = time.perf_counter()
-    for figure in run(Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/pg").resolve(), "--quick" in sys.argv):
-        print(figure.line())
-    print(f"{time.perf_counter() - started:.0f}s")
