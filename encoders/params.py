@@ -55,7 +55,9 @@ class AutoencoderParams(EncoderParams):
     )
 
 
-class _ImageParams(EncoderParams):
+class ImageParams(EncoderParams):
+    """What the image and face encoders trained here share."""
+
     FROM_EMBEDDING: ClassVar[tuple[str, ...]] = ("image_size", "channels", "max_pixels")
 
     image_size: int = Field(32, ge=8, le=1024, description="Side of the square the model sees, in pixels.")
@@ -70,16 +72,16 @@ class _ImageParams(EncoderParams):
     width: int = Field(32, ge=1, description="Channels of the first conv layer, doubled per block (at most 256).")
 
 
-class ConvAutoencoderParams(_ImageParams):
+class ConvAutoencoderParams(ImageParams):
     """The convolutional image autoencoder."""
 
     type: Literal["conv_autoencoder"] = "conv_autoencoder"
 
 
-class IdentityCNNParams(_ImageParams):
+class IdentityCNNParams(ImageParams):
     """The face CNN trained to tell identities apart."""
 
-    FROM_EMBEDDING: ClassVar[tuple[str, ...]] = (*_ImageParams.FROM_EMBEDDING, "detect_faces", "label_column")
+    FROM_EMBEDDING: ClassVar[tuple[str, ...]] = (*ImageParams.FROM_EMBEDDING, "detect_faces", "label_column")
 
     type: Literal["identity_cnn"] = "identity_cnn"
     detect_faces: bool = Field(True, description="False: every image already is a face crop.")
@@ -110,7 +112,9 @@ class DlibParams(EncoderParams):
     max_side: int = Field(1024, ge=1, description="Larger images are downscaled before face detection.")
 
 
-class _TextParams(EncoderParams):
+class TextParams(EncoderParams):
+    """What every text encoder takes from the embedding."""
+
     FROM_EMBEDDING: ClassVar[tuple[str, ...]] = ("max_tokens", "long_text", "encoding")
 
     max_tokens: int = Field(256, ge=1, description="Tokens the model reads per text (or per chunk).")
@@ -118,7 +122,7 @@ class _TextParams(EncoderParams):
     encoding: str = Field("utf-8", description="Encoding of referenced text files.")
 
 
-class LSTMParams(_TextParams):
+class LSTMParams(TextParams):
     """The LSTM text encoder trained on the column's own corpus."""
 
     type: Literal["lstm"] = "lstm"
@@ -140,7 +144,9 @@ class LSTMParams(_TextParams):
     device: str = Field("cpu", description="Torch device.")
 
 
-class SentenceModelParams(_TextParams):
+class SentenceModelParams(TextParams):
+    """What the pretrained sentence models share."""
+
     batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
     device: str | None = Field(None, description="Torch device (default: CUDA when available, else CPU).")
 
