@@ -83,7 +83,7 @@ def test_a_role_that_may_read_the_source_may_query_its_embeddings_after_migrate(
         assert len(as_reader.execute(QUERIES["nearest"]).fetchall()) == 5
 
 
-def test_a_role_that_may_not_read_the_source_learns_no_key_or_distance(conn, db_url, project, new_role):
+def test_a_role_that_may_not_read_the_source_learns_no_key_or_distance(conn, db_url, project, new_role, cli):
     outsider = new_role("outsider")
     # even with vectorsync's schema, catalogue and a stray grant on the target table
     for statement in (
@@ -102,6 +102,9 @@ def test_a_role_that_may_not_read_the_source_learns_no_key_or_distance(conn, db_
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 as_outsider.execute(f"SELECT key FROM vectorsync.{table} LIMIT 1" if table != "models" else
                                     "SELECT version FROM vectorsync.models LIMIT 1")
+    result = cli("--database-url", as_role(db_url, outsider), "search", "items", "1", config=project)
+    assert result.code == 1
+    assert result.err.splitlines()[0] == "error: permission denied for table items, the source of embedding items"
 
 
 def test_the_catalogue_is_writable_only_by_its_owner(conn, db_url, project, new_role):
@@ -124,10 +127,8 @@ def test_the_catalogue_is_writable_only_by_its_owner(conn, db_url, project, new_
 def test_the_documented_worker_role_drains_the_queue(conn, db_url, project, new_role, tmp_path):
     worker = new_role("worker")
     vectorsync(db_url, project, "grant", "worker", worker)
-    check = psycopg.connect(db_url, autocommit=True)
-    with check:
-        report = privileges.setup_role(check, "worker", worker, check=True)
-    assert report.missing == []
+    with psycopg.connect(db_url, autocommit=True) as check:
+        assert privileges.setup_role(check, "worker", worker, check=True).missing == []
     insert_items(conn, 300, 200)
     conn.execute("UPDATE items SET a = a + 1 WHERE id < 50")
     conn.execute("DELETE FROM items WHERE id BETWEEN 50 AND 59")
@@ -218,3 +219,19 @@ def test_a_role_cannot_make_status_run_its_own_objects_as_the_owner(conn, db_url
         assert as_attacker.execute("SELECT count(*) FROM vectorsync._backlog('items')").fetchone()[0] == 1
         calls = as_attacker.execute(sql.SQL("SELECT by_role FROM {}.calls").format(sql.Identifier(attacker)))
         assert all(by_role == attacker for (by_role,) in calls.fetchall())
+
+
+def test_migrate_extends_an_existing_worker_roles_grants_to_a_new_embedding(conn, db_url, project, new_role):
+    worker = new_role("worker")
+    vectorsync(db_url, project, "grant", "worker", worker)
+    conn.execute("CREATE TABLE others (id integer PRIMARY KEY, x real, secret text)")
+    with project.open("a") as config:
+        config.write('\n[[embeddings]]\nname = "others"\ntable = "others"\nkey = "id"\nmodality = "tabular"\n'
+                     'dim = 2\ncolumns = ["x"]\n')
+    vectorsync(db_url, project, "migrate")
+    with psycopg.connect(db_url, autocommit=True) as check:
+        assert privileges.setup_role(check, "worker", worker, check=True).missing == []
+    with psycopg.connect(as_role(db_url, worker), autocommit=True) as as_worker:
+        as_worker.execute("SELECT id, x FROM others").fetchall()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            as_worker.execute("SELECT secret FROM others")
