@@ -5,6 +5,9 @@ indicator; categorical columns (text, booleans, anything non-numeric) are one-ho
 their most frequent values with "other" and "missing" buckets. Layers shrink to the ``dim``
 bottleneck and grow back; the model learns to reconstruct the preprocessed row and the bottleneck
 is the embedding. NaN or infinite values (as opposed to NULLs) are rejected per row and column.
+Extreme finite values (1e308) neither overflow the statistics nor vanish: the mean and standard
+deviation are taken over the values winsorised at their 0.5th and 99.5th percentiles, and a
+standardised value is clipped to ±``CLIP`` standard deviations.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from vectorsync.encoders.params import AutoencoderParams, EncoderParams
 from vectorsync.errors import ModelError
 
 MAX_CATEGORIES = 50
+#: Standardised values are clipped to this many standard deviations: a far outlier still embeds,
+#: near the edge of its column's range, instead of overflowing the model.
+CLIP = 10.0
 
 
 @dataclass
@@ -56,7 +62,9 @@ class Preprocessor:
             for position, reason in bad.items():
                 failures.setdefault(position, InputError(column, reason))
             missing = np.isnan(values)
-            parts.append(np.where(missing, 0.0, (values - mean) / std)[:, None])
+            with np.errstate(over="ignore", invalid="ignore"):
+                scaled = np.clip((values - mean) / std, -CLIP, CLIP)
+            parts.append(np.where(missing, 0.0, scaled)[:, None])
             if column in self.indicators:
                 parts.append(missing.astype(np.float64)[:, None])
         for column, kept in self.categories.items():
@@ -70,6 +78,22 @@ class Preprocessor:
             parts.append(onehot)
         matrix = np.hstack(parts).astype(np.float32) if parts else np.zeros((len(frame), 0), np.float32)
         return matrix, failures
+
+
+def _robust_moments(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of ``values`` winsorised at the 0.5th and 99.5th percentiles,
+    computed around the median so that values near the float64 limit cannot overflow them."""
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = np.quantile(values, [0.005, 0.995], method="nearest")
+    centre = float(np.median(values))
+    with np.errstate(over="ignore", invalid="ignore"):
+        spread = np.clip(values, low, high) - centre
+        mean = centre + float(spread.mean())
+        std = float(spread.std())
+    if not math.isfinite(mean):
+        mean = centre
+    return mean, std if math.isfinite(std) and std > 1e-12 else 1.0
 
 
 def _is_null(value: Any) -> bool:
@@ -174,7 +198,7 @@ class TabularAutoencoder(Encoder):
         return [max(2 * self.dim, min(256, 2 * width))]
 
     def _fit_preprocessing(self, train: Batches) -> None:
-        sums: dict[str, list[float]] = {}
+        numbers_of: dict[str, list[np.ndarray]] = {}
         missing: set[str] = set()
         counts: dict[str, dict[str, int]] = {}
         kinds: dict[str, bool] = {}
@@ -188,10 +212,7 @@ class TabularAutoencoder(Encoder):
                 if kinds[column]:
                     numbers, _ = _numeric(chunk[column])
                     finite = numbers[np.isfinite(numbers)]
-                    acc = sums.setdefault(column, [0.0, 0.0, 0.0])
-                    acc[0] += finite.size
-                    acc[1] += float(finite.sum())
-                    acc[2] += float((finite**2).sum())
+                    numbers_of.setdefault(column, []).append(finite)
                     if finite.size < numbers.size:
                         missing.add(column)
                 else:
@@ -203,10 +224,7 @@ class TabularAutoencoder(Encoder):
         pre = Preprocessor()
         for column in self.columns:
             if kinds.get(column):
-                n, total, squares = sums[column]
-                mean = total / n if n else 0.0
-                var = squares / n - mean**2 if n else 1.0
-                pre.numeric[column] = (mean, math.sqrt(var) if var > 1e-12 else 1.0)
+                pre.numeric[column] = _robust_moments(np.concatenate(numbers_of[column]))
                 if column in missing:
                     pre.indicators.append(column)
             else:

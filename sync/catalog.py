@@ -111,3 +111,9 @@ def _key_type(conn: psycopg.Connection, name: str, recorded: str) -> str:
 
 def _migrated(conn: psycopg.Connection) -> bool:
     return conn.execute("SELECT to_regclass('vectorsync.embeddings') IS NOT NULL").fetchone()[0]
+
+
+def broken_reason(conn: psycopg.Connection, name: str) -> str | None:
+    """Why schema drift marked the embedding broken (the DDL and what to run), or None."""
+    row = conn.execute("SELECT broken FROM vectorsync.embeddings WHERE name = %s", (name,)).fetchone()
+    return row[0] if row else None

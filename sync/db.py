@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector
@@ -71,10 +72,15 @@ def session_options(url: str) -> str:
     return f"{given} {pinned}".strip()
 
 
-def connect(url: str, *, autocommit: bool = False, vector: bool = True) -> psycopg.Connection:
-    """Open a connection with pgvector's types registered; one clear error when it fails."""
+def connect(url: str, *, autocommit: bool = False, vector: bool = True, **params: Any) -> psycopg.Connection:
+    """Open a connection with pgvector's types registered; one clear error when it fails.
+
+    ``params`` are extra libpq connection parameters (e.g. TCP keepalives) laid over the URL's.
+    """
     try:
-        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10, options=session_options(url))
+        conn = psycopg.connect(
+            url, autocommit=autocommit, connect_timeout=10, options=session_options(url), **params
+        )
     except psycopg.ProgrammingError as exc:
         # libpq refuses the URL itself before trying to connect
         raise DatabaseError(

@@ -2,8 +2,8 @@
 ``vectorsync.runs``, and the one NOTIFY channel.
 
 Workers, the one-pass sync, training, graph runs and the CLI call these small functions instead of
-writing queue SQL of their own, so the queue's rules (claim order, advisory locks, backoff, what
-counts as failed) live in one place.
+writing queue SQL of their own, so the queue's rules (claim order, leases, backoff, what counts as
+failed) live in one place.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -23,16 +24,13 @@ log = logging.getLogger(__name__)
 #: The NOTIFY channel the capture triggers and every enqueue signal on (payload: embedding name).
 CHANNEL = "vectorsync"
 
-_CLAIM = """
-WITH candidates AS (
-    SELECT id, key, attempts FROM vectorsync.queue
-    WHERE embedding = %(name)s AND not_before <= now()
-    ORDER BY id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-SELECT id, key, attempts FROM candidates
-WHERE pg_try_advisory_xact_lock(hashtextextended(%(name)s || ':' || key, 0))
+#: Ready items, oldest first; an item whose lease expired is ready again.
+_CANDIDATES = """
+SELECT id, key FROM vectorsync.queue
+WHERE embedding = %(name)s AND not_before <= now() AND (leased_until IS NULL OR leased_until <= now())
+ORDER BY id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
 """
 
 
@@ -45,13 +43,71 @@ def listen(conn: psycopg.Connection) -> None:
     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
 
 
-def claim(conn: psycopg.Connection, name: str, limit: int) -> list[tuple[int, str, int]]:
-    """Claim up to ``limit`` ready items as (id, key, attempts); call inside the batch's transaction.
+def lease(conn: psycopg.Connection, name: str, limit: int, seconds: float) -> list[tuple[int, str, int, datetime]]:
+    """Lease up to ``limit`` ready items for ``seconds``, as (id, key, attempts, lease token);
+    call inside a transaction of its own, committed at once.
 
-    ``FOR UPDATE SKIP LOCKED`` lets workers share the queue; the per-key advisory lock keeps two
-    workers from embedding the same key at once when it is queued twice.
+    A lease (``leased_until``) keeps other workers off the items while the batch reads files and
+    encodes, with no lock held; a worker that dies or freezes loses its items when it expires.
+    A key is leased by one batch at a time: a per-key advisory lock serialises concurrent leases,
+    and a key with a live lease on another of its queue rows is left for later, so a key queued
+    twice is encoded once per input values. The lease's end is its token (``confirm_lease``).
     """
-    return conn.execute(_CLAIM, {"name": name, "limit": limit}).fetchall()
+    candidates = conn.execute(_CANDIDATES, {"name": name, "limit": limit}).fetchall()
+    if not candidates:
+        return []
+    keys = sorted({key for _, key in candidates})
+    # A separate statement for each step: the live-lease check must see leases committed before
+    # this transaction got its advisory locks.
+    locked = {
+        row[0]
+        for row in conn.execute(
+            "SELECT k FROM unnest(%s::text[]) k WHERE pg_try_advisory_xact_lock(hashtextextended(%s || ':' || k, 0))",
+            (keys, name),
+        )
+    }
+    busy = {
+        row[0]
+        for row in conn.execute(
+            "SELECT DISTINCT key FROM vectorsync.queue WHERE embedding = %s AND key = ANY(%s) AND leased_until > now()",
+            (name, sorted(locked)),
+        )
+    }
+    ids = [queue_id for queue_id, key in candidates if key in locked and key not in busy]
+    if not ids:
+        return []
+    return conn.execute(
+        "UPDATE vectorsync.queue SET leased_until = statement_timestamp() + make_interval(secs => %s) "
+        "WHERE id = ANY(%s) RETURNING id, key, attempts, leased_until",
+        (seconds, ids),
+    ).fetchall()
+
+
+def confirm_lease(conn: psycopg.Connection, ids: Sequence[int], token: datetime) -> set[int]:
+    """Lock the leased rows still held under ``token`` (inside the write transaction); returns their ids.
+
+    Rows whose lease expired and went to another worker, or that were deleted (TRUNCATE), are
+    missing: their work is not written twice.
+    """
+    rows = conn.execute(
+        "SELECT id FROM vectorsync.queue WHERE id = ANY(%s) AND leased_until = %s FOR UPDATE SKIP LOCKED",
+        (list(ids), token),
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def release(conn: psycopg.Connection, ids: Sequence[int], token: datetime, delay: float = 0.0) -> None:
+    """Hand leased rows back to the queue, claimable after ``delay`` seconds; counts no attempt."""
+    conn.execute(
+        "UPDATE vectorsync.queue SET leased_until = NULL, not_before = now() + make_interval(secs => %s) "
+        "WHERE id = ANY(%s) AND leased_until = %s",
+        (delay, list(ids), token),
+    )
+
+
+def record_embedding_error(conn: psycopg.Connection, name: str, message: str) -> None:
+    """Log, in ``vectorsync.errors``, an error of the embedding as a whole (no key)."""
+    conn.execute("INSERT INTO vectorsync.errors (embedding, error) VALUES (%s, %s)", (name, message))
 
 
 def delete_claimed(conn: psycopg.Connection, ids: Sequence[int]) -> None:
@@ -90,7 +146,7 @@ def move_to_failed(
 def schedule_retry(conn: psycopg.Connection, ids: Sequence[int], attempt: int, message: str, delay: float) -> None:
     """Keep the claimed rows queued, claimable again after ``delay`` seconds."""
     conn.execute(
-        "UPDATE vectorsync.queue SET attempts = %s, last_error = %s, "
+        "UPDATE vectorsync.queue SET attempts = %s, last_error = %s, leased_until = NULL, "
         "not_before = now() + make_interval(secs => %s) WHERE id = ANY(%s)",
         (attempt, message, delay, list(ids)),
     )
@@ -169,7 +225,7 @@ def failed_items(conn: psycopg.Connection, *, limit: int = 100) -> list[dict[str
 
 
 def queue_depth(conn: psycopg.Connection, name: str, *, ready_only: bool = False) -> int:
-    condition = " AND not_before <= now()" if ready_only else ""
+    condition = " AND not_before <= now() AND (leased_until IS NULL OR leased_until <= now())" if ready_only else ""
     row = conn.execute("SELECT count(*) FROM vectorsync.queue WHERE embedding = %s" + condition, (name,)).fetchone()
     assert row is not None  # an aggregate always returns one row
     return int(row[0])
@@ -177,15 +233,17 @@ def queue_depth(conn: psycopg.Connection, name: str, *, ready_only: bool = False
 
 def seconds_until_ready(conn: psycopg.Connection, name: str) -> float | None:
     """Seconds until the embedding's next queued item is claimable (negative: already); None if empty."""
-    row = conn.execute("SELECT min(not_before) - now() FROM vectorsync.queue WHERE embedding = %s", (name,)).fetchone()
+    row = conn.execute(
+        "SELECT min(greatest(not_before, leased_until)) - now() FROM vectorsync.queue WHERE embedding = %s", (name,)
+    ).fetchone()
     return None if row is None or row[0] is None else row[0].total_seconds()
 
 
 def next_retry(conn: psycopg.Connection, names: Sequence[str]) -> float | None:
     """Seconds until the earliest item in retry backoff becomes claimable, if any."""
     row = conn.execute(
-        "SELECT extract(epoch FROM min(not_before) - now()) FROM vectorsync.queue "
-        "WHERE embedding = ANY(%s) AND not_before > now()",
+        "SELECT extract(epoch FROM min(greatest(not_before, leased_until)) - now()) FROM vectorsync.queue "
+        "WHERE embedding = ANY(%s) AND greatest(not_before, leased_until) > now()",
         (list(names),),
     ).fetchone()
     return None if row is None or row[0] is None else max(float(row[0]), 0.01)

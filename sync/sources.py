@@ -44,19 +44,49 @@ def _frame(cur: psycopg.Cursor) -> pd.DataFrame:
 
 
 def read_rows(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> pd.DataFrame:
-    """The source rows with these (text) keys, locked against deletion until the transaction ends.
-
-    ``FOR KEY SHARE`` makes a concurrent DELETE wait for this batch, so its trigger removes the
-    vector we are about to write rather than leaving an orphan; ordinary updates are not blocked.
-    """
+    """The source rows with these (text) keys, read without locking them: a row the application
+    holds locked is read as last committed, never waited for."""
     with conn.cursor(binary=True) as cur:
         cur.execute(
-            sql.SQL("SELECT {cols} FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr})) FOR KEY SHARE OF s").format(
+            sql.SQL("SELECT {cols} FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr}))").format(
                 cols=_select_columns(emb), src=emb.source, key=emb.key, karr=emb.key_array_type
             ),
             (list(keys),),
         )
         return _frame(cur)
+
+
+def lock_rows(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> dict[str, str]:
+    """Lock the rows with these keys ``FOR SHARE SKIP LOCKED`` until the transaction ends; returns
+    their current input hash by key.
+
+    Held only while a batch writes its vectors: a concurrent UPDATE or DELETE waits for that write
+    (so it re-queues or removes the vector after it, never before), and a row the application holds
+    locked is skipped instead of waited for.
+    """
+    if not keys:
+        return {}
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT s.{key}::text, {hash} FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr})) "
+            "FOR SHARE OF s SKIP LOCKED"
+        ).format(key=emb.key, hash=emb.input_hash_expr("s"), src=emb.source, karr=emb.key_array_type),
+        (list(keys),),
+    ).fetchall()
+    return {key: digest for key, digest in rows}
+
+
+def existing_keys(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> set[str]:
+    """Which of these keys still have a source row (a plain read: never waits on row locks)."""
+    if not keys:
+        return set()
+    rows = conn.execute(
+        sql.SQL("SELECT s.{key}::text FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr}))").format(
+            key=emb.key, src=emb.source, karr=emb.key_array_type
+        ),
+        (list(keys),),
+    ).fetchall()
+    return {row[0] for row in rows}
 
 
 def stream_rows(

@@ -287,6 +287,8 @@ class WorkerSpec(_Strict):
     poll_seconds: float = Field(5.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     backoff_seconds: float = Field(2.0, ge=0)
+    max_backoff_seconds: float = Field(300.0, ge=0)
+    batch_deadline_seconds: float = Field(60.0, gt=0)
 
 
 class Config(_Strict):

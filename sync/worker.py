@@ -1,30 +1,35 @@
 """Claiming and embedding queued changes: one batch, a one-pass drain, and the long-running worker.
 
-A batch is one transaction: claim queue rows with ``FOR UPDATE SKIP LOCKED`` (and a per-key
-advisory lock, so two workers never embed the same key at once), read the source rows, encode,
-upsert with binary COPY, and delete the claimed queue rows. A crash anywhere rolls the whole batch
-back, so the queue rows become claimable again: nothing is lost, nothing is written twice.
+A batch leases its queue items for ``batch_deadline_seconds`` (committed at once), reads the source
+rows without locking them, reads referenced files and encodes with no transaction open, then writes
+in one short transaction: confirm the lease, lock the rows (``FOR SHARE SKIP LOCKED``), upsert with
+binary COPY, delete the done items. A worker that crashes, freezes or loses its network loses its
+lease when it expires and another worker takes the items; a write whose lease was taken over is not
+made. Nothing is lost, nothing is written twice, and no file read or encoding ever holds a lock.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import select
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
 import psycopg
 from psycopg import sql
 
-from vectorsync.encoders.base import InputError, check_finite
+from vectorsync.encoders.base import Encoder, InputError, check_finite
+from vectorsync.errors import VectorsyncError
 from vectorsync.sync import queue, sink, sources
-from vectorsync.sync.catalog import Embedding, load
+from vectorsync.sync.catalog import Embedding, NotMigrated, broken_reason, load
 from vectorsync.sync.db import DatabaseError, connect
 from vectorsync.sync.models import ModelCache, current_version, ensure_model
 from vectorsync.sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, WorkerSpec
@@ -34,7 +39,8 @@ log = logging.getLogger("vectorsync.worker")
 @dataclass
 class BatchResult:
     """What one batch did. ``embedded`` counts rows encoded and written; ``unchanged`` counts claimed
-    rows whose vector already came from the current model and the current input values."""
+    rows whose vector already came from the current model and the current input values;
+    ``requeued`` counts items handed back without an attempt (row locked or changed meanwhile)."""
 
     claimed: int = 0
     embedded: int = 0
@@ -42,6 +48,7 @@ class BatchResult:
     failed: int = 0
     retried: int = 0
     deleted: int = 0
+    requeued: int = 0
     seconds: float = 0.0
 
 
@@ -49,6 +56,30 @@ class BatchResult:
 class _Claim:
     ids: list[int] = field(default_factory=list)
     attempts: int = 0
+
+
+@dataclass
+class _Lease:
+    """Items leased by one batch: their claims by key, and the token that proves the lease."""
+
+    token: datetime
+    claims: dict[str, _Claim]
+    deadline: float  # time.monotonic() after which the lease may belong to another worker
+
+
+class EmbeddingUnavailable(RuntimeError):
+    """The embedding as a whole cannot be embedded now (source changed, model unusable, spec out of
+    date): no item is at fault, so none is charged an attempt; the worker parks the embedding."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+#: Seconds a row locked by the application waits before its item is claimed again.
+LOCKED_ROW_DELAY = 1.0
+#: Longest pause of a broken embedding before the worker tries it again.
+PARK_CAP_SECONDS = 30.0
 
 
 def queue_embeddable(spec: EmbeddingSpec) -> bool:
@@ -64,57 +95,211 @@ def process_batch(
     batch_size: int,
     *,
     worker_id: str | None = None,
+    on_lease: Callable[[_Lease | None], None] | None = None,
 ) -> BatchResult | None:
-    """Claim and embed one batch in one transaction; None when nothing is claimable.
+    """Lease and embed one batch; None when nothing is claimable.
 
-    With ``worker_id``, that worker's counters in ``vectorsync.workers`` move in the same
-    transaction, so they count exactly the work that was committed (a killed batch counts nothing).
+    Three short transactions, none held across file reads or encoding: lease the items, read the
+    rows (no row locks), then write: confirm the lease, lock the rows ``FOR SHARE SKIP LOCKED``
+    (a row the application holds locked is handed back for later, never waited for), keep only rows
+    whose inputs are still the ones encoded, upsert, delete the done items. A batch that fails as a
+    whole is split in halves until the failing items are alone; each of those is charged an attempt
+    (backoff, then ``vectorsync.failed``), whatever the exception. Raises ``EmbeddingUnavailable``
+    when the embedding itself is broken. With ``worker_id``, that worker's counters move in the
+    write transaction, so they count exactly the work that was committed.
     """
     started = time.perf_counter()
     with conn.transaction():
-        rows = queue.claim(conn, emb.name, batch_size)
-        if not rows:
-            return None
-        claims: dict[str, _Claim] = {}
-        for queue_id, key, attempts in rows:
-            claim = claims.setdefault(key, _Claim())
-            claim.ids.append(queue_id)
-            claim.attempts = max(claim.attempts, attempts)
-        version = ensure_model(conn, emb)
-        encoder = cache.get(conn, emb, version)
-
-        frame = sources.read_rows(conn, emb, list(claims))
-        present = set(frame[sources.KEY])
-        gone = [k for k in claims if k not in present]
-        result = BatchResult(claimed=len(rows), deleted=sink.delete_keys(conn, emb, gone))
-        frame, unchanged = _without_unchanged(conn, emb, frame, version)
-        result.unchanged = len(unchanged)
-
-        failures = sources.resolve_references(emb, frame)
-        vectors, encode_failures = encode_frame(encoder, frame, failures, emb)
-        failures.update(encode_failures)
-        ok = np.array([i not in failures for i in range(len(frame))], dtype=bool)
-        keys = frame[sources.KEY].tolist()
-        hashes = frame[sources.HASH].tolist()
-        good_keys = [k for k, good in zip(keys, ok, strict=True) if good]
-        sink.upsert(conn, emb, good_keys, vectors[ok], version, [h for h, good in zip(hashes, ok, strict=True) if good])
-        result.embedded = len(good_keys)
-        queue.forget_failed(conn, emb.name, good_keys)
-        for position, error in failures.items():
-            key = keys[position]
-            if _record_failure(conn, emb, key, claims.pop(key), error, settings):
-                result.failed += 1
-            else:
-                result.retried += 1
-        done = [i for claim in claims.values() for i in claim.ids]
-        queue.delete_claimed(conn, done)
-        if worker_id is not None:
-            conn.execute(
-                "UPDATE vectorsync.workers SET embedded = embedded + %s, failed = failed + %s WHERE id = %s",
-                (result.embedded, result.failed, worker_id),
-            )
+        rows = queue.lease(conn, emb.name, batch_size, settings.batch_deadline_seconds)
+    if not rows:
+        return None
+    claims: dict[str, _Claim] = {}
+    for queue_id, key, attempts, _ in rows:
+        claim = claims.setdefault(key, _Claim())
+        claim.ids.append(queue_id)
+        claim.attempts = max(claim.attempts, attempts)
+    lease = _Lease(rows[0][3], claims, time.monotonic() + settings.batch_deadline_seconds)
+    if on_lease:
+        on_lease(lease)
+    result = BatchResult(claimed=len(rows))
+    try:
+        _embed_isolating(conn, emb, cache, settings, lease, list(claims), result, worker_id)
+    except EmbeddingUnavailable:
+        _release(conn, lease, list(claims))
+        raise
+    if on_lease:
+        on_lease(None)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _release(conn: psycopg.Connection, lease: _Lease, keys: Sequence[str], delay: float = 0.0) -> None:
+    ids = [i for key in keys for i in lease.claims[key].ids]
+    with conn.transaction():
+        queue.release(conn, ids, lease.token, delay)
+
+
+def _embed_isolating(
+    conn: psycopg.Connection,
+    emb: Embedding,
+    cache: ModelCache,
+    settings: WorkerSpec,
+    lease: _Lease,
+    keys: list[str],
+    result: BatchResult,
+    worker_id: str | None,
+) -> None:
+    """Embed ``keys``; if that fails as a whole, split them until the guilty keys are alone."""
+    try:
+        _embed(conn, emb, cache, settings, lease, keys, result, worker_id)
+    except Exception as exc:
+        unavailable = embedding_problem(emb.name, exc)
+        if unavailable is not None:
+            raise unavailable from exc
+        if _connection_lost(exc) or _cancelled(exc) or conn.closed or conn.broken:
+            raise
+        if len(keys) > 1:
+            middle = len(keys) // 2
+            _embed_isolating(conn, emb, cache, settings, lease, keys[:middle], result, worker_id)
+            _embed_isolating(conn, emb, cache, settings, lease, keys[middle:], result, worker_id)
+            return
+        log.debug("embedding %s, key %s failed alone: %s", emb.name, keys[0], exc, exc_info=True)
+        error = InputError(None, f"{type(exc).__name__}: {_one_line(exc)}")
+        with conn.transaction():
+            if queue.confirm_lease(conn, lease.claims[keys[0]].ids, lease.token):
+                if _record_failure(conn, emb, keys[0], lease.claims[keys[0]], error, settings):
+                    result.failed += 1
+                    _count_work(conn, worker_id, 0, 1)
+                else:
+                    result.retried += 1
+
+
+def _embed(
+    conn: psycopg.Connection,
+    emb: Embedding,
+    cache: ModelCache,
+    settings: WorkerSpec,
+    lease: _Lease,
+    keys: list[str],
+    result: BatchResult,
+    worker_id: str | None,
+) -> None:
+    """Read, encode and write ``keys`` of ``lease``; per-row problems are recorded, not raised."""
+    with conn.transaction():
+        version = ensure_model(conn, emb)
+        encoder = cache.get(conn, emb, version)
+        if encoder.dim != emb.spec.dim:
+            raise EmbeddingUnavailable(
+                emb.name,
+                f"model version {version} of embedding {emb.name!r} makes {encoder.dim}-dimensional vectors but "
+                f"this worker's spec says dim = {emb.spec.dim}; restart the worker with the current config",
+            )
+        frame = sources.read_rows(conn, emb, keys)
+        frame, unchanged = _without_unchanged(conn, emb, frame, version)
+    # No transaction is open from here until the write: files are read and rows encoded lock-free.
+    failures = _duplicate_keys(emb, frame)
+    failures.update(sources.resolve_references(emb, frame))
+    vectors, encode_failures = encode_frame(encoder, frame, failures, emb)
+    failures.update(encode_failures)
+    if time.monotonic() > lease.deadline:  # still safe: only rows whose lease is confirmed are written
+        log.warning(
+            "embedding %s: a batch of %d item(s) took longer than batch_deadline_seconds = %s, so another worker "
+            "may take it over; lower batch_size or raise batch_deadline_seconds",
+            emb.name, len(keys), settings.batch_deadline_seconds,
+        )
+    frame_keys = frame[sources.KEY].tolist()
+    hashes = dict(zip(frame_keys, frame[sources.HASH].tolist(), strict=True))
+    with conn.transaction():
+        held = queue.confirm_lease(conn, [i for k in keys for i in lease.claims[k].ids], lease.token)
+        mine = [k for k in keys if any(i in held for i in lease.claims[k].ids)]
+        current = sources.lock_rows(conn, emb, mine)
+        locked = sources.existing_keys(conn, emb, [k for k in mine if k not in current])
+        gone = [k for k in mine if k not in current and k not in locked]
+        changed = [k for k in mine if k in current and k in hashes and current[k] != hashes[k]]
+        queue.release(conn, [i for k in locked for i in lease.claims[k].ids], lease.token, LOCKED_ROW_DELAY)
+        queue.release(conn, [i for k in changed for i in lease.claims[k].ids], lease.token)
+        result.requeued += len(locked) + len(changed)
+        result.deleted += sink.delete_keys(conn, emb, gone)
+        writable = {k for k in mine if k in current and k not in changed}
+        result.unchanged += len([k for k in unchanged if k in writable])
+        rows = [i for i, k in enumerate(frame_keys) if k in writable and i not in failures]
+        good = [frame_keys[i] for i in rows]
+        sink.upsert(conn, emb, good, vectors[rows], version, [hashes[k] for k in good])
+        result.embedded += len(good)
+        queue.forget_failed(conn, emb.name, good)
+        failed_now = 0
+        charged: set[str] = set()
+        for position, error in failures.items():
+            key = frame_keys[position]
+            if key not in writable or key in charged:
+                continue
+            charged.add(key)
+            if _record_failure(conn, emb, key, lease.claims[key], error, settings):
+                failed_now += 1
+            else:
+                result.retried += 1
+        result.failed += failed_now
+        done = [i for k in mine if k in writable and k not in charged for i in lease.claims[k].ids]
+        done += [i for k in gone for i in lease.claims[k].ids]
+        queue.delete_claimed(conn, [i for i in done if i in held])
+        _count_work(conn, worker_id, len(good), failed_now)
+
+
+def _count_work(conn: psycopg.Connection, worker_id: str | None, embedded: int, failed: int) -> None:
+    if worker_id is not None and (embedded or failed):
+        conn.execute(
+            "UPDATE vectorsync.workers SET embedded = embedded + %s, failed = failed + %s WHERE id = %s",
+            (embedded, failed, worker_id),
+        )
+
+
+def _duplicate_keys(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputError]:
+    """Rows whose key matches more than one source row: the key column is not unique."""
+    counts = frame[sources.KEY].value_counts()
+    repeated = set(counts[counts > 1].index)
+    return {
+        i: InputError(
+            emb.spec.key,
+            f"key {key!r} matches {counts[key]} rows of table {emb.spec.table!r}; the key column must be unique",
+        )
+        for i, key in enumerate(frame[sources.KEY].tolist())
+        if key in repeated
+    }
+
+
+def embedding_problem(name: str, exc: BaseException) -> EmbeddingUnavailable | None:
+    """``exc`` as an ``EmbeddingUnavailable`` when it is the embedding's fault, not an item's.
+
+    A source table or column that is gone or changed type (SQLSTATE class 42: undefined column,
+    operator mismatch after a key type change, missing privilege), an unusable or missing model,
+    an out-of-date spec or a dimension mismatch with the target (pgvector's "expected N
+    dimensions") would fail every item alike: charging them attempts would only move good rows
+    to ``vectorsync.failed``.
+    """
+    if isinstance(exc, EmbeddingUnavailable):
+        return exc
+    if isinstance(exc, VectorsyncError) and not isinstance(exc, InputError):
+        return EmbeddingUnavailable(name, _one_line(exc))
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate or ""
+        if state.startswith(("42", "3F")):
+            return EmbeddingUnavailable(
+                name,
+                f"embedding {name!r} cannot read or write its tables ({_one_line(exc)}); the schema changed "
+                "since `vectorsync migrate`: update the spec if needed and run `vectorsync migrate`",
+            )
+        if state == "22000" and "dimensions" in str(exc):
+            return EmbeddingUnavailable(
+                name,
+                f"embedding {name!r}: {_one_line(exc)}; the target's dim changed under this worker: "
+                "restart it with the current config",
+            )
+    return None
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """A statement cancelled on request (shutdown), as opposed to one hitting its timeout."""
+    return isinstance(exc, psycopg.errors.QueryCanceled) and "user request" in str(exc)
 
 
 def _without_unchanged(
@@ -141,26 +326,39 @@ def _without_unchanged(
     return frame[~same].reset_index(drop=True), frame[sources.KEY][same].tolist()
 
 
-def encode_frame(encoder, frame, failures: dict[int, InputError], emb: Embedding):
-    """Encode the rows that resolved; an encoder crash fails those rows, not the worker."""
-    dim = emb.spec.dim
-    vectors = np.zeros((len(frame), dim), dtype=np.float32)
+def encode_frame(
+    encoder: Encoder, frame: pd.DataFrame, failures: dict[int, InputError], emb: Embedding
+) -> tuple[np.ndarray, dict[int, InputError]]:
+    """Encode the rows that resolved. An encoder that raises (MemoryError included) is retried on
+    halves of the rows until the rows that make it fail are alone: only those fail."""
+    vectors = np.zeros((len(frame), emb.spec.dim), dtype=np.float32)
     good = [i for i in range(len(frame)) if i not in failures]
-    if not good:
-        return vectors, {}
-    subset = frame.iloc[good].reset_index(drop=True)
+    found: dict[int, InputError] = {}
+    if good:
+        _encode_rows(encoder, frame, good, emb.spec.dim, vectors, found)
+    return vectors, found
+
+
+def _encode_rows(
+    encoder: Encoder, frame: pd.DataFrame, rows: list[int], dim: int, vectors: np.ndarray, found: dict[int, InputError]
+) -> None:
+    subset = frame.iloc[rows].reset_index(drop=True)
     try:
         result = encoder.encode(subset)
-    except Exception as exc:  # the encoder's bug must not stop the queue: every row of it fails
-        message = f"encoder {encoder.type} failed: {type(exc).__name__}: {exc}"
-        return vectors, {i: InputError(None, message) for i in good}
-    if result.vectors.shape != (len(good), dim):
-        message = f"encoder returned shape {result.vectors.shape}, expected ({len(good)}, {dim})"
-        return vectors, {i: InputError(None, message) for i in good}
+        if result.vectors.shape != (len(rows), dim):
+            raise ValueError(f"encoder returned shape {result.vectors.shape}, expected ({len(rows)}, {dim})")
+    except Exception as exc:  # the encoder's failure must not stop the queue, nor fail innocent rows
+        if len(rows) > 1:
+            middle = len(rows) // 2
+            _encode_rows(encoder, frame, rows[:middle], dim, vectors, found)
+            _encode_rows(encoder, frame, rows[middle:], dim, vectors, found)
+        else:
+            found[rows[0]] = InputError(None, f"encoder {encoder.type} failed: {type(exc).__name__}: {_one_line(exc)}")
+        return
     own = dict(result.failures)
     check_finite(result.vectors, own, None)
-    vectors[good] = result.vectors
-    return vectors, {good[p]: err for p, err in own.items()}
+    vectors[rows] = result.vectors
+    found.update({rows[p]: err for p, err in own.items()})
 
 
 def _record_failure(
@@ -172,8 +370,15 @@ def _record_failure(
     if attempt >= settings.max_attempts:
         queue.move_to_failed(conn, emb.name, key, error.column, error.message, attempt, claim.ids)
         return True
-    queue.schedule_retry(conn, claim.ids, attempt, error.message, settings.backoff_seconds * (2 ** (attempt - 1)))
+    queue.schedule_retry(conn, claim.ids, attempt, error.message, retry_delay(settings, attempt))
     return False
+
+
+def retry_delay(settings: WorkerSpec, attempt: int) -> float:
+    """Exponential backoff per item, capped at ``max_backoff_seconds``, jittered by up to +25% so
+    items that failed together do not retry together."""
+    delay = min(settings.backoff_seconds * 2 ** (attempt - 1), settings.max_backoff_seconds)
+    return delay * (1 + 0.25 * random.random())
 
 
 def drain(
@@ -197,7 +402,7 @@ def drain(
                 return total
             time.sleep(min(max(remaining, 0.05), 5.0))
             continue
-        for name in ("claimed", "embedded", "unchanged", "failed", "retried", "deleted", "seconds"):
+        for name in ("claimed", "embedded", "unchanged", "failed", "retried", "deleted", "requeued", "seconds"):
             setattr(total, name, getattr(total, name) + getattr(result, name))
         if on_batch:
             on_batch(result)
@@ -205,12 +410,26 @@ def drain(
 
 def _connection_lost(exc: BaseException) -> bool:
     """Whether ``exc`` means the database went away (as opposed to one batch failing)."""
+    if isinstance(exc, NotMigrated):
+        return False
     if isinstance(exc, DatabaseError | psycopg.InterfaceError):
         return True
     if isinstance(exc, psycopg.OperationalError):
         state = exc.sqlstate or ""
-        return state == "" or state.startswith(("08", "57P"))  # connection exceptions, server shutdown
+        # connection exceptions, server shutdown, the session ended for idling in a transaction
+        return state == "" or state.startswith(("08", "57P", "25P03"))
     return False
+
+
+def _embedding_level(name: str, exc: BaseException) -> EmbeddingUnavailable | None:
+    """What the worker loop does with an error out of one embedding's batch: None (reconnect or stop)
+    for a lost connection or a shutdown; otherwise the embedding is paused, whatever the error."""
+    problem = embedding_problem(name, exc)
+    if problem is not None:
+        return problem
+    if _connection_lost(exc) or _cancelled(exc) or not isinstance(exc, Exception):
+        return None
+    return EmbeddingUnavailable(name, f"{type(exc).__name__}: {_one_line(exc)}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -218,9 +437,35 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+#: libpq settings of a worker's connections: a peer that vanishes without closing the connection
+#: (machine gone, network cut) is noticed within about 30 s instead of the kernel's hours.
+KEEPALIVE: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
+@dataclass
+class _Parked:
+    """An embedding this worker stopped serving for a while, and why."""
+
+    times: int
+    until: float
+    reason: str
+
+
 class Worker:
     """A long-running worker: LISTEN for changes (slow poll as fallback), embed, heartbeat,
-    reconnect after database faults, stop cleanly on SIGTERM/SIGINT."""
+    reconnect after database faults, stop cleanly on SIGTERM/SIGINT.
+
+    Errors are handled at three levels. An item's error is charged to that item (``process_batch``).
+    An embedding's error (its table changed, its model is unusable) parks that embedding with a
+    growing, jittered backoff and records it in ``vectorsync.errors``; the other embeddings go on.
+    Only a lost connection reconnects: a worker in an error loop keeps its sessions.
+    """
 
     def __init__(
         self,
@@ -246,23 +491,28 @@ class Worker:
         self.embedded = 0
         self.failed = 0
         # one thread per process queues what changed while no worker ran (the first-run backfill)
-        self._backfill_pending = thread_index == 0
+        self._backfill_pending = {s.name for s in self.specs} if thread_index == 0 else set()
         self._cache = ModelCache()
         self._conn: psycopg.Connection | None = None
+        self._listener: psycopg.Connection | None = None
+        self._held: _Lease | None = None
+        self._parked: dict[str, _Parked] = {}
         self._backoff = 0.5
         self._lost_since: float | None = None
         self._served = False  # whether it ever reached the database
 
     def run(self) -> None:
-        """Serve until ``stop`` is set. Every error is handled here: a lost database is logged once
-        and retried with backoff until it is back; any other error is logged and retried too."""
+        """Serve until ``stop`` is set. A lost database is retried with backoff until it is back,
+        each try logged; any other error is logged and retried on the same connections."""
         while not self.stop.is_set():
             try:
+                self._connect()
                 self._serve()
             except Exception as exc:
                 if self.stop.is_set():
                     break
                 if _connection_lost(exc):
+                    self._disconnect()
                     # a daemon keeps trying, and says at every try what it waits for and until when
                     now = time.monotonic()
                     if self._lost_since is None:
@@ -277,59 +527,155 @@ class Worker:
                         "worker %s: %s: %s; retrying in %.1fs", self.id, type(exc).__name__, _one_line(exc),
                         self._backoff,
                     )
-                self.stop.wait(self._backoff)
+                self.stop.wait(self._backoff * (1 + 0.25 * random.random()))
                 self._backoff = min(self._backoff * 2, 30.0)
+        self._release_held()
+        self._disconnect()
         self._mark_stopped()
 
-    def _serve(self) -> None:
-        listener = conn = None
-        try:
-            conn = self._conn = connect(self.url, autocommit=True)
-            listener = connect(self.url, autocommit=True, vector=False)
-            queue.listen(listener)
-            embeddings = [load(conn, s) for s in self.specs]
-            for emb in embeddings:  # load models now: on the first change it cost the first rows a second or more
-                version = current_version(conn, emb.name)
+    def _connect(self) -> None:
+        """Open the worker's two sessions unless they are open; hand back a lease a lost session held."""
+        if self._conn is not None and not self._conn.closed and self._listener is not None:
+            return
+        self._disconnect()
+        conn = self._conn = connect(self.url, autocommit=True, **KEEPALIVE)
+        # A session whose worker vanished mid-transaction is ended by the server, releasing its locks;
+        # statements get the same bound (a backfill, which may scan a whole table, lifts it locally).
+        deadline_ms = str(int(self.settings.batch_deadline_seconds * 1000))
+        conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false), "
+            "set_config('statement_timeout', %s, false)",
+            (deadline_ms, deadline_ms),
+        )
+        self._listener = connect(self.url, autocommit=True, vector=False, **KEEPALIVE)
+        queue.listen(self._listener)
+        self._heartbeat(conn, "running")
+        self._served = True
+        self._release_held()
+        self._preload(conn)
+        if self._lost_since is not None:
+            log.warning("worker %s reconnected after %.1fs", self.id, time.monotonic() - self._lost_since)
+            self._lost_since = None
+        self._backoff = 0.5
+
+    def _preload(self, conn: psycopg.Connection) -> None:
+        """Load models now: on the first change it cost the first rows a second or more. An
+        embedding that cannot load is left to the serve loop, which pauses and reports it."""
+        for spec in self.specs:
+            try:
+                emb = load(conn, spec)
+                version = current_version(conn, spec.name)
                 if version is not None:
                     self._cache.get(conn, emb, version)
-            self._heartbeat(conn, "running")
-            self._served = True
-            if self._lost_since is not None:
-                log.warning("worker %s reconnected after %.1fs", self.id, time.monotonic() - self._lost_since)
-                self._lost_since = None
-            self._backoff = 0.5
-            if self._backfill_pending:
-                for emb in embeddings:
-                    self._backfill(conn, emb)
-                self._backfill_pending = False
-            last_beat = time.monotonic()
-            while not self.stop.is_set():
-                busy = False
-                for emb in embeddings:
-                    result = process_batch(conn, emb, self._cache, self.settings, self.batch_size, worker_id=self.id)
-                    if result is not None:
-                        busy = True
-                        self._count(emb, result)
-                if time.monotonic() - last_beat > 2.0:
-                    self._heartbeat(conn, "running")
-                    last_beat = time.monotonic()
-                if not busy:
-                    self._wait(listener, self._next_retry(conn))
-        finally:
-            for c in (listener, conn):
-                if c is not None:
-                    c.close()
+            except Exception as exc:
+                if _connection_lost(exc):
+                    raise
+                log.debug("worker %s could not preload the model of %s: %s", self.id, spec.name, exc)
+
+    def _disconnect(self) -> None:
+        for attr in ("_listener", "_conn"):
+            conn = getattr(self, attr)
+            setattr(self, attr, None)
+            if conn is not None:
+                conn.close()
+
+    def _release_held(self) -> None:
+        """Best effort: give a batch's leased items back at once instead of at lease expiry."""
+        lease, self._held = self._held, None
+        conn = self._conn
+        if lease is None or conn is None or conn.closed:
+            return
+        try:
+            with conn.transaction():
+                queue.release(conn, [i for c in lease.claims.values() for i in c.ids], lease.token)
+        except psycopg.Error as exc:
+            log.debug("worker %s could not hand back its batch (its lease will expire): %s", self.id, exc)
+
+    def _track(self, lease: _Lease | None) -> None:
+        self._held = lease
+
+    def _serve(self) -> None:
+        conn, listener = self._conn, self._listener
+        assert conn is not None and listener is not None
+        last_beat = time.monotonic()
+        while not self.stop.is_set():
+            busy = False
+            for spec in self.specs:
+                if self._is_parked(spec.name):
+                    continue
+                try:
+                    emb = load(conn, spec)  # every batch: a recreated or re-migrated embedding is seen at once
+                    broken = broken_reason(conn, spec.name)
+                    if broken is not None:  # marked by the capture's drift detection: no item is at fault
+                        raise EmbeddingUnavailable(spec.name, f"embedding {spec.name!r} is broken: {broken}")
+                    if spec.name in self._backfill_pending:
+                        self._backfill(conn, emb)
+                        self._backfill_pending.discard(spec.name)
+                    result = process_batch(
+                        conn, emb, self._cache, self.settings, self.batch_size, worker_id=self.id, on_lease=self._track
+                    )
+                except Exception as exc:
+                    problem = _embedding_level(spec.name, exc)
+                    if problem is None:
+                        raise
+                    self._park(conn, problem)
+                    continue
+                self._parked.pop(spec.name, None)
+                if result is not None:
+                    busy = True
+                    self._count(spec.name, result)
+            if time.monotonic() - last_beat > 2.0:
+                self._heartbeat(conn, "running")
+                last_beat = time.monotonic()
+            if not busy:
+                self._wait(listener, self._next_wake(conn))
+
+    def _is_parked(self, name: str) -> bool:
+        parked = self._parked.get(name)
+        return parked is not None and time.monotonic() < parked.until
+
+    def _park(self, conn: psycopg.Connection, problem: EmbeddingUnavailable) -> None:
+        """Stop serving one embedding for a while (backoff grows per failure, capped, jittered),
+        log and record the reason once per change of reason."""
+        before = self._parked.get(problem.name)
+        times = before.times + 1 if before else 1
+        base = max(self.settings.backoff_seconds, 1.0) * 2 ** (times - 1)
+        # capped lower than items' backoff: `migrate` or `train` repairs an embedding, and the worker
+        # should notice within half a minute; a probe costs one failing statement
+        cap = min(max(self.settings.max_backoff_seconds, 1.0), PARK_CAP_SECONDS)
+        delay = min(base, cap) * (1 + 0.25 * random.random())
+        reason = _one_line(problem)
+        self._parked[problem.name] = _Parked(times, time.monotonic() + delay, reason)
+        if before is None or before.reason != reason:
+            log.error(
+                "worker %s paused embedding %s: %s (retrying in %.0fs; other embeddings go on)",
+                self.id, problem.name, reason, delay,
+            )
+            try:
+                queue.record_embedding_error(conn, problem.name, reason)
+            except psycopg.Error as exc:
+                if _connection_lost(exc):
+                    raise
+                log.debug("worker %s could not record the error of %s: %s", self.id, problem.name, exc)
+        else:
+            log.debug("embedding %s still unavailable: %s; retrying in %.0fs", problem.name, reason, delay)
 
     def _backfill(self, conn: psycopg.Connection, emb: Embedding) -> None:
         with conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = 0")  # one set-based scan of the table may take long
             queue.lock_backfill(conn, emb.name)
             queued = queue.enqueue_backfill(conn, emb, current_version(conn, emb.name))
         if queued:
             log.info("worker %s queued %d row(s) of %s that changed while no worker ran", self.id, queued, emb.name)
 
-    def _next_retry(self, conn: psycopg.Connection) -> float | None:
-        """Seconds until the earliest item in retry backoff becomes claimable, if any."""
-        return queue.next_retry(conn, [s.name for s in self.specs])
+    def _next_wake(self, conn: psycopg.Connection) -> float | None:
+        """Seconds until an item in retry backoff (of an embedding served now) becomes claimable or
+        a paused embedding is retried, if any."""
+        active = [s.name for s in self.specs if not self._is_parked(s.name)]
+        due = [queue.next_retry(conn, active)] if active else []
+        due += [max(p.until - time.monotonic(), 0.01) for p in self._parked.values()]
+        known = [d for d in due if d is not None]
+        return min(known) if known else None
 
     def _wait(self, listener: psycopg.Connection, retry_in: float | None = None) -> None:
         """Sleep until a NOTIFY (then linger max_wait to fill the batch), a retry is due, a poll
@@ -349,11 +695,11 @@ class Worker:
                     return
                 listener.execute("SELECT 1")  # surfaces a dead connection as OperationalError
 
-    def _count(self, emb: Embedding, result: BatchResult) -> None:
+    def _count(self, name: str, result: BatchResult) -> None:
         self.embedded += result.embedded
         self.failed += result.failed
         if self.metrics is not None:
-            self.metrics.observe(emb.name, result)  # type: ignore[attr-defined]
+            self.metrics.observe(name, result)  # type: ignore[attr-defined]
 
     def _heartbeat(self, conn: psycopg.Connection, status: str) -> None:
         """Mark this worker alive; its counters move with each committed batch, not here."""
