@@ -1,13 +1,13 @@
 """Queue items are leased by a batch (``leased_until``) instead of row-locked for its whole length.
 
-Revision ID: 0011_queue_leases
-Revises: 0010_capture_per_embedding
+Revision ID: 0012_queue_leases
+Revises: 0011_graph_change_capture
 """
 
 from alembic import op
 
-revision = "0011_queue_leases"
-down_revision = "0010_capture_per_embedding"
+revision = "0012_queue_leases"
+down_revision = "0011_graph_change_capture"
 branch_labels = None
 depends_on = None
 
