@@ -128,7 +128,7 @@ def worker_rights(conn: psycopg.Connection) -> list[Right]:
             continue
         columns = tuple(dict.fromkeys((e.key, *e.inputs)))
         rights.append(Right("TABLE", e.source, ("SELECT",), columns))
-        # Reading a batch locks its rows FOR KEY SHARE (so a concurrent DELETE waits for the
+        # Writing a batch locks its rows FOR SHARE (so a concurrent DELETE or UPDATE waits for the
         # batch), and PostgreSQL allows that lock only to a role that may UPDATE some column.
         rights.append(Right("TABLE", e.source, ("UPDATE",), (e.key,)))
         rights.append(Right("TABLE", e.target, TARGET_WRITES))
