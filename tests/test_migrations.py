@@ -41,6 +41,15 @@ def step(url: str, direction: str, target: str) -> dict[str, str]:
         return definitions(conn)
 
 
+def differences(got: dict[str, str], expected: dict[str, str]) -> list[str]:
+    """Which definitions are missing, extra or changed, by name."""
+    return [
+        f"{'missing' if name not in got else 'extra' if name not in expected else 'changed'}: {name}"
+        for name in sorted(set(got) | set(expected))
+        if got.get(name) != expected.get(name)
+    ]
+
+
 def test_walking_every_revision_up_and_down_reproduces_each_revisions_functions(db_url, conn):
     ensure_vector_extension(conn)
     revisions = history(db_url)
@@ -49,9 +58,11 @@ def test_walking_every_revision_up_and_down_reproduces_each_revisions_functions(
     for revision in revisions:
         at[revision] = step(db_url, "upgrade", revision)
     for previous, revision in zip(["base", *revisions[:-1]][::-1], revisions[::-1], strict=True):
-        assert step(db_url, "downgrade", "-1") == at[previous], f"downgrade of {revision} left other definitions"
+        wrong = differences(step(db_url, "downgrade", "-1"), at[previous])
+        assert not wrong, f"downgrade of {revision} does not restore {previous}: {wrong}"
     for revision in revisions:
-        assert step(db_url, "upgrade", revision) == at[revision], f"{revision} upgraded twice differs"
+        wrong = differences(step(db_url, "upgrade", revision), at[revision])
+        assert not wrong, f"{revision} upgraded a second time differs: {wrong}"
 
 
 def test_two_migrates_at_once_on_a_new_database_both_succeed(db_url, conn):
