@@ -25,6 +25,8 @@ from vectorsync.embedding_sql.orm import EmbeddingInfo, embedding_info
 
 #: pgvector's own default for hnsw.ef_search; an HNSW scan returns at most this many rows.
 DEFAULT_EF_SEARCH = 40
+#: The largest hnsw.ef_search pgvector accepts: a search for more rows compares every row instead.
+MAX_EF_SEARCH = 1000
 #: The execution option that carries the search settings to the cursor hook.
 SETTINGS_OPTION = "vectorsync_search_settings"
 
@@ -45,11 +47,13 @@ def nearest(
     ``bindparam("query", type_=Vector(dim))`` (build the statement once, execute it with
     ``session.execute(stmt, {"query": vector})``). ``where`` is a SQL expression, a sequence of them,
     or a ``{attribute: value}`` mapping, applied to ``model``'s rows. ``exact`` compares every row
-    instead of using the index (for recall checks or very selective filters)."""
+    instead of using the index (for recall checks or very selective filters); so does a ``k`` above
+    what an HNSW scan can return (``MAX_EF_SEARCH``)."""
     info = embedding_info(model, embedding)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     exclude = None
+    exact = exact or k + isinstance(to, model) > MAX_EF_SEARCH
     if isinstance(to, model):
         exclude = getattr(to, info.model_key.key)
         query: Any = select(info.embedding).where(info.key == exclude).scalar_subquery()
@@ -102,6 +106,7 @@ def search_settings(
     if candidates > (ef or DEFAULT_EF_SEARCH):
         ef = candidates
     if ef is not None:
+        ef = min(ef, MAX_EF_SEARCH)
         settings["hnsw.ef_search"] = ef
     if (probes or info.probes) is not None:
         settings["ivfflat.probes"] = probes or info.probes  # type: ignore[assignment]

@@ -8,8 +8,11 @@ import json
 import numpy as np
 import psycopg
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 
-from tests.test_embedding_sql import exact, make_embedding, vector_text
+from tests.test_embedding_sql import exact, item_model, make_embedding, vector_text
+from vectorsync.embedding_sql import nearest
 from vectorsync.sync import catalog
 from vectorsync.sync.spec import parse_config
 
@@ -126,3 +129,14 @@ def test_cli_search_answers_a_bad_k_in_one_line_and_a_large_k_in_full(conn, db_u
         assert result.err.strip() == f"error: k must be a positive number of rows, got {k}"
     result = cli("search", "items", "3", "-k", "1100", "--json", config=config)
     assert result.code == 0 and len(json.loads(result.out)) == 1100
+
+
+def test_orm_nearest_with_k_above_the_largest_ef_search_returns_the_exact_nearest_rows(conn, db_url, many):
+    _, vectors = many
+    Item = item_model(dim=4)
+    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(db_url))
+    with Session(engine) as session:
+        rows = session.execute(nearest(Item, to=vectors[5], k=2000)).all()
+        assert [o.id for o, _ in rows] == list(np.argsort(exact(vectors, vectors[5]), kind="stable")[:2000])
+        assert len(session.execute(nearest(Item, to=vectors[5], k=900, ef_search=5000)).all()) == 900
+    engine.dispose()
