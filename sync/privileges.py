@@ -213,15 +213,11 @@ def mirror_reader_grants(conn: psycopg.Connection) -> None:
 
 
 def refresh_worker_grants(conn: psycopg.Connection) -> None:
-    """Bring every worker role (one that may record errors) up to the current embeddings."""
-    rows = conn.execute(
-        "SELECT r.rolname FROM pg_roles r WHERE has_table_privilege(r.oid, 'vectorsync.errors', 'INSERT') "
-        "AND NOT r.rolsuper AND NOT pg_has_role(r.oid, (SELECT relowner FROM pg_class "
-        "WHERE oid = 'vectorsync.errors'::regclass), 'USAGE')"
-    ).fetchall()
+    """Bring every worker role (one granted INSERT on vectorsync.errors) up to the current embeddings."""
     rights = worker_rights(conn)
-    for (role,) in rows:
-        grant(conn, role, rights)
+    for role in _acl_grantees(conn, (SCHEMA, "errors"), "INSERT"):
+        if role != "PUBLIC":
+            grant(conn, role, rights)
 
 
 @dataclass(frozen=True)
