@@ -366,6 +366,9 @@ def status(
         console.print("no embeddings yet: run vectorsync migrate", highlight=False)
         return
     out.print(_status_table(report["embeddings"]))
+    for row in report["embeddings"]:
+        if row.get("broken"):
+            console.print(f"{row['name']} is broken: {row['broken']}", highlight=False, soft_wrap=True)
     if report["workers"]:
         out.print(_workers_table(report["workers"]))
     else:

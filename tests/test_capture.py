@@ -178,6 +178,7 @@ def test_dropping_an_input_column_keeps_writes_working_and_migrate_repairs(conn,
     reason = broken(conn)
     assert "input column b was dropped by `ALTER TABLE items DROP COLUMN b`" in reason
     assert "vectorsync migrate" in reason
+    assert conn.execute("SELECT broken FROM vectorsync.status WHERE name = 'items'").fetchone()[0] == reason
     spec(items, columns=("a",))
     vectorsync(db_url, items, "migrate")
     assert broken(conn) is None
@@ -380,3 +381,13 @@ def test_partitioned_sources_capture_the_parent_each_partition_and_new_partition
     conn.execute("TRUNCATE items_low")
     assert conn.execute("SELECT min(id) FROM items_embeddings").fetchone()[0] >= 100
     assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id >= 100").fetchone()[0] == 51
+
+
+def test_status_says_why_an_embedding_is_broken_and_what_to_run(conn, items, cli):
+    conn.execute("ALTER TABLE items RENAME COLUMN a TO alpha")
+    result = cli("status", config=items)
+    assert result.code == 0
+    text = " ".join(result.out.split()) + " ".join(result.err.split())
+    assert "items is broken: input column a was renamed to alpha" in text
+    assert "by `ALTER TABLE items RENAME COLUMN a TO alpha`" in text
+    assert "run `vectorsync migrate`" in text
