@@ -430,3 +430,5 @@ def downgrade() -> None:
             "run `vectorsync migrate --downgrade` (drops every embedding) instead"
         )
     execute_script(bind, DOWNGRADE)
+    # back to 0002's generic function, as that revision created it
+    op.get_context().script.get_revision("0002_change_capture").module.upgrade()  # type: ignore[union-attr]  # set by env.py's run
