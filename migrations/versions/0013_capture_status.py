@@ -8,8 +8,8 @@ and costs less on bulk updates.
   transition tables before it touches the target table: a bulk UPDATE that changes no key no
   longer scans the target.
 
-Revision ID: 0012_capture_status
-Revises: 0011_graph_change_capture
+Revision ID: 0013_capture_status
+Revises: 0012_queue_leases
 """
 
 from alembic import op
@@ -17,8 +17,8 @@ from alembic import op
 from vectorsync.migrations.operations import execute_script
 from vectorsync.migrations.replaceable import Function, View, create, drop, replace
 
-revision = "0012_capture_status"
-down_revision = "0011_graph_change_capture"
+revision = "0013_capture_status"
+down_revision = "0012_queue_leases"
 branch_labels = None
 depends_on = None
 
