@@ -24,6 +24,7 @@ BENCHMARKS = {
     "graph": "benchmarks.bench_graph",
     "query": "benchmarks.bench_query",
     "trigger": "benchmarks.bench_trigger",
+    "ui": "benchmarks.bench_ui",
 }
 
 

@@ -219,8 +219,9 @@ def _graph_features(conn: psycopg.Connection, emb: Embedding, frame: pd.DataFram
     keys = list(frame[sources.KEY])
     if graph.feature_columns:
         rows = conn.execute(
-            sql.SQL("SELECT {key}::text, {cols} FROM {src} WHERE {key}::text = ANY(%s)").format(
+            sql.SQL("SELECT {key}::text, {cols} FROM {src} WHERE {key} = ANY(CAST(%s AS {karr}))").format(
                 key=emb.key,
+                karr=emb.key_array_type,
                 cols=sql.SQL(", ").join(map(sql.Identifier, graph.feature_columns)),
                 src=emb.source,
             ),
@@ -264,10 +265,10 @@ def _examples(
 
 def _label_of(conn: psycopg.Connection, emb: Embedding, label: str, key: str) -> str:
     row = conn.execute(
-        sql.SQL("SELECT {label}::text FROM {src} WHERE {key}::text = %s").format(
-            label=sql.Identifier(label), src=emb.source, key=emb.key
+        sql.SQL("SELECT {label}::text FROM {src} WHERE {key} = ANY(CAST(%s AS {karr}))").format(
+            label=sql.Identifier(label), src=emb.source, key=emb.key, karr=emb.key_array_type
         ),
-        (key,),
+        ([key],),
     ).fetchone()
     return "" if row is None or row[0] is None else row[0]
 

@@ -92,9 +92,13 @@ def explorer(
     config_path.write_text(SPEC.format(wine_columns=str(columns).replace("'", '"')))
     # a file outside base_dir, referenced by one more photo row: the UI must not serve it
     (tmp_path.parent / f"{tmp_path.name}-secret.png").write_bytes((tmp_path / "photos/digit_0.png").read_bytes())
-    for args in (["migrate"], ["train", "wine"], ["sync"]):
+    # one corrupt image: it fails, and Status must show it with its key, column and reason
+    conn.execute("INSERT INTO digits VALUES (%s, 0, %s)", (explorer_data.DIGITS, b"\x89PNG broken"))
+    for args in (["migrate"], ["train", "wine"]):
         result = cli(*args, config=config_path)
         assert result.code == 0, result.err
+    result = cli("sync", config=config_path)
+    assert result.code == 1 and "failed" in result.err, result.err  # the corrupt image only
     conn.execute("INSERT INTO photos VALUES (999, %s)", (f"../{tmp_path.name}-secret.png",))
     with serving(create_app(Settings(db_url, load_config(config_path)))) as base:
         yield base, conn
@@ -201,8 +205,10 @@ def check_pages(base: str, conn: psycopg.Connection, browser: Any, shots: Path) 
     main = pages.open("/", "status", "return document.querySelectorAll('#embeddings tbody tr').length == 4")
     rows = {r.get_attribute("data-name"): r.text for r in main.find_elements("css selector", "#embeddings tbody tr")}
     assert set(rows) == {"wine", "digits", "photos", "articles"}
-    assert rows["digits"].split()[1:3] == [str(explorer_data.DIGITS)] * 2  # source rows, embedded
-    assert "retry" not in main.text.lower() or "--allow-retry" in main.text  # read-only: no retry button
+    assert rows["digits"].split()[1:3] == [str(explorer_data.DIGITS + 1), str(explorer_data.DIGITS)]
+    failed = main.find_element("id", "failed").text
+    assert f"digits {explorer_data.DIGITS} image" in failed and "image" in failed.split("\n")[1]
+    assert not main.find_elements("css selector", "form[action^='/retry']")  # read-only: no retry button
 
     for name, key in (("digits", "7"), ("photos", "3"), ("wine", "0"), ("articles", "5")):
         pages.open(f"/explore?embedding={name}&key={key}&k=10", f"explore-{name}", IMAGES_READY)
@@ -210,6 +216,9 @@ def check_pages(base: str, conn: psycopg.Connection, browser: Any, shots: Path) 
         if name in ("digits", "photos"):
             widths = pages.thumbnails_loaded()
             assert len(widths) == 11 and min(widths) > 0, (name, widths)
+
+    main = pages.open("/explore?embedding=digits&key=123456", "explore-missing-row")
+    assert "has no row with id = 123456" in main.find_element("id", "error").text and not pages.cards()
 
     # the XSS row: its text is on the page, as text; the script never ran
     main = pages.open("/explore?embedding=articles&key=0", "explore-xss")
@@ -263,7 +272,7 @@ def check_pages(base: str, conn: psycopg.Connection, browser: Any, shots: Path) 
 
     pages.collect()
     assert pages.errors == [], pages.errors
-    assert len(list(pages.shots.glob("*.png"))) == 11
+    assert len(list(pages.shots.glob("*.png"))) == 12
     print(f"screenshots: {pages.shots}")
 
     # safety: no writes, no file outside base_dir
@@ -273,6 +282,23 @@ def check_pages(base: str, conn: psycopg.Connection, browser: Any, shots: Path) 
     with pytest.raises(urllib.error.HTTPError) as outside:
         urllib.request.urlopen(f"{base}/thumb/photos/999")
     assert outside.value.code == 404 and b"outside base_dir" in outside.value.read()
+
+
+def test_retry_button_only_with_allow_retry(explorer, db_url, tmp_path):
+    from vectorsync.sync.ui.app import Settings, create_app
+
+    _, conn = explorer
+    config = load_config(tmp_path / "vectorsync.toml")
+    assert conn.execute("SELECT key FROM vectorsync.failed").fetchall() == [(str(explorer_data.DIGITS),)]
+    with serving(create_app(Settings(db_url, config, allow_retry=True))) as base:
+        with urllib.request.urlopen(base + "/") as response:
+            assert 'action="/retry/digits"' in response.read().decode()
+        request = urllib.request.Request(f"{base}/retry/digits", method="POST")
+        with urllib.request.urlopen(request) as response:  # redirected back to Status
+            assert response.status == 200
+    assert conn.execute("SELECT count(*) FROM vectorsync.failed").fetchone()[0] == 0
+    queued = conn.execute("SELECT key FROM vectorsync.queue WHERE embedding = 'digits'").fetchall()
+    assert (str(explorer_data.DIGITS),) in queued
 
 
 def test_binding_beyond_loopback_needs_the_explicit_flag_and_a_token():

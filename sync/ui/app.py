@@ -156,8 +156,9 @@ def create_app(settings: Settings) -> FastAPI:
         if not keys:
             return {}
         columns = [c for c in spec.input_columns if not isinstance(spec, ImageSpec)]
-        query = sql.SQL("SELECT s.{key}::text{cols} FROM {src} s WHERE s.{key}::text = ANY(%s)").format(
+        query = sql.SQL("SELECT s.{key}::text{cols} FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr}))").format(
             key=emb.key,
+            karr=emb.key_array_type,
             cols=sql.SQL("").join(sql.SQL(", s.{}").format(sql.Identifier(c)) for c in columns),
             src=emb.source,
         )
@@ -183,16 +184,16 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"embedding {name!r} has no base_dir; the UI serves files only from inside it")
         with pool.connection() as conn:
             emb = embedding(conn, spec)
-            frame = pd.DataFrame(
-                conn.execute(
-                    sql.SQL("SELECT {c} FROM {src} WHERE {key}::text = %s").format(
-                        c=sql.Identifier(spec.input_column), src=emb.source, key=emb.key
+            try:
+                cells = conn.execute(
+                    sql.SQL("SELECT {c} FROM {src} WHERE {key} = ANY(CAST(%s AS {karr}))").format(
+                        c=sql.Identifier(spec.input_column), src=emb.source, key=emb.key, karr=emb.key_array_type
                     ),
-                    (key,),
-                ).fetchall(),
-                columns=[spec.input_column],
-                dtype=object,
-            )
+                    ([key],),
+                ).fetchall()
+            except psycopg.errors.DataError:  # not a value of the key's type
+                cells = []
+        frame = pd.DataFrame(cells, columns=[spec.input_column], dtype=object)
         if frame.empty:
             raise HTTPException(404, f"no row with key {key!r} in {spec.table!r}")
         failures = sources.resolve_references(emb, frame)
@@ -231,16 +232,23 @@ def create_app(settings: Settings) -> FastAPI:
         with pool.connection() as conn:
             emb = embedding(conn, spec)
             hits: list[tuple[str, float]] = []
-            if key:
-                hits = conn.execute(
-                    "SELECT key, distance FROM vectorsync.nearest(%s, %s, %s)", (name, key, k)
-                ).fetchall()
-            elif q and isinstance(spec, TextSpec):
-                vector = query_vector(emb, conn, q)
-                hits = conn.execute(
-                    "SELECT key, distance FROM vectorsync.nearest_to(%s, %s, %s)", (name, vector, k)
-                ).fetchall()
-            shown = rows_of(conn, emb, [*([key] if key else []), *[h[0] for h in hits]])
+            try:
+                if key:
+                    hits = conn.execute(
+                        "SELECT key, distance FROM vectorsync.nearest(%s, %s, %s)", (name, key, k)
+                    ).fetchall()
+                elif q and isinstance(spec, TextSpec):
+                    vector = query_vector(emb, conn, q)
+                    hits = conn.execute(
+                        "SELECT key, distance FROM vectorsync.nearest_to(%s, %s, %s)", (name, vector, k)
+                    ).fetchall()
+            except psycopg.DatabaseError as exc:
+                # the query functions' own errors (no such row, not embedded yet, no permission) are for the user
+                message = exc.diag.message_primary or ""
+                if not message.startswith("vectorsync: "):
+                    raise
+                context["error"] = message.removeprefix("vectorsync: ")
+            shown = rows_of(conn, emb, [*([key] if key and "error" not in context else []), *[h[0] for h in hits]])
         context["query_row"] = shown.get(key) if key else None
         context["neighbours"] = [
             {**shown.get(h[0], {"key": h[0]}), "distance": float(h[1])} for h in hits
@@ -284,25 +292,24 @@ def create_app(settings: Settings) -> FastAPI:
                 settings.projections[cache_key] = _project(conn, emb, method)
             projection = settings.projections[cache_key]
             keys = projection["keys"]
-            shown = rows_of(conn, emb, keys) if not isinstance(spec, ImageSpec) else {}
-            colours: list[Any] = []
-            if color:
-                colours = _column_values(conn, emb, color, keys)
-        hover = []
-        for key in keys:
-            item = shown.get(key, {})
-            hover.append(item.get("snippet") or ", ".join(f"{c}={v}" for c, v in item.get("columns", [])[:4]))
+            colours = _column_values(conn, emb, color, keys) if color else []
         return JSONResponse(
-            {
-                "keys": keys,
-                "x": projection["x"],
-                "y": projection["y"],
-                "hover": hover,
-                "color": colours,
-                "thumbnails": isinstance(spec, ImageSpec),
-                "method": method,
-            }
+            {"keys": keys, "x": projection["x"], "y": projection["y"], "color": colours, "method": method}
         )
+
+    @app.get("/api/row/{name}/{key}")
+    def row_json(name: str, key: str) -> JSONResponse:
+        """What a card shows of one row (the map's hover panel asks for it point by point)."""
+        spec = spec_of(name)
+        with pool.connection() as conn:
+            emb = embedding(conn, spec)
+            try:
+                item = rows_of(conn, emb, [key]).get(key)
+            except psycopg.errors.DataError:  # not a value of the key's type
+                item = None
+        if item is None:
+            raise HTTPException(404, f"no row with key {key!r} in {spec.table!r}")
+        return JSONResponse(_jsonable(item))
 
     # -- Models and reports ----------------------------------------------------------------------
 
@@ -390,8 +397,8 @@ def _column_values(conn: psycopg.Connection, emb: catalog.Embedding, column: str
     try:
         rows: dict[str, Any] = dict(
             conn.execute(
-                sql.SQL("SELECT {key}::text, {c} FROM {src} WHERE {key}::text = ANY(%s)").format(
-                    key=emb.key, c=sql.Identifier(column), src=emb.source
+                sql.SQL("SELECT {key}::text, {c} FROM {src} WHERE {key} = ANY(CAST(%s AS {karr}))").format(
+                    key=emb.key, c=sql.Identifier(column), src=emb.source, karr=emb.key_array_type
                 ),
                 (keys,),
             ).fetchall()

@@ -32,7 +32,7 @@ async function drawMap(element) {
     return;
   }
   const data = await response.json();
-  const hoverText = data.keys.map((key, i) => `key ${escapeText(key)}` + (data.hover[i] ? `<br>${escapeText(data.hover[i].slice(0, 80))}` : ""));
+  const hoverText = data.keys.map((key, i) => `key ${escapeText(key)}` + (data.color.length ? ` · ${escapeText(data.color[i])}` : ""));
   const traces = [];
   const numeric = data.color.length && data.color.every((v) => v === null || typeof v === "number");
   const categories = [...new Set(data.color.map(String))].sort((a, b) => (numeric ? Number(a) - Number(b) : a.localeCompare(b)));
@@ -54,16 +54,17 @@ async function drawMap(element) {
     { displaylogo: false, responsive: true });
   element.dataset.points = String(data.keys.length);
   const hover = { key: document.getElementById("hover-key"), thumb: document.getElementById("hover-thumb"), text: document.getElementById("hover-text") };
-  element.on("plotly_hover", (event) => {
-    const point = event.points[0];
-    const key = point.customdata;
-    const i = data.keys.indexOf(key);
+  let hovered = null;
+  element.on("plotly_hover", async (event) => {
+    const key = event.points[0].customdata;
+    hovered = key;
     hover.key.textContent = `key ${key}`;
-    if (data.thumbnails) {
-      hover.thumb.hidden = false;
-      hover.thumb.src = `/thumb/${encodeURIComponent(name)}/${encodeURIComponent(key)}`;
-    }
-    hover.text.textContent = i >= 0 ? data.hover[i] : "";
+    const response = await fetch(`/api/row/${encodeURIComponent(name)}/${encodeURIComponent(key)}`);
+    if (!response.ok || hovered !== key) return;
+    const row = await response.json();
+    hover.thumb.hidden = !row.thumbnail;
+    if (row.thumbnail) hover.thumb.src = row.thumbnail;
+    hover.text.textContent = row.snippet || (row.columns || []).map(([c, v]) => `${c} = ${v}`).join("\n");
   });
   element.on("plotly_click", (event) => {
     const key = event.points[0].customdata;
