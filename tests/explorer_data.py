@@ -39,12 +39,12 @@ def load(conn: psycopg.Connection, folder: Path) -> None:
     with conn.cursor().copy("COPY articles (id, topic, body) FROM STDIN") as copy:
         for i, (text, topic) in enumerate(zip(texts, topics, strict=True)):
             copy.write_row([i, LABELS[topic], text if i else XSS])
-    conn.execute("CREATE TABLE papers (id int PRIMARY KEY, title text UNIQUE NOT NULL)")
+    conn.execute("CREATE TABLE papers (id int PRIMARY KEY, title text UNIQUE NOT NULL, community int NOT NULL)")
     conn.execute(
         "CREATE TABLE citations (id serial PRIMARY KEY, citing int NOT NULL REFERENCES papers, "
         "cited int NOT NULL REFERENCES papers)"
     )
-    conn.execute("INSERT INTO papers SELECT i, 'paper ' || i FROM generate_series(0, %s) i", (PAPERS - 1,))
+    conn.execute("INSERT INTO papers SELECT i, 'paper ' || i, i %% 2 FROM generate_series(0, %s) i", (PAPERS - 1,))
     # two communities of papers that cite within themselves
     conn.execute(
         "INSERT INTO citations (citing, cited) SELECT a, b FROM generate_series(0, %s) a, generate_series(0, %s) b "

@@ -3,6 +3,7 @@ validates, never overwrites one without --force, and the config runs migrate, tr
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -76,3 +77,10 @@ def test_init_yes_then_migrate_train_sync(database, cli, tmp_path):
         source = database.execute(f'SELECT count(*) FROM "{spec.table}"').fetchone()[0]
         embedded = database.execute(f'SELECT count(*) FROM "{spec.target_name}"').fetchone()[0]
         assert embedded == source, spec.name
+
+    # the graph's report compares FastRP with the raw adjacency rows on the two citation communities
+    result = cli("report", "papers_graph", "--label", "community", "--json", config=config)
+    assert result.code == 0, result.err
+    agreement = json.loads(result.out)["agreement"]
+    assert agreement["baseline_method"] == "raw features" and agreement["rows"] == explorer_data.PAPERS
+    assert agreement["model"] > agreement["chance"]

@@ -9,6 +9,7 @@ one is set (``vectorsync ui`` sets one whenever it binds beyond 127.0.0.1).
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import secrets
 import threading
@@ -74,6 +75,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.on_event("startup")
     def _open() -> None:
         pool.open()
+        # scikit-learn takes seconds to import; load it beside the first requests, not in the map's
+        threading.Thread(target=importlib.import_module, args=("sklearn.decomposition",), daemon=True).start()
 
     @app.on_event("shutdown")
     def _close() -> None:
@@ -358,8 +361,6 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def _methods() -> list[str]:
-    import importlib.util
-
     return ["pca", *(["umap"] if importlib.util.find_spec("umap") else [])]
 
 
