@@ -2,7 +2,7 @@
 
 For 28x28 greyscale and 64x64 colour PNGs held in a ``bytea`` column: the baseline is
 ``encoder.encode`` (PNG decode, resize, forward pass) over the same images in batches of the same
-size, already in memory; the sync path (``sync.bulk.sync_embedding``) also queues or streams the
+size, already in memory; the sync path (``sync.service.sync``) also queues or streams the
 rows from Postgres, and writes the vectors with binary COPY. The ratio is sync ÷ baseline, measured
 without a vector index (the sync path's own cost), and with the HNSW index: excluding, then
 including its build after a bulk backfill (or its row-by-row maintenance on the queue path).
@@ -95,16 +95,15 @@ def encode_rate(encoder, images: list[bytes]) -> float:
 
 
 def sync_rate(url: str, conn: psycopg.Connection, config, name: str, rows: int) -> tuple[float, float]:
-    """Images/s of ``sync_embedding``, without and with the index build after a bulk backfill."""
-    from vectorsync.sync import catalog
-    from vectorsync.sync.bulk import sync_embedding
+    """Images/s of ``service.sync``, without and with the index build after a bulk backfill."""
+    from vectorsync.sync import catalog, service
 
     emb = catalog.load(conn, config.embedding(name))
     conn.execute(sql.SQL("TRUNCATE {}").format(emb.target))  # a repeat run starts from no vectors again
     with timer() as elapsed:
-        counts = sync_embedding(conn, emb, config.worker, batch_size=BATCH, url=url)
-    assert counts["embedded"] == rows, counts
-    return rows / (elapsed[0] - counts.get("index_seconds", 0.0)), rows / elapsed[0]
+        result = service.sync(url, config, name, batch_size=BATCH)
+    assert result.embedded == rows, result
+    return rows / (elapsed[0] - result.index_seconds), rows / elapsed[0]
 
 
 def measure(url: str, conn: psycopg.Connection, config, table: str, images: list[bytes]) -> list[Figure]:

@@ -93,9 +93,7 @@ def hand_tuned_bound(url: str, target: sql.Composable) -> float:
 
 
 def run(data_dir: Path, quick: bool) -> list[Figure]:
-    from vectorsync.sync import catalog, schema
-    from vectorsync.sync import train as training
-    from vectorsync.sync.bulk import sync_embedding
+    from vectorsync.sync import service
     from vectorsync.sync.spec import parse_config
 
     rows = 20_000 if quick else 200_000
@@ -116,18 +114,15 @@ def run(data_dir: Path, quick: bool) -> list[Figure]:
                 ]
             }
         )
-        schema.upgrade(url, config)
-        spec = config.embeddings[0]
-        emb = catalog.load(conn, spec)
-        training.train(url, conn, emb, sample=20_000)
-        emb = catalog.load(conn, spec)
+        service.migrate(url, config)
+        service.train(url, config, "items", sample=20_000)
         raw_seconds = raw_bound(url, rows)
         with timer() as elapsed:
-            counts = sync_embedding(conn, emb, config.worker, batch_size=10_000, url=url)
-        assert counts["embedded"] == rows, counts
+            result = service.sync(url, config, "items", batch_size=10_000)
+        assert result.embedded == rows, result
         sync_seconds = elapsed[0]
-        index_seconds = counts.get("index_seconds", 0.0)
-        tuned_seconds = hand_tuned_bound(url, emb.target)
+        index_seconds = result.index_seconds
+        tuned_seconds = hand_tuned_bound(url, sql.Identifier("items_embeddings"))
     sync_rate = rows / (sync_seconds - index_seconds)
     return [
         Figure("tabular sync", f"rows/s, {rows:,} rows, dim {DIM} (index build excluded)", sync_rate, "rows/s",

@@ -2,7 +2,7 @@
 
 For MiniLM (pretrained, 384-d) and the corpus-trained LSTM: the baseline is ``encoder.encode`` over
 the same texts in batches of the same size, already in memory; the sync path
-(``sync.bulk.sync_embedding``) also queues or streams the rows from Postgres and writes the vectors
+(``sync.service.sync``) also queues or streams the rows from Postgres and writes the vectors
 with binary COPY. No vector index, so the ratio is the sync path's own cost (index builds are
 measured by the tabular and query benchmarks). Target for MiniLM: sync ≥ 0.9 x encode.
 """
@@ -49,14 +49,13 @@ def encode_rate(encoder, texts: list[str]) -> float:
 
 
 def sync_rate(url: str, conn: psycopg.Connection, config, name: str, rows: int) -> float:
-    from vectorsync.sync import catalog
-    from vectorsync.sync.bulk import sync_embedding
+    from vectorsync.sync import catalog, service
 
     emb = catalog.load(conn, config.embedding(name))
     conn.execute(sql.SQL("TRUNCATE {}").format(emb.target))  # a repeat run starts from no vectors again
     with timer() as elapsed:
-        counts = sync_embedding(conn, emb, config.worker, batch_size=BATCH, url=url)
-    assert counts["embedded"] == rows, counts
+        result = service.sync(url, config, name, batch_size=BATCH)
+    assert result.embedded == rows, result
     return rows / elapsed[0]
 
 

@@ -11,11 +11,8 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from vectorsync.sync import catalog, schema
-from vectorsync.sync import train as training
-from vectorsync.sync.bulk import sync_embedding
+from vectorsync.sync import service
 from vectorsync.sync.db import connection, resolve_url
-from vectorsync.sync.models import current_version
 from vectorsync.sync.spec import Config, parse_config
 
 MEASUREMENTS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -58,12 +55,10 @@ def load_flowers(conn: psycopg.Connection) -> None:
 
 
 def prepare(url: str) -> Config:
-    """Table, schema (migrate), a trained model and up-to-date vectors for ``flowers``."""
-    spec = CONFIG.embedding("flowers")
+    """Table, schema (migrate), a trained model and up-to-date vectors for ``flowers`` (the first
+    sync trains the model)."""
     with connection(url, autocommit=True) as conn:
         load_flowers(conn)
-        schema.upgrade(url, CONFIG)
-        if current_version(conn, spec.name) is None:
-            training.train(url, conn, catalog.load(conn, spec))
-        sync_embedding(conn, catalog.load(conn, spec), CONFIG.worker, batch_size=256)
+    service.migrate(url, CONFIG)
+    service.sync(url, CONFIG, "flowers", batch_size=256)
     return CONFIG

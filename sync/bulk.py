@@ -1,13 +1,11 @@
-"""One-pass sync (``vectorsync sync``).
+"""The bulk path of a one-pass sync, and building the vector index in one go.
 
-Small amounts of work go through the queue: one set-based statement queues what is stale and the
-worker's own batch code drains it. A large backfill (no vectors yet, or a new model version) takes
-the bulk path instead: it streams the stale rows straight from the source through a server-side
-cursor, encodes on one thread while the other writes with binary COPY, and builds the vector index
-once afterwards rather than maintaining it row by row. The bulk path is safe next to running
-workers: it only replaces vectors made by an older model version, the capture triggers keep
-queueing concurrent changes, and rows that fail are handed to the queue, whose retry and
-failed-item handling is the one place errors are dealt with.
+A large backfill (no vectors yet, or a new model version; ``service.sync`` decides) streams the
+stale rows straight from the source through a server-side cursor, encodes on one thread while the
+other writes with binary COPY, and builds the vector index once afterwards rather than maintaining
+it row by row. It is safe next to running workers: it only replaces vectors made by an older model
+version, the capture triggers keep queueing concurrent changes, and rows that fail are handed to the
+queue, whose retry and failed-item handling is the one place errors are dealt with.
 """
 
 from __future__ import annotations
@@ -26,10 +24,9 @@ from vectorsync.migrations.operations import index_statement
 from vectorsync.sync import queue, sink, sources
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.db import session_options
-from vectorsync.sync.models import ModelCache, ensure_model
+from vectorsync.sync.models import ModelCache
 from vectorsync.sync.schema import objects_for
-from vectorsync.sync.spec import WorkerSpec
-from vectorsync.sync.worker import BatchResult, drain, encode_frame
+from vectorsync.sync.worker import BatchResult, encode_frame
 
 #: A backfill at least this large (and at least half the table) drops the index and rebuilds it after.
 BULK_THRESHOLD = 10_000
@@ -149,69 +146,3 @@ def bulk_load(
         queue.notify(conn, emb.name)
     return total
 
-
-def sync_embedding(
-    conn: psycopg.Connection,
-    emb: Embedding,
-    settings: WorkerSpec,
-    *,
-    batch_size: int,
-    on_progress: Callable[[int, int, int], None] | None = None,
-    url: str | None = None,
-) -> dict[str, Any]:
-    """Bring one embedding up to date; ``conn`` must be in autocommit mode. Returns counts.
-
-    ``url`` enables the bulk path (it opens a second connection for reading).
-    """
-    started = time.perf_counter()
-    run_id = queue.start_run(conn, emb.name, "sync")
-    orphans = sink.delete_orphans(conn, emb)
-    version = ensure_model(conn, emb)
-    stale = sources.count_stale(conn, emb, version) if url else 0
-    existing = target_rows(conn, emb)
-    bulk = stale >= BULK_THRESHOLD and stale * 2 >= existing
-    done = failed = 0
-    expected = stale if bulk else 0
-
-    def progress(result: BatchResult) -> None:
-        nonlocal done, failed
-        done += result.claimed
-        failed += result.failed
-        if on_progress:
-            on_progress(done, max(expected, done), failed)
-
-    index_seconds = 0.0
-    loaded = BatchResult()
-    if bulk:
-        drop_index(conn, emb)
-    try:
-        if bulk:
-            if on_progress:
-                on_progress(0, expected, 0)
-            loaded = bulk_load(url or "", conn, emb, version, batch_size=batch_size, on_batch=progress)
-        # Rows whose inputs changed while capture was off (e.g. restored with triggers disabled) keep
-        # a stale input hash; after a bulk load into an empty table every vector is from this run.
-        queued = queue.enqueue_backfill(conn, emb, version) if not bulk or existing else 0
-        expected = done + queue.queue_depth(conn, emb.name)
-        if on_progress:
-            on_progress(done, expected, failed)
-        total = drain(conn, emb, settings, batch_size=batch_size, cache=ModelCache(), on_batch=progress)
-    finally:
-        if bulk:
-            index_started = time.perf_counter()
-            create_index(conn, emb)
-            index_seconds = time.perf_counter() - index_started
-            # fresh statistics, so the planner weighs the index against filters on the new rows
-            conn.execute(sql.SQL("ANALYZE {}").format(emb.target))
-    if bulk:
-        orphans += sink.delete_orphans(conn, emb)  # rows deleted while the bulk path read its snapshot
-    embedded = loaded.embedded + total.embedded
-    queue.finish_run(conn, run_id, emb.name, embedded=embedded, failed=total.failed, deleted=orphans + total.deleted)
-    return {
-        "queued": queued + loaded.claimed,
-        "embedded": embedded,
-        "failed": total.failed,
-        "deleted": orphans + total.deleted,
-        "seconds": round(time.perf_counter() - started, 3),
-        "index_seconds": round(index_seconds, 3),
-    }

@@ -13,12 +13,11 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-import psycopg
 import typer
 from rich import box
 from rich.console import Console
@@ -27,7 +26,8 @@ from rich.table import Table
 
 import vectorsync
 from vectorsync.errors import InputError, SpecError, VectorsyncError
-from vectorsync.sync import db, queue
+from vectorsync.sync import db
+from vectorsync.sync.progress import Progress as ProgressCallback
 from vectorsync.sync.spec import Config, load_config
 
 app = typer.Typer(
@@ -130,6 +130,16 @@ def _progress() -> Progress:
     )
 
 
+def progress_task(bar: Progress, description: str) -> ProgressCallback:
+    """A new bar on ``bar`` that the service layer's plain progress callbacks move."""
+    task = bar.add_task(description, total=None, info="")
+
+    def update(done: int, total: int | None, message: str) -> None:
+        bar.update(task, completed=done, total=total, info=message)
+
+    return update
+
+
 @app.command("db-url")
 def db_url(ctx: typer.Context) -> None:
     """Print the database URL in use (starts the embedded server if that is the one)."""
@@ -223,11 +233,11 @@ def migrate(
     ] = None,
 ) -> None:
     """Create or update vectorsync's schema, target tables, indexes and triggers (Alembic)."""
-    from vectorsync.sync import schema
+    from vectorsync.sync import service
 
     state = _state(ctx)
     if downgrade:
-        dropped = schema.downgrade(state.url)
+        dropped = service.remove(state.url)
         console.print(f"removed vectorsync's schema and {len(dropped)} embedding table(s); your tables are untouched")
         return
     for spec in state.config.embeddings:
@@ -236,7 +246,7 @@ def migrate(
                 f"[yellow]warning:[/] embedding {spec.name!r} sets allow_any_path = true: its workers read any file "
                 "a row names that they can read (e.g. /etc/passwd); set base_dir instead unless you trust every writer"
             )
-    report = schema.upgrade(state.url, state.config, recreate=recreate)
+    report = service.migrate(state.url, state.config, recreate=recreate)
     changed = "up to date" if report.revision_before == report.revision_after else f"-> {report.revision_after}"
     console.print(f"schema {changed}; embeddings: {', '.join(report.embeddings) or 'none'}")
 
@@ -248,22 +258,14 @@ def train(
     sample: Annotated[int | None, typer.Option(help="Train on at most this many rows.")] = None,
 ) -> None:
     """Train the embedding's encoder on its table's rows and store it as a new model version."""
-    from vectorsync.sync import catalog
-    from vectorsync.sync import train as training
+    from vectorsync.sync import service
 
     state = _state(ctx)
-    spec = state.config.embedding(name)
-    with db.connection(state.url, autocommit=True) as conn:
-        emb = catalog.load(conn, spec)
-        with _progress() as bar:
-            task = bar.add_task(f"train {name}", total=None, info="")
-
-            def report(step: int, total: int, metrics: dict[str, float]) -> None:
-                info = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-                bar.update(task, completed=step, total=total, info=info)
-
-            version, metrics, rows = training.train(state.url, conn, emb, progress=report, sample=sample)
-    console.print(f"{name}: model version {version} {_training_summary(rows, metrics)}", soft_wrap=True)
+    with _progress() as bar:
+        progress = progress_task(bar, f"train {name}")
+        result = service.train(state.url, state.config, name, sample=sample, progress=progress)
+    summary = _training_summary(result.rows, result.metrics)
+    console.print(f"{name}: model version {result.version} {summary}", soft_wrap=True)
 
 
 def _training_summary(rows: int, metrics: dict[str, float]) -> str:
@@ -278,52 +280,33 @@ def _training_summary(rows: int, metrics: dict[str, float]) -> str:
     return text
 
 
-def _sync_one(state: State, conn: psycopg.Connection, spec: Any, batch_size: int, bar: Progress) -> dict[str, Any]:
-    from vectorsync.sync import bulk, catalog, models
-    from vectorsync.sync import train as training
-    from vectorsync.sync.spec import GraphEmbeddingSpec
-
-    emb = catalog.load(conn, spec)
-    if isinstance(spec, GraphEmbeddingSpec):
-        from vectorsync.sync import graph
-
-        return graph.sync_graph(conn, emb, progress=bar)
-    if models.current_version(conn, spec.name) is None and models.new_encoder(spec).trainable:
-        console.print(f"{spec.name}: no model yet, training one first")
-        training.train(state.url, conn, emb)
-        emb = catalog.load(conn, spec)
-    task = bar.add_task(f"sync {spec.name}", total=None, info="")
-
-    def on_batch(done: int, total: int, failed: int) -> None:
-        bar.update(task, completed=done, total=total, info=f"failed={failed}" if failed else "")
-
-    return bulk.sync_embedding(
-        conn, emb, state.config.worker, batch_size=batch_size, on_progress=on_batch, url=state.url
-    )
-
 
 @app.command("sync")
 def sync_command(
     ctx: typer.Context,
     names: Annotated[list[str] | None, typer.Argument(help="Embeddings to sync (default: all).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 2048,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per batch (default 2048).")] = None,
 ) -> None:
     """Embed every row that has no vector from the current model or whose inputs changed; remove
     vectors of deleted rows. Exits 0 when nothing is pending; a second run does no work."""
+
     state = _state(ctx)
-    _sync_all(state, state.config.select(names), batch_size)
+    _sync_all(state, [s.name for s in state.config.select(names)], batch_size)
 
 
-def _sync_all(state: State, specs: list[Any], batch_size: int) -> None:
+def _sync_all(state: State, names: list[str], batch_size: int | None) -> None:
+    from vectorsync.sync import service
+
     failed: dict[str, int] = {}
-    with db.connection(state.url, autocommit=True) as conn, _progress() as bar:
-        for spec in specs:
-            counts = _sync_one(state, conn, spec, batch_size, bar)
-            bar.console.print(
-                f"{spec.name}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if not k.endswith("seconds"))
-            )
-            if counts.get("failed"):
-                failed[spec.name] = int(counts["failed"])
+    with _progress() as bar:
+        for name in names:
+            progress = progress_task(bar, f"sync {name}")
+            result = service.sync(state.url, state.config, name, batch_size=batch_size, progress=progress)
+            if result.trained is not None:
+                bar.console.print(f"{name}: had no model; trained version {result.trained.version} first")
+            bar.console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in result.counts().items()))
+            if result.failed:
+                failed[name] = result.failed
     _refuse_failures(failed)
 
 
@@ -346,7 +329,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Per embedding: source rows, embedded, pending, failed, model version, lag, throughput; live workers."""
-    from vectorsync.sync import monitor
+    from vectorsync.sync import service
 
     state = _state(ctx)
     if not state.config_path.exists() and db.configured_url(state.database_url, None) is None:
@@ -356,8 +339,7 @@ def status(
             "to report",
             hint="run status in your project's folder, or pass --config PATH or --database-url URL",
         )
-    with db.connection(state.url, autocommit=True) as conn:
-        report = monitor.status(conn, state.config_or_empty())
+    report = service.status(state.url, state.config_or_empty())
     if as_json:
         out.print_json(json.dumps(report, default=str))
         return
@@ -432,27 +414,10 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print [{key, distance}, ...].")] = False,
 ) -> None:
     """The k nearest rows to row KEY (itself excluded), by the spec's distance, through the index."""
+    from vectorsync.sync import service
+
     state = _state(ctx)
-    with db.connection(state.url, autocommit=True) as conn:
-        try:
-            rows = conn.execute("SELECT key, distance FROM vectorsync.nearest(%s, %s, %s)", (name, key, k)).fetchall()
-        except psycopg.errors.InvalidTextRepresentation as exc:
-            # the key does not convert to the source key's type (e.g. "abc" for an integer key)
-            raise InputError(
-                "key", f"key {key!r} does not fit embedding {name!r}'s key column: {exc.diag.message_primary}"
-            ) from None
-        except (
-            psycopg.errors.RaiseException,
-            psycopg.errors.NoDataFound,
-            psycopg.DataError,
-            psycopg.errors.InsufficientPrivilege,
-        ) as exc:
-            # the query functions' own errors (bad k, unknown embedding, no such row, not embedded
-            # yet, no permission) are one line each, with the function's hint
-            raise InputError(
-                "key", str(exc.diag.message_primary).removeprefix("vectorsync: "), hint=exc.diag.message_hint
-            ) from None
-    result = [{"key": r[0], "distance": r[1]} for r in rows]
+    result = [asdict(n) for n in service.nearest(state.url, name, key, k)]
     if as_json:
         out.print(json.dumps(result), highlight=False, soft_wrap=True)
         return
@@ -503,17 +468,17 @@ def grant(
 def retry(
     ctx: typer.Context,
     names: Annotated[list[str] | None, typer.Argument(help="Embeddings (default: all).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 2048,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per batch (default 2048).")] = None,
 ) -> None:
     """Re-queue items from vectorsync.failed (after you fixed their rows or files) and sync them;
     exits non-zero if some fail again."""
+    from vectorsync.sync import service
+
     state = _state(ctx)
-    specs = state.config.select(names)
-    with db.connection(state.url) as conn:
-        count = queue.retry_failed(conn, [s.name for s in specs])
-        conn.commit()
+    selected = [s.name for s in state.config.select(names)]
+    count = service.retry(state.url, state.config, selected)
     console.print(f"re-queued {count} failed item(s)")
-    _sync_all(state, specs, batch_size)
+    _sync_all(state, selected, batch_size)
 
 
 @app.command()
@@ -551,15 +516,11 @@ def reindex(
     name: Annotated[str, typer.Argument(help="Embedding.")],
 ) -> None:
     """Rebuild the embedding's vector index with the spec's parameters."""
-    from vectorsync.sync import bulk, catalog
+    from vectorsync.sync import service
 
     state = _state(ctx)
-    spec = state.config.embedding(name)
-    with db.connection(state.url, autocommit=True) as conn:
-        emb = catalog.load(conn, spec)
-        started = time.perf_counter()
-        bulk.rebuild_index(conn, emb)
-    console.print(f"{name}: index rebuilt in {time.perf_counter() - started:.1f}s")
+    seconds = service.reindex(state.url, state.config, name)
+    console.print(f"{name}: index rebuilt in {seconds:.1f}s")
 
 
 @app.command()
@@ -571,7 +532,7 @@ def demo(
     from vectorsync.sync.demo import run_demo
 
     state = _state(ctx)
-    run_demo(state, k=k, console=out, progress=_progress)
+    run_demo(state, k=k, console=out, progress=_progress, progress_task=progress_task)
 
 
 @app.command()

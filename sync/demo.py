@@ -18,10 +18,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from vectorsync.sync import catalog, schema
-from vectorsync.sync import train as training
-from vectorsync.sync.bulk import sync_embedding
+from vectorsync.sync import service
 from vectorsync.sync.db import connection
+from vectorsync.sync.progress import Progress as ProgressCallback
 from vectorsync.sync.spec import Config, parse_config
 
 TABLE = "demo_wine"
@@ -70,7 +69,14 @@ def load_wine_table(conn: psycopg.Connection) -> list[str]:
     return features
 
 
-def run_demo(state: Any, *, k: int, console: Console, progress: Callable[[], Progress]) -> None:
+def run_demo(
+    state: Any,
+    *,
+    k: int,
+    console: Console,
+    progress: Callable[[], Progress],
+    progress_task: Callable[[Progress, str], ProgressCallback],
+) -> None:
     started = time.perf_counter()
     url = state.url
     console.print(f"database: {url}")
@@ -80,29 +86,13 @@ def run_demo(state: Any, *, k: int, console: Console, progress: Callable[[], Pro
         config: Config = parse_config(raw, "demo spec")
         spec = config.embeddings[0]
         console.print(f"loaded {TABLE}: 178 wines, {len(features)} measurements, 3 cultivars")
-        schema.upgrade(url, config)
-        emb = catalog.load(conn, spec)
+        service.migrate(url, config)
         with progress() as bar:
-            task = bar.add_task("train", total=None, info="")
-            version, metrics, rows = training.train(
-                url,
-                conn,
-                emb,
-                progress=lambda s, t, m: bar.update(task, completed=s, total=t, info=f"loss={m['loss']:.4f}"),
-            )
-            emb = catalog.load(conn, spec)
-            task2 = bar.add_task("sync", total=None, info="")
-            counts = sync_embedding(
-                conn,
-                emb,
-                config.worker,
-                batch_size=512,
-                url=url,
-                on_progress=lambda d, t, f: bar.update(task2, completed=d, total=t, info=""),
-            )
+            trained = service.train(url, config, spec.name, progress=progress_task(bar, "train"))
+            synced = service.sync(url, config, spec.name, batch_size=512, progress=progress_task(bar, "sync"))
         console.print(
-            f"model version {version}: trained on {rows} rows, holdout reconstruction MSE "
-            f"{metrics.get('holdout_reconstruction_mse', float('nan')):.4f}; embedded {counts['embedded']} rows"
+            f"model version {trained.version}: trained on {trained.rows} rows, holdout reconstruction MSE "
+            f"{trained.metrics.get('holdout_reconstruction_mse', float('nan')):.4f}; embedded {synced.embedded} rows"
         )
         labels = dict(
             conn.execute(sql.SQL("SELECT id::text, cultivar FROM {}").format(sql.Identifier(TABLE))).fetchall()

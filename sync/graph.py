@@ -43,6 +43,7 @@ from vectorsync.errors import InputError
 from vectorsync.sync import models, queue, sink
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.neo4j_bridge import BridgeError, stream_embeddings
+from vectorsync.sync.progress import Progress
 from vectorsync.sync.spec import GraphEmbeddingSpec, GraphSpec, split_qualified
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,12 @@ _SEEN = sql.Identifier("vectorsync_graph_seen")
 Advance = Callable[..., None]
 
 
-def sync_graph(conn: psycopg.Connection, emb: Embedding, progress: Any = None) -> dict[str, int]:
+def sync_graph(conn: psycopg.Connection, emb: Embedding, progress: Progress | None = None) -> dict[str, int]:
     """Recompute and store every node embedding of a graph spec; ``conn`` must be in autocommit mode.
 
     Returns ``run_id``, ``embedded`` (rows written), ``unchanged`` (identical vectors left as they
     were), ``deleted`` (vectors of vanished nodes) and, for native FastRP, ``nodes``, ``edges`` and
-    ``skipped_edges``. ``progress`` is an optional ``rich.progress.Progress``.
+    ``skipped_edges``.
     """
     spec = emb.spec
     if not isinstance(spec, GraphEmbeddingSpec):
@@ -74,11 +75,12 @@ def sync_graph(conn: psycopg.Connection, emb: Embedding, progress: Any = None) -
     kind = "bridge" if spec.neo4j else "fastrp"
     run_id = queue.start_run(conn, emb.name, kind)
     started = time.perf_counter()
-    task = progress.add_task(f"sync {emb.name}", total=None, info=kind) if progress is not None else None
 
     def advance(done: int, info: str, total: int | None = None) -> None:
         if progress is not None:
-            progress.update(task, completed=done, info=info, **({"total": total} if total is not None else {}))
+            progress(done, total, info)
+
+    advance(0, kind)
 
     try:
         counts, details = _bridge(conn, emb, advance) if spec.neo4j else _native(conn, emb, advance, run_id)

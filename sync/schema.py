@@ -24,7 +24,6 @@ from vectorsync.sync.db import connect, ensure_vector_extension
 from vectorsync.sync.models import current_version
 from vectorsync.sync.sources import HASH, KEY
 from vectorsync.sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, SpecError, split_qualified
-from vectorsync.sync.worker import queue_embeddable
 
 
 class SpecMismatch(SpecError):
@@ -167,7 +166,7 @@ def check_specs(conn: psycopg.Connection, specs: list[EmbeddingSpec]) -> None:
                 )
         problems.extend(_type_problems(spec, columns))
         unique = spec.key not in columns or key_is_unique(conn, schema, spec.source_name, spec.key)
-        if queue_embeddable(spec) and not unique:
+        if spec.from_queue and not unique:
             problems.append(
                 f"embedding {spec.name!r}, field 'key': column {spec.key!r} of table {spec.table!r} is neither "
                 f"the primary key nor a NOT NULL column with a unique index of its own; add one "
@@ -254,7 +253,7 @@ def upgrade(url: str, config: Config, *, recreate: list[str] | None = None) -> M
 def reconcile(conn: psycopg.Connection, spec: EmbeddingSpec) -> None:
     """After repairing a broken embedding: queue every row whose vector is missing or stale and
     remove vectors of deleted rows, since capture could not follow the table meanwhile."""
-    if not queue_embeddable(spec):
+    if not spec.from_queue:
         return
     emb = catalog.load(conn, spec)
     sink.delete_orphans(conn, emb)

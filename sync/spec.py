@@ -164,6 +164,12 @@ class EmbeddingSpec(_Strict):
         """Source columns whose change must re-embed the row."""
         raise NotImplementedError
 
+    @property
+    def from_queue(self) -> bool:
+        """Whether rows are embedded one by one from the change queue (capture triggers feed it), or
+        the whole embedding is recomputed at once (graphs: one row's change moves its neighbours)."""
+        return True
+
 
 class TabularSpec(EmbeddingSpec):
     modality: Literal["tabular"]
@@ -265,6 +271,10 @@ class GraphEmbeddingSpec(EmbeddingSpec):
     @property
     def encoder_type(self) -> str:
         return "neo4j" if self.neo4j else "fastrp"
+
+    @property
+    def from_queue(self) -> bool:
+        return False
 
     @property
     def input_columns(self) -> list[str]:

@@ -32,7 +32,7 @@ from vectorsync.sync import queue, sink, sources
 from vectorsync.sync.catalog import Embedding, NotMigrated, broken_reason, load
 from vectorsync.sync.db import DatabaseError, connect
 from vectorsync.sync.models import ModelCache, current_version, ensure_model
-from vectorsync.sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, WorkerSpec
+from vectorsync.sync.spec import Config, WorkerSpec
 
 log = logging.getLogger("vectorsync.worker")
 
@@ -80,11 +80,6 @@ class EmbeddingUnavailable(RuntimeError):
 LOCKED_ROW_DELAY = 1.0
 #: Longest pause of a broken embedding before the worker tries it again.
 PARK_CAP_SECONDS = 30.0
-
-
-def queue_embeddable(spec: EmbeddingSpec) -> bool:
-    """Graph embeddings are computed for the whole graph at once, not from the queue."""
-    return not isinstance(spec, GraphEmbeddingSpec)
 
 
 def process_batch(
@@ -480,7 +475,7 @@ class Worker:
         metrics: object | None = None,
     ) -> None:
         self.url = url
-        self.specs = [s for s in config.select(list(names) if names else None) if queue_embeddable(s)]
+        self.specs = [s for s in config.select(list(names) if names else None) if s.from_queue]
         self.settings = config.worker
         self.batch_size = batch_size or config.worker.batch_size
         self.max_wait = (max_wait_ms if max_wait_ms is not None else config.worker.max_wait_ms) / 1000

@@ -285,12 +285,12 @@ def test_index_parameters_come_from_the_spec(conn, parts, cli):
 
 
 def test_large_backfill_builds_the_index_once_after_loading(conn, parts, cli, monkeypatch):
-    from vectorsync.sync import bulk
+    from vectorsync.sync import bulk, worker
 
     config = parts()
     assert cli("migrate", config=config).code == 0
     seen: dict[str, object] = {"builds": 0}
-    real_drain, real_create = bulk.drain, bulk.create_index
+    real_drain, real_create = worker.drain, bulk.create_index
 
     def drain(*args, **kwargs):
         seen["index_while_loading"] = indexdef(conn)
@@ -302,7 +302,7 @@ def test_large_backfill_builds_the_index_once_after_loading(conn, parts, cli, mo
         return real_create(*args, **kwargs)
 
     monkeypatch.setattr(bulk, "BULK_THRESHOLD", 100)
-    monkeypatch.setattr(bulk, "drain", drain)
+    monkeypatch.setattr(worker, "drain", drain)
     monkeypatch.setattr(bulk, "create_index", create_index)
     result = cli("sync", config=config)
     assert result.code == 0, result.err
