@@ -10,12 +10,13 @@ SQLAlchemy / psycopg integration. Knows nothing of workers.
 
 from pgvector.sqlalchemy import Vector
 
-from vectorsync.embedding_sql.distance import COMPARATORS, distance
+from vectorsync.embedding_sql.distance import DISTANCES, Distance, distance
 from vectorsync.embedding_sql.orm import EmbeddingInfo, attach_embedding, embedding_info
 from vectorsync.embedding_sql.query import embedding_distance, nearest, search_settings, similar_to
 
 __all__ = [
-    "COMPARATORS",
+    "DISTANCES",
+    "Distance",
     "EmbeddingInfo",
     "Vector",
     "attach_embedding",

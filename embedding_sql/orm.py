@@ -17,7 +17,7 @@ from sqlalchemy.orm import foreign, relationship
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TIMESTAMP
 
-from vectorsync.embedding_sql.distance import COMPARATORS, distance
+from vectorsync.embedding_sql.distance import distance, distance_ops
 
 #: The comment vectorsync puts on target tables; the same text as migrations.operations.MANAGED_COMMENT.
 MANAGED_COMMENT = "vectorsync: embeddings of"
@@ -65,8 +65,10 @@ def attach_embedding(
     """Map embedding ``name``'s target table and add ``model.<relationship_name>`` (one-to-one,
     read-only). ``target`` defaults to vectorsync's ``<name>_embeddings``, ``schema`` to the
     model's. Returns the class mapped to the target table (``<Model>Embedding``)."""
-    if distance not in COMPARATORS:
-        raise ValueError(f"embedding {name!r}: unknown distance {distance!r}; use one of {', '.join(COMPARATORS)}")
+    try:
+        distance_ops(distance)
+    except ValueError as exc:
+        raise ValueError(f"embedding {name!r}: {exc}") from None
     mapper = inspect(model)
     if len(mapper.primary_key) != 1:
         raise ValueError(

@@ -21,10 +21,9 @@ from sqlalchemy import Engine, event, literal, select
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
+from vectorsync.embedding_sql.index import HNSW_EF_SEARCH
 from vectorsync.embedding_sql.orm import EmbeddingInfo, embedding_info
 
-#: pgvector's own default for hnsw.ef_search; an HNSW scan returns at most this many rows.
-DEFAULT_EF_SEARCH = 40
 #: The largest hnsw.ef_search pgvector accepts: a search for more rows compares every row instead.
 MAX_EF_SEARCH = 1000
 #: The execution option that carries the search settings to the cursor hook.
@@ -103,7 +102,7 @@ def search_settings(
     """The settings a search for ``candidates`` rows needs; empty when the server defaults do."""
     settings: dict[str, int] = {}
     ef = ef_search or info.ef_search
-    if candidates > (ef or DEFAULT_EF_SEARCH):
+    if candidates > (ef or HNSW_EF_SEARCH):
         ef = candidates
     if ef is not None:
         ef = min(ef, MAX_EF_SEARCH)

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
 from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
 
+from vectorsync.embedding_sql import index as vector_index
+from vectorsync.embedding_sql.distance import Distance, distance_ops
 from vectorsync.errors import DatabaseError
-
-OPCLASS = {"cosine": "vector_cosine_ops", "l2": "vector_l2_ops", "inner_product": "vector_ip_ops"}
 
 #: Settings under which keys are written as text, by the capture trigger (its function pins them,
 #: revision 0006) and by every vectorsync session (sync.db.connect), so a key reads back the same
@@ -59,7 +59,9 @@ class SchemaChangeError(DatabaseError):
 
 @dataclass(frozen=True)
 class EmbeddingObjects:
-    """What one embedding needs in the database (plain values, so revisions can hold them)."""
+    """One embedding as the catalogue (``vectorsync.embeddings``) records it: what it needs in the
+    database, as plain values so revisions can hold them. At run time vectorsync uses
+    ``vectorsync.sync.catalog.Embedding``: this record derived from the spec, plus the spec."""
 
     name: str
     source_schema: str
@@ -70,15 +72,16 @@ class EmbeddingObjects:
     target_table: str
     dim: int
     modality: str = "tabular"
-    distance: str = "cosine"
-    index_kind: str = "hnsw"
-    m: int = 16
-    ef_construction: int = 64
-    ef_search: int = 40
+    distance: Distance = "cosine"
+    index_kind: vector_index.IndexKind = vector_index.INDEX_KIND
+    m: int = vector_index.HNSW_M
+    ef_construction: int = vector_index.HNSW_EF_CONSTRUCTION
+    ef_search: int = vector_index.HNSW_EF_SEARCH
     lists: int | None = None
-    probes: int = 10
+    probes: int = vector_index.IVFFLAT_PROBES
     capture: bool = True
-    spec: dict[str, Any] = field(default_factory=dict)
+    #: ``format_type()`` of the key column, once resolved against the database
+    key_type: str | None = None
     #: A graph's edge table: its changes are captured too (``vectorsync.capture_graph_changes``).
     edges_schema: str | None = None
     edges_table: str | None = None
@@ -94,8 +97,16 @@ class EmbeddingObjects:
         return sql.Identifier(self.target_schema, self.target_table)
 
     @property
+    def key(self) -> sql.Identifier:
+        return sql.Identifier(self.key_column)
+
+    @property
     def index_name(self) -> str:
         return object_name(self.target_table, "_embedding_idx", unique_for=f"{self.target_schema}.{self.target_table}")
+
+    def spec_json(self) -> dict[str, Any]:
+        """The spec recorded in the catalogue (none for an embedding declared in a revision)."""
+        return {}
 
 
 def object_name(base: str, suffix: str, *, unique_for: str) -> str:
@@ -156,13 +167,13 @@ def index_statement(e: EmbeddingObjects, rows: int = 0) -> sql.Composed | None:
     """CREATE INDEX for the target; IVFFlat lists default to rows/1000 (at least 10)."""
     if e.index_kind == "none":
         return None
-    opclass = sql.SQL(OPCLASS[e.distance])
+    opclass = sql.SQL(distance_ops(e.distance).opclass)
     if e.index_kind == "hnsw":
         method = sql.SQL("hnsw")
         options = sql.SQL("m = {}, ef_construction = {}").format(sql.Literal(e.m), sql.Literal(e.ef_construction))
     else:
         method = sql.SQL("ivfflat")
-        lists = e.lists or max(10, rows // 1000)
+        lists = e.lists or vector_index.ivfflat_lists(rows)
         options = sql.SQL("lists = {}").format(sql.Literal(lists))
     return sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING {} (embedding {}) WITH ({})").format(
         sql.Identifier(e.index_name), e.target, method, opclass, options
@@ -225,7 +236,7 @@ def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool =
         {
             **values,
             "key_type": ktype,
-            "spec": json.dumps(e.spec, sort_keys=True),
+            "spec": json.dumps(e.spec_json(), sort_keys=True),
             "source_relid": source_relid,
             "key_attnum": key_attnum,
             "input_attnums": input_attnums,
@@ -245,7 +256,7 @@ def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool =
             """
         ).format(
             target=e.target,
-            key=sql.Identifier(e.key_column),
+            key=e.key,
             ktype=sql.SQL(ktype),  # format_type() output: already a valid, quoted type name
             dim=sql.Literal(e.dim),
         )

@@ -25,7 +25,6 @@ from vectorsync.sync import queue, sink, sources
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.db import session_options
 from vectorsync.sync.models import ModelCache
-from vectorsync.sync.schema import objects_for
 from vectorsync.sync.worker import BatchResult, encode_frame
 
 #: A backfill at least this large (and at least half the table) drops the index and rebuilds it after.
@@ -39,7 +38,7 @@ def target_rows(conn: psycopg.Connection, emb: Embedding) -> int:
 
 
 def _index(emb: Embedding) -> sql.Identifier:
-    return sql.Identifier(emb.target_schema, objects_for(emb.spec, emb.source_schema).index_name)
+    return sql.Identifier(emb.target_schema, emb.index_name)
 
 
 def drop_index(conn: psycopg.Connection, emb: Embedding) -> None:
@@ -58,9 +57,8 @@ def create_index(conn: psycopg.Connection, emb: Embedding) -> None:
     """Build the index in one go, as a careful DBA would: maintenance_work_mem sized to hold the
     graph (never lowered, at most ``INDEX_BUILD_MEMORY_CAP``), a parallel maintenance worker per
     core beside the leader (pgvector ≥ 0.6 builds in parallel), then ANALYZE for the planner."""
-    objects = objects_for(emb.spec, emb.source_schema)
     rows = target_rows(conn, emb)
-    statement = index_statement(objects, rows=rows)
+    statement = index_statement(emb, rows=rows)
     if statement is None:
         return
     with conn.transaction():
@@ -68,7 +66,7 @@ def create_index(conn: psycopg.Connection, emb: Embedding) -> None:
             "SELECT pg_size_bytes(current_setting('maintenance_work_mem')), "
             "current_setting('max_parallel_workers')::int"
         ).fetchone()
-        wanted = min(max(build_memory(rows, emb.spec.dim, objects.m or 16), current), INDEX_BUILD_MEMORY_CAP)
+        wanted = min(max(build_memory(rows, emb.dim, emb.m), current), INDEX_BUILD_MEMORY_CAP)
         conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (f"{wanted // 1024}kB",))
         # the server's cores are not visible over SQL; this machine's stand in for them (the embedded
         # default runs here), minus one for the leader process that builds too

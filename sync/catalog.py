@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from vectorsync.errors import DatabaseError
-from vectorsync.migrations.operations import SchemaChangeError
-from vectorsync.sync.spec import EmbeddingSpec
+from vectorsync.migrations.operations import EmbeddingObjects, SchemaChangeError
+from vectorsync.sync.spec import EmbeddingSpec, GraphEmbeddingSpec, split_qualified
 
 
 class NotMigrated(DatabaseError):
@@ -20,51 +21,66 @@ class CatalogError(DatabaseError):
     """A value in vectorsync's catalogue is not what migrate records."""
 
 
-@dataclass(frozen=True)
-class Embedding:
+@dataclass(frozen=True, kw_only=True)
+class Embedding(EmbeddingObjects):
+    """One embedding at run time: the catalogue record derived from its spec (what ``migrate``
+    writes to ``vectorsync.embeddings``), together with the validated spec itself."""
+
     spec: EmbeddingSpec
-    source_schema: str
-    source_table: str
-    key_column: str
-    key_type: str  # a type name as PostgreSQL prints it (``regtype``), safe to compose into SQL
-    target_schema: str
-    target_table: str
-    current_version: int | None
 
-    @property
-    def name(self) -> str:
-        return self.spec.name
+    @classmethod
+    def from_spec(cls, spec: EmbeddingSpec, source_schema: str, *, key_type: str | None = None) -> Embedding:
+        """The record for ``spec`` whose source table lies in ``source_schema``."""
+        graph = spec.graph if isinstance(spec, GraphEmbeddingSpec) else None
+        edges_schema, edges_table = split_qualified(graph.edges) if graph is not None else (None, None)
+        return cls(
+            name=spec.name,
+            modality=spec.modality,
+            source_schema=source_schema,
+            source_table=spec.source_name,
+            key_column=spec.key,
+            input_columns=spec.input_columns,
+            target_schema=(split_qualified(spec.target)[0] if spec.target else None) or source_schema,
+            target_table=spec.target_name,
+            dim=spec.dim,
+            distance=spec.distance,
+            index_kind=spec.index.kind,
+            m=spec.index.m,
+            ef_construction=spec.index.ef_construction,
+            ef_search=spec.index.ef_search,
+            lists=spec.index.lists,
+            probes=spec.index.probes,
+            capture=not isinstance(spec, GraphEmbeddingSpec) or graph is not None,
+            edges_schema=edges_schema or source_schema if graph is not None else None,
+            edges_table=edges_table,
+            graph_capture=graph is not None and spec.encoder_type == "fastrp",
+            key_type=key_type,
+            spec=spec,
+        )
 
-    @property
-    def source(self) -> sql.Identifier:
-        return sql.Identifier(self.source_schema, self.source_table)
-
-    @property
-    def target(self) -> sql.Identifier:
-        return sql.Identifier(self.target_schema, self.target_table)
-
-    @property
-    def key(self) -> sql.Identifier:
-        return sql.Identifier(self.key_column)
+    def spec_json(self) -> dict[str, Any]:
+        return self.spec.model_dump(mode="json")
 
     @property
     def key_array_type(self) -> sql.SQL:
         """``<key type>[]`` for casting text keys (``regtype`` output is already quoted)."""
+        if self.key_type is None:
+            raise NotMigrated(f"embedding {self.name!r} has no schema yet; run `vectorsync migrate` first")
         return sql.SQL(self.key_type + "[]")
 
-    def input_hash_expr(self, alias: str = "s") -> sql.Composed:
+    def input_hash_expr(self, alias: str = "s") -> sql.Composed | sql.SQL:
         """md5 of the input columns' values, the same expression everywhere."""
-        if not self.spec.input_columns:
+        if not self.input_columns:
             return sql.SQL("NULL::text")
-        columns = sql.SQL(", ").join(sql.Identifier(alias, c) for c in self.spec.input_columns)
+        columns = sql.SQL(", ").join(sql.Identifier(alias, c) for c in self.input_columns)
         return sql.SQL("md5(ROW({}, NULL)::text)").format(columns)
 
 
 def load(conn: psycopg.Connection, spec: EmbeddingSpec) -> Embedding:
     row = (
         conn.execute(
-            "SELECT source_schema, source_table, key_column, key_type, target_schema, target_table, "
-            "current_version, dim FROM vectorsync.embeddings WHERE name = %s",
+            "SELECT source_schema, source_table, key_column, key_type, target_schema, target_table, dim "
+            "FROM vectorsync.embeddings WHERE name = %s",
             (spec.name,),
         ).fetchone()
         if _migrated(conn)
@@ -72,7 +88,7 @@ def load(conn: psycopg.Connection, spec: EmbeddingSpec) -> Embedding:
     )
     if row is None:
         raise NotMigrated(f"embedding {spec.name!r} has no schema yet; run `vectorsync migrate` first")
-    source_schema, source_table, key_column, recorded_type, target_schema, target_table, version, dim = row
+    source_schema, source_table, key_column, recorded_type, target_schema, target_table, dim = row
     if dim != spec.dim:
         # a model or vectors of the spec's dim would not fit the table: refuse before any work
         raise SchemaChangeError(
@@ -81,15 +97,13 @@ def load(conn: psycopg.Connection, spec: EmbeddingSpec) -> Embedding:
             hint=f"run `vectorsync migrate --recreate {spec.name}` to rebuild the table (its vectors are dropped), "
             f"or set dim = {dim} again",
         )
-    return Embedding(
-        spec,
-        source_schema,
-        source_table,
-        key_column,
-        _key_type(conn, spec.name, recorded_type),
-        target_schema,
-        target_table,
-        version,
+    # what migrate recorded wins over the spec: a spec edited since is not in the database yet
+    return replace(
+        Embedding.from_spec(spec, source_schema, key_type=_key_type(conn, spec.name, recorded_type)),
+        source_table=source_table,
+        key_column=key_column,
+        target_schema=target_schema,
+        target_table=target_table,
     )
 
 
@@ -110,7 +124,8 @@ def _key_type(conn: psycopg.Connection, name: str, recorded: str) -> str:
 
 
 def _migrated(conn: psycopg.Connection) -> bool:
-    return conn.execute("SELECT to_regclass('vectorsync.embeddings') IS NOT NULL").fetchone()[0]
+    row = conn.execute("SELECT to_regclass('vectorsync.embeddings') IS NOT NULL").fetchone()
+    return bool(row and row[0])
 
 
 def broken_reason(conn: psycopg.Connection, name: str) -> str | None:

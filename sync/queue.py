@@ -157,6 +157,13 @@ def enqueue_keys(conn: psycopg.Connection, name: str, keys: Sequence[str]) -> No
     conn.execute("INSERT INTO vectorsync.queue (embedding, key) SELECT %s, unnest(%s::text[])", (name, list(keys)))
 
 
+def not_failed(emb: Embedding, alias: str) -> sql.Composed:
+    """A condition: the source row ``alias`` is not one of ``emb``'s failed items."""
+    return sql.SQL(
+        "NOT EXISTS (SELECT 1 FROM vectorsync.failed f WHERE f.embedding = {name} AND f.key = {alias}.{key}::text)"
+    ).format(name=sql.Literal(emb.name), alias=sql.Identifier(alias), key=emb.key)
+
+
 def enqueue_backfill(conn: psycopg.Connection, emb: Embedding, version: int | None) -> int:
     """Queue, in one statement, every row with no vector, an older model version, or changed
     inputs, unless it is already queued or failed. Returns the number queued."""
@@ -172,9 +179,9 @@ def enqueue_backfill(conn: psycopg.Connection, emb: Embedding, version: int | No
             SELECT %(name)s, s.{key}::text FROM {src} s LEFT JOIN {tgt} t ON t.{key} = s.{key}
             WHERE ({stale})
               AND NOT EXISTS (SELECT 1 FROM vectorsync.queue q WHERE q.embedding = %(name)s AND q.key = s.{key}::text)
-              AND NOT EXISTS (SELECT 1 FROM vectorsync.failed f WHERE f.embedding = %(name)s AND f.key = s.{key}::text)
+              AND {not_failed}
             """
-        ).format(key=emb.key, src=emb.source, tgt=emb.target, stale=stale),
+        ).format(key=emb.key, src=emb.source, tgt=emb.target, stale=stale, not_failed=not_failed(emb, "s")),
         {"name": emb.name},
     )
     if cur.rowcount:

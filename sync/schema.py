@@ -14,7 +14,6 @@ from sqlalchemy.pool import NullPool
 from vectorsync.migrations import MIGRATIONS_DIR
 from vectorsync.migrations.operations import (
     TARGET_COLUMNS,
-    EmbeddingObjects,
     SchemaChangeError,
     create_embedding,
     drop_embedding,
@@ -23,7 +22,7 @@ from vectorsync.sync import catalog, privileges, queue, sink
 from vectorsync.sync.db import connect, ensure_vector_extension
 from vectorsync.sync.models import current_version
 from vectorsync.sync.sources import HASH, KEY
-from vectorsync.sync.spec import Config, EmbeddingSpec, GraphEmbeddingSpec, SpecError, split_qualified
+from vectorsync.sync.spec import Config, EmbeddingSpec, SpecError
 
 
 class SpecMismatch(SpecError):
@@ -35,34 +34,6 @@ class MigrateReport:
     revision_before: str | None
     revision_after: str | None
     embeddings: list[str]
-
-
-def objects_for(spec: EmbeddingSpec, source_schema: str) -> EmbeddingObjects:
-    graph = spec.graph if isinstance(spec, GraphEmbeddingSpec) else None
-    edges_schema, edges_table = split_qualified(graph.edges) if graph is not None else (None, None)
-    return EmbeddingObjects(
-        name=spec.name,
-        modality=spec.modality,
-        source_schema=source_schema,
-        source_table=spec.source_name,
-        key_column=spec.key,
-        input_columns=spec.input_columns,
-        target_schema=(split_qualified(spec.target)[0] if spec.target else None) or source_schema,
-        target_table=spec.target_name,
-        dim=spec.dim,
-        distance=spec.distance,
-        index_kind=spec.index.kind,
-        m=spec.index.m,
-        ef_construction=spec.index.ef_construction,
-        ef_search=spec.index.ef_search,
-        lists=spec.index.lists,
-        probes=spec.index.probes,
-        capture=not isinstance(spec, GraphEmbeddingSpec) or graph is not None,
-        spec=spec.model_dump(mode="json"),
-        edges_schema=edges_schema or source_schema if graph is not None else None,
-        edges_table=edges_table,
-        graph_capture=graph is not None and spec.encoder_type == "fastrp",
-    )
 
 
 def resolve_schema(conn: psycopg.Connection, spec: EmbeddingSpec) -> str:
@@ -223,7 +194,7 @@ def upgrade(url: str, config: Config, *, recreate: list[str] | None = None) -> M
         raw: psycopg.Connection = sa_conn.connection.driver_connection  # type: ignore[assignment]
         serialise(raw)
         check_specs(raw, list(config.embeddings))
-        objects = [objects_for(spec, resolve_schema(raw, spec)) for spec in config.embeddings]
+        objects = [catalog.Embedding.from_spec(spec, resolve_schema(raw, spec)) for spec in config.embeddings]
         privileges.check_migrate(
             raw,
             [
@@ -279,4 +250,4 @@ def downgrade(url: str) -> list[str]:
     return dropped
 
 
-__all__ = ["SchemaChangeError", "SpecMismatch", "check_specs", "downgrade", "objects_for", "upgrade"]
+__all__ = ["SchemaChangeError", "SpecMismatch", "check_specs", "downgrade", "upgrade"]

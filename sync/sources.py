@@ -21,6 +21,7 @@ import psycopg
 from psycopg import sql
 
 from vectorsync.encoders.base import InputError
+from vectorsync.sync import queue
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.spec import MediaSpec, SpecError, TextSpec
 
@@ -133,15 +134,14 @@ def stream_stale(
     """Stream the rows with no vector, or one from an older model, that are not failed items."""
     query = sql.SQL(
         "SELECT {cols} FROM {src} s LEFT JOIN {tgt} t ON t.{key} = s.{key} "
-        "WHERE (t.{key} IS NULL OR t.model_version <> {version}) AND NOT EXISTS "
-        "(SELECT 1 FROM vectorsync.failed f WHERE f.embedding = {name} AND f.key = s.{key}::text)"
+        "WHERE (t.{key} IS NULL OR t.model_version <> {version}) AND {not_failed}"
     ).format(
         cols=_select_columns(emb),
         src=emb.source,
         tgt=emb.target,
         key=emb.key,
         version=sql.Literal(version),
-        name=sql.Literal(emb.name),
+        not_failed=queue.not_failed(emb, "s"),
     )
     with conn.cursor(name="vectorsync_stale", binary=True) as cur:  # binary: ~30% cheaper to parse
         cur.itersize = chunk_rows

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vectorsync.embedding_sql import index as vector_index
+from vectorsync.embedding_sql.distance import Distance
 from vectorsync.encoders.params import (
     PARAMS,
     AutoencoderParams,
@@ -28,9 +30,6 @@ from vectorsync.encoders.params import (
 from vectorsync.encoders.registry import DEFAULT_ENCODER
 from vectorsync.errors import SpecError
 
-Distance = Literal["cosine", "l2", "inner_product"]
-IndexKind = Literal["hnsw", "ivfflat", "none"]
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -40,12 +39,12 @@ class IndexSpec(_Strict):
     """Vector index on the target table. ``m``/``ef_construction``/``ef_search`` for HNSW,
     ``lists``/``probes`` for IVFFlat."""
 
-    kind: IndexKind = "hnsw"
-    m: int = Field(16, ge=2, le=100)
-    ef_construction: int = Field(64, ge=4, le=1000)
-    ef_search: int = Field(40, ge=1, le=1000)
+    kind: vector_index.IndexKind = vector_index.INDEX_KIND
+    m: int = Field(vector_index.HNSW_M, ge=2, le=100)
+    ef_construction: int = Field(vector_index.HNSW_EF_CONSTRUCTION, ge=4, le=1000)
+    ef_search: int = Field(vector_index.HNSW_EF_SEARCH, ge=1, le=1000)
     lists: int | None = Field(None, ge=1, le=32768)
-    probes: int = Field(10, ge=1, le=32768)
+    probes: int = Field(vector_index.IVFFLAT_PROBES, ge=1, le=32768)
 
 
 #: The encoders each modality can use; ``type`` selects the parameter model (encoders.params).

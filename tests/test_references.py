@@ -24,7 +24,7 @@ def embedding(modality: str = "text", **fields: object) -> Embedding:
     entry = {"name": "docs", "table": "docs", "key": "id", "modality": modality, "dim": 8, "path_column": "path"}
     entry.update(fields)
     spec = parse_config({"embeddings": [entry]}).embeddings[0]
-    return Embedding(spec, "public", "docs", "id", "integer", "public", "docs_embeddings", None)
+    return Embedding.from_spec(spec, "public", key_type="integer")
 
 
 def resolve(emb: Embedding, references: list[object]) -> tuple[list[object], dict[int, str]]:
