@@ -27,6 +27,8 @@ class Embedding(EmbeddingObjects):
     writes to ``vectorsync.embeddings``), together with the validated spec itself."""
 
     spec: EmbeddingSpec
+    #: the model version queries read, as loaded (None: no model yet)
+    current_version: int | None = None
 
     @classmethod
     def from_spec(cls, spec: EmbeddingSpec, source_schema: str, *, key_type: str | None = None) -> Embedding:
@@ -79,8 +81,8 @@ class Embedding(EmbeddingObjects):
 def load(conn: psycopg.Connection, spec: EmbeddingSpec) -> Embedding:
     row = (
         conn.execute(
-            "SELECT source_schema, source_table, key_column, key_type, target_schema, target_table, dim "
-            "FROM vectorsync.embeddings WHERE name = %s",
+            "SELECT source_schema, source_table, key_column, key_type, target_schema, target_table, dim, "
+            "current_version FROM vectorsync.embeddings WHERE name = %s",
             (spec.name,),
         ).fetchone()
         if _migrated(conn)
@@ -88,7 +90,7 @@ def load(conn: psycopg.Connection, spec: EmbeddingSpec) -> Embedding:
     )
     if row is None:
         raise NotMigrated(f"embedding {spec.name!r} has no schema yet; run `vectorsync migrate` first")
-    source_schema, source_table, key_column, recorded_type, target_schema, target_table, dim = row
+    source_schema, source_table, key_column, recorded_type, target_schema, target_table, dim, version = row
     if dim != spec.dim:
         # a model or vectors of the spec's dim would not fit the table: refuse before any work
         raise SchemaChangeError(
@@ -104,6 +106,7 @@ def load(conn: psycopg.Connection, spec: EmbeddingSpec) -> Embedding:
         key_column=key_column,
         target_schema=target_schema,
         target_table=target_table,
+        current_version=version,
     )
 
 
