@@ -46,7 +46,7 @@ def handler(pool: ConnectionPool) -> type[BaseHTTPRequestHandler]:
                 return self.reply(HTTPStatus.BAD_REQUEST, {"error": "k must be between 1 and 100"})
             try:
                 return self.reply(HTTPStatus.OK, {"id": int(parts[1]), "similar": similar(pool, parts[1], k)})
-            except psycopg.errors.RaiseException as exc:  # vectorsync: no embedding for that row
+            except (psycopg.errors.NoDataFound, psycopg.errors.RaiseException) as exc:  # no such row, or no vector yet
                 return self.reply(HTTPStatus.NOT_FOUND, {"error": exc.diag.message_primary})
 
         def reply(self, status: HTTPStatus, body: dict) -> None:
