@@ -74,7 +74,7 @@ def test_web_service_example(examples_env):
         assert [s["distance"] for s in body["similar"]] == sorted(s["distance"] for s in body["similar"])
         with pytest.raises(HTTPError) as missing:
             urlopen(f"{base}/similar/999", timeout=30)
-        assert missing.value.code == 404 and "no embedding yet" in json.load(missing.value)["error"]
+        assert missing.value.code == 404 and "has no row with id = 999" in json.load(missing.value)["error"]
     finally:
         server.terminate()
         server.wait(timeout=30)
