@@ -312,13 +312,25 @@ class RoleReport:
 def setup_role(conn: psycopg.Connection, kind: str, role: str, *, check: bool = False) -> RoleReport:
     """Create ``role`` if needed and grant what a ``kind`` ("worker" or "reader") needs; with
     ``check``, change nothing and report what is missing."""
-    if conn.execute("SELECT to_regnamespace(%s)", (SCHEMA,)).fetchone() in (None, (None,)):
+    owner = conn.execute("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = %s", (SCHEMA,)).fetchone()
+    if owner is None:
         raise DatabaseError("vectorsync has no schema in this database yet; run `vectorsync migrate` first")
+    if not _member(conn, owner[0]):
+        me = conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]  # always one row
+        raise PrivilegeError(
+            f"vectorsync grant must run as {owner[0]!r}, the owner of schema {SCHEMA} (connected as {me!r})"
+        )
     exists = role_exists(conn, role)
     if not exists and check:
         raise PrivilegeError(f"role {role!r} does not exist; run `vectorsync grant {kind} {role}` to create it")
     if not exists:
-        create_role(conn, role)
+        try:
+            create_role(conn, role)
+        except psycopg.errors.InsufficientPrivilege:
+            raise PrivilegeError(
+                f"creating role {role!r} needs CREATEROLE; create it yourself (CREATE ROLE {_shown(role)} LOGIN) "
+                f"and run `vectorsync grant {kind} {role}` again"
+            ) from None
     unreadable: list[str] = []
     if kind == "worker":
         rights = worker_rights(conn)

@@ -235,3 +235,13 @@ def test_migrate_extends_an_existing_worker_roles_grants_to_a_new_embedding(conn
         as_worker.execute("SELECT id, x FROM others").fetchall()
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             as_worker.execute("SELECT secret FROM others")
+
+
+def test_grant_by_a_role_that_may_not_grant_is_one_line(conn, db_url, project, new_role, cli):
+    plain, worker = new_role("plain"), new_role("worker")
+    result = cli("--database-url", as_role(db_url, plain), "grant", "worker", worker, config=project)
+    assert result.code == 1
+    owner = conn.execute("SELECT current_user").fetchone()[0]
+    assert result.err.strip() == (
+        f"error: vectorsync grant must run as '{owner}', the owner of schema vectorsync (connected as '{plain}')"
+    )
