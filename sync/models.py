@@ -83,9 +83,11 @@ def register_version(
     """Add the next model version of ``emb`` and make it current; returns its number. ``history``
     is the training curve, one ``{"epoch": n, "loss": x}`` per epoch."""
     lock_registry(conn, emb)
-    version = conn.execute(
+    row = conn.execute(
         "SELECT coalesce(max(version), 0) + 1 FROM vectorsync.models WHERE embedding = %s", (emb.name,)
-    ).fetchone()[0]
+    ).fetchone()
+    assert row is not None  # an aggregate always returns one row
+    version = int(row[0])
     conn.execute(
         "INSERT INTO vectorsync.models (embedding, version, encoder_type, dim, weights, sha256, metrics, params, "
         "trained_rows, history) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",

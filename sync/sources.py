@@ -14,6 +14,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pandas as pd
@@ -39,9 +40,13 @@ def _select_columns(emb: Embedding, extra: Sequence[str] = ()) -> sql.Composed:
     return sql.SQL(", ").join(parts)
 
 
-def _frame(cur: psycopg.Cursor) -> pd.DataFrame:
-    names = [d.name for d in cur.description]
-    return pd.DataFrame(cur.fetchall(), columns=names, dtype=object)
+def _names(cur: psycopg.Cursor[Any]) -> list[str]:
+    """The result's column names (every query here returns rows, so there is a description)."""
+    return [d.name for d in cur.description or ()]
+
+
+def _frame(cur: psycopg.Cursor[Any]) -> pd.DataFrame:
+    return pd.DataFrame(cur.fetchall(), columns=_names(cur), dtype=object)
 
 
 def read_rows(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> pd.DataFrame:
@@ -124,8 +129,7 @@ def stream_rows(
             rows = cur.fetchmany(chunk_rows)
             if not rows:
                 break
-            names = [d.name for d in cur.description]
-            yield pd.DataFrame(rows, columns=names, dtype=object)
+            yield pd.DataFrame(rows, columns=_names(cur), dtype=object)
 
 
 def stream_stale(
@@ -146,19 +150,21 @@ def stream_stale(
     with conn.cursor(name="vectorsync_stale", binary=True) as cur:  # binary: ~30% cheaper to parse
         cur.itersize = chunk_rows
         cur.execute(query)
-        names = [d.name for d in cur.description]
+        names = _names(cur)
         while rows := cur.fetchmany(chunk_rows):
             yield pd.DataFrame(rows, columns=names, dtype=object)
 
 
 def count_stale(conn: psycopg.Connection, emb: Embedding, version: int) -> int:
-    return conn.execute(
+    row = conn.execute(
         sql.SQL(
             "SELECT count(*) FROM {src} s LEFT JOIN {tgt} t ON t.{key} = s.{key} "
             "WHERE t.{key} IS NULL OR t.model_version <> %s"
         ).format(src=emb.source, tgt=emb.target, key=emb.key),
         (version,),
-    ).fetchone()[0]
+    ).fetchone()
+    assert row is not None  # an aggregate always returns one row
+    return int(row[0])
 
 
 def resolve_references(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputError]:
@@ -173,13 +179,13 @@ def resolve_references(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputEr
     if column is None:
         return {}
     assert isinstance(spec, MediaSpec)
-    is_text = isinstance(spec, TextSpec)
-    if is_text:
+    encoding = spec.encoding if isinstance(spec, TextSpec) else None  # text files are decoded here
+    if encoding is not None:
         try:
-            codecs.lookup(spec.encoding)
+            codecs.lookup(encoding)
         except LookupError:  # a spec error, not a per-row one: every file would fail the same way
             raise SpecError(
-                f"embedding {spec.name!r}: unknown text encoding {spec.encoding!r}; fix 'encoding' in the spec"
+                f"embedding {spec.name!r}: unknown text encoding {encoding!r}; fix 'encoding' in the spec"
             ) from None
     failures: dict[int, InputError] = {}
     values: list[object] = []
@@ -188,7 +194,7 @@ def resolve_references(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputEr
     for position, (reference, future) in enumerate(zip(references, pending, strict=True)):
         try:
             data = future.result(timeout=spec.read_timeout_seconds)
-            values.append(data.decode(spec.encoding) if isinstance(spec, TextSpec) else data)
+            values.append(data.decode(encoding) if encoding is not None else data)
         except TimeoutError:
             future.cancel()
             failures[position] = InputError(
@@ -196,7 +202,7 @@ def resolve_references(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputEr
             )
             values.append(None)
         except UnicodeDecodeError as exc:
-            failures[position] = InputError(column, f"file {reference!r} is not valid {spec.encoding}: {exc.reason}")  # type: ignore[attr-defined]  # only text specs decode
+            failures[position] = InputError(column, f"file {reference!r} is not valid {encoding}: {exc.reason}")
             values.append(None)
         except InputError as exc:
             exc.column = column

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -308,7 +309,7 @@ def _without_unchanged(
     """
     if getattr(emb.spec, "path_column", None) is not None or frame.empty:
         return frame, []
-    stored = dict(
+    stored: dict[str, str] = dict(
         conn.execute(
             sql.SQL(
                 "SELECT {key}::text, input_hash FROM {tgt} WHERE {key} = ANY(CAST(%s AS {karr})) "
@@ -434,7 +435,7 @@ def _one_line(exc: BaseException) -> str:
 
 #: libpq settings of a worker's connections: a peer that vanishes without closing the connection
 #: (machine gone, network cut) is noticed within about 30 s instead of the kernel's hours.
-KEEPALIVE: dict[str, int] = {
+KEEPALIVE: dict[str, Any] = {
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,
