@@ -275,7 +275,8 @@ def embedding_problem(name: str, exc: BaseException) -> EmbeddingUnavailable | N
     if isinstance(exc, EmbeddingUnavailable):
         return exc
     if isinstance(exc, VectorsyncError) and not isinstance(exc, InputError):
-        return EmbeddingUnavailable(name, _one_line(exc))
+        hint = f"; {exc.hint}" if exc.hint else ""
+        return EmbeddingUnavailable(name, _one_line(exc) + hint)
     if isinstance(exc, psycopg.Error):
         state = exc.sqlstate or ""
         if state.startswith(("42", "3F")):

@@ -284,3 +284,44 @@ def test_a_recreated_and_retrained_model_is_used_by_a_running_worker(conn, db_ur
         wait_until(lambda: not scalar(conn, "SELECT count(*) FROM vectorsync.queue"), 60, "the queue to drain")
     # Every stored vector is what the new model (loaded afresh) computes: no stale cached weights.
     assert assert_vectors_match_rows(conn, config) == 300
+
+
+def test_a_dim_change_under_a_running_worker_pauses_that_embedding_and_says_what_to_do(
+    conn, db_url, tmp_path, items
+):
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY, a float8, b float8)")
+    conn.execute("INSERT INTO other SELECT g, g % 7, g % 11 FROM generate_series(1, 200) g")
+    other = """
+[[embeddings]]
+name = "other"
+table = "other"
+key = "id"
+modality = "tabular"
+dim = {dim}
+index = "none"
+columns = ["a", "b"]
+encoder = {{ type = "autoencoder", seed = 1, epochs = 3, hidden = [8] }}
+"""
+    config = tmp_path / "vectorsync.toml"
+    config.write_text(HEADER + other.format(dim=4))
+    changed = tmp_path / "changed.toml"
+    changed.write_text(HEADER + other.format(dim=2))
+    vectorsync(db_url, config, "migrate")
+    vectorsync(db_url, config, "train", "items")
+    vectorsync(db_url, config, "train", "other")
+    probe = HealthyProbe(conn)
+    with running_worker(db_url, config):  # keeps serving with dim = 4
+        wait_until(lambda: scalar(conn, "SELECT count(*) FROM other_embeddings") == 200, 120, "other embedded")
+        vectorsync(db_url, changed, "migrate", "--recreate", "other")
+        vectorsync(db_url, changed, "train", "other")
+        conn.execute("INSERT INTO other VALUES (1000, 1, 2)")
+        for _ in range(10):
+            probe.row()
+        wait_until(
+            lambda: any("holds 2-dimensional vectors" in e for e in errors_of(conn, "other")), 60, "the dim change"
+        )
+        probe.row()
+    print("\n" + probe.report("a dim change of another embedding under the worker"))
+    reported = [e for e in errors_of(conn, "other") if "2-dimensional" in e]
+    assert "sets dim = 4" in reported[0] and "migrate --recreate other" in reported[0], reported
+    assert failed_of(conn, "other") == {}
