@@ -131,8 +131,12 @@ encoder = { type = "autoencoder", seed = 1, epochs = 3, hidden = [8] }
         for _ in range(10):
             probe.row()
         wait_until(lambda: any("DROP COLUMN b" in e for e in errors_of(conn, "dropcol")), 30, "the drift reported")
+        sessions = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND backend_start > %s"
+        reported_at = scalar(conn, "SELECT now()")
         for _ in range(5):
             probe.row()
+        time.sleep(3)  # several retries of the paused embedding
+        assert scalar(conn, sessions, (reported_at,)) == 0  # an error loop opens no new session
     print("\n" + probe.report("dropped input column of another embedding"))
     reported = errors_of(conn, "dropcol")
     assert any("is broken" in e and "vectorsync migrate" in e for e in reported), reported
