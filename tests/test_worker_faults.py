@@ -240,7 +240,7 @@ def test_an_encoder_memory_error_fails_only_the_row_that_caused_it():
     ).embeddings[0]
     from vectorsync.sync.catalog import Embedding
 
-    emb = Embedding(spec, "public", "t", "id", "integer", "public", "t_embeddings", None)
+    emb = Embedding.from_spec(spec, "public", key_type="integer")
     frame = pd.DataFrame({"text": ["a", "b", "huge", "c", "d", "e", "f"]})
     vectors, failures = encode_frame(_FailsOnHuge(3, ["text"]), frame, {0: InputError("text", "bad")}, emb)
     assert set(failures) == {2}
