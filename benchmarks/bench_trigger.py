@@ -10,6 +10,7 @@ statements run against each, alternating, and each figure is the median over the
   application issues them), and the same inside one transaction (no commit cost to hide behind).
 
 The queue is emptied and both tables vacuumed between repetitions, so each starts from the same state.
+The target has no vector index: capture never touches it (a delete leaves index entries to VACUUM).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _install(url: str) -> None:
         {
             "embeddings": [
                 {"name": "synced", "table": "synced", "key": "id", "modality": "tabular", "dim": 16,
-                 "index": "hnsw", "columns": INPUTS}
+                 "index": "none", "columns": INPUTS}
             ]
         }
     )

@@ -94,12 +94,13 @@ def required_columns(spec: EmbeddingSpec) -> list[tuple[str, str]]:
 
 def key_is_unique(conn: psycopg.Connection, schema: str, table: str, column: str) -> bool:
     """Whether ``column`` alone is the table's primary key or carries a unique index, and is NOT NULL."""
-    return conn.execute(
+    row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
         "AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass(%s) AND a.attname = %s AND a.attnotnull "
         "AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL AND i.indexprs IS NULL)",
         (sql.Identifier(schema, table).as_string(conn), column),
-    ).fetchone()[0]
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def name_clashes(spec: EmbeddingSpec) -> list[str]:

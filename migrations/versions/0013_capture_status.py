@@ -285,7 +285,7 @@ def _recreate_status(*, upgrade: bool) -> None:
     create(status)
     for reader in readers:
         grant = bind.exec_driver_sql("SELECT format('GRANT SELECT ON vectorsync.status TO %%I', %s)", (reader,))
-        execute_script(bind, grant.scalar())
+        execute_script(bind, str(grant.scalar()))
 
 
 def upgrade() -> None:
