@@ -13,6 +13,8 @@ import importlib.util
 import io
 import secrets
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -63,24 +65,25 @@ def _configure(conn: psycopg.Connection) -> None:
 
 def create_app(settings: Settings) -> FastAPI:
     """The app; the caller runs it (``vectorsync ui`` with uvicorn, tests with a uvicorn thread)."""
-    app = FastAPI(title="vectorsync", docs_url=None, redoc_url=None, openapi_url=None)
     pool = ConnectionPool(
         settings.url, min_size=1, max_size=4, kwargs={"autocommit": True}, configure=_configure, open=False
     )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        pool.open()
+        # scikit-learn takes seconds to import; load it beside the first requests, not in the map's
+        threading.Thread(target=importlib.import_module, args=("sklearn.decomposition",), daemon=True).start()
+        try:
+            yield
+        finally:
+            pool.close()
+
+    app = FastAPI(title="vectorsync", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     templates = Jinja2Templates(env=environment())
     models = ModelCache()
     model_lock = threading.Lock()
     app.mount("/static", StaticFiles(packages=[("vectorsync.sync.ui", "static")]), name="static")
-
-    @app.on_event("startup")
-    def _open() -> None:
-        pool.open()
-        # scikit-learn takes seconds to import; load it beside the first requests, not in the map's
-        threading.Thread(target=importlib.import_module, args=("sklearn.decomposition",), daemon=True).start()
-
-    @app.on_event("shutdown")
-    def _close() -> None:
-        pool.close()
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
