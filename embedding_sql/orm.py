@@ -13,7 +13,7 @@ from typing import Any
 
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import Column, Integer, Table, Text, func, inspect
-from sqlalchemy.orm import foreign, relationship
+from sqlalchemy.orm import Mapper, foreign, relationship
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TIMESTAMP
 
@@ -69,7 +69,7 @@ def attach_embedding(
         distance_ops(distance)
     except ValueError as exc:
         raise ValueError(f"embedding {name!r}: {exc}") from None
-    mapper = inspect(model)
+    mapper: Mapper[Any] = inspect(model)
     if len(mapper.primary_key) != 1:
         raise ValueError(
             f"embedding {name!r}: {model.__name__} has a {len(mapper.primary_key)}-column primary key; "
@@ -77,9 +77,12 @@ def attach_embedding(
         )
     key_column = mapper.primary_key[0]
     model_key = mapper.get_property_by_column(key_column).class_attribute
+    source = mapper.local_table
+    if not isinstance(source, Table):
+        raise ValueError(f"{model.__name__} is not mapped to a table; attach_embedding needs one")
     table = Table(
         target or f"{name}_embeddings",
-        mapper.local_table.metadata,
+        source.metadata,
         Column(key_column.name, key_column.type, primary_key=True),
         Column("embedding", Vector(dim), nullable=False),
         Column("model_version", Integer, nullable=False),
@@ -103,7 +106,7 @@ def attach_embedding(
     info = EmbeddingInfo(name, model, table, row_class, model_key, dim, distance, ef_search, probes)
     embeddings = dict(getattr(model, "__vectorsync_embeddings__", {}))
     embeddings[name] = info
-    model.__vectorsync_embeddings__ = embeddings  # type: ignore[attr-defined]
+    model.__vectorsync_embeddings__ = embeddings  # type: ignore[attr-defined]  # a class attribute we add
     return row_class
 
 

@@ -40,7 +40,7 @@ def nearest(
     ef_search: int | None = None,
     probes: int | None = None,
     exact: bool = False,
-) -> Select[Any]:
+) -> Select[Any, float]:
     """The ``k`` rows of ``model`` nearest to ``to``: an instance of ``model`` (itself left out), a
     vector (list, numpy array, pgvector Vector) or a SQL expression such as
     ``bindparam("query", type_=Vector(dim))`` (build the statement once, execute it with
@@ -59,7 +59,7 @@ def nearest(
     else:
         query = _vector(to, info)
     measured = info.distance_to(query)
-    stmt = select(model, measured.label("distance")).join(info.table, info.model_key == info.key)
+    stmt: Select[Any, float] = select(model, measured.label("distance")).join(info.table, info.model_key == info.key)
     if exclude is not None:
         # without a vector for ``to`` the distances are NULL: no neighbours rather than arbitrary rows
         stmt = stmt.where(info.key != exclude, query.is_not(None))
@@ -79,7 +79,7 @@ def similar_to(
     ef_search: int | None = None,
     probes: int | None = None,
     exact: bool = False,
-) -> Select[Any]:
+) -> Select[Any, float]:
     """The ``k`` rows nearest to ``obj`` (itself left out); empty while ``obj`` has no embedding."""
     return nearest(
         type(obj), obj, k, where, embedding=embedding, ef_search=ef_search, probes=probes, exact=exact
@@ -107,8 +107,9 @@ def search_settings(
     if ef is not None:
         ef = min(ef, MAX_EF_SEARCH)
         settings["hnsw.ef_search"] = ef
-    if (probes or info.probes) is not None:
-        settings["ivfflat.probes"] = probes or info.probes  # type: ignore[assignment]
+    probes = probes or info.probes
+    if probes is not None:
+        settings["ivfflat.probes"] = probes
     return tuple((name, str(value)) for name, value in sorted(settings.items()))
 
 

@@ -278,10 +278,10 @@ class LSTMTextEncoder(Encoder):
                     self.history.append({"epoch": epoch + 1, "loss": epoch_loss / batches})
             self.network.eval()
             metrics = {"vocab_size": float(len(self.vocab))}
-            for name, batches in (("train", train), ("holdout", holdout)):
-                if batches is not None:
-                    loss, accuracy = self._evaluate(batches, seed)
-                    metrics[f"{name}_loss"], metrics[f"{name}_view_accuracy"] = loss, accuracy
+            for name, part in (("train", train), ("holdout", holdout)):
+                if part is not None:
+                    part_loss, accuracy = self._evaluate(part, seed)
+                    metrics[f"{name}_loss"], metrics[f"{name}_view_accuracy"] = part_loss, accuracy
         return metrics
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from vectorsync.encoders.base import usable_cores
 from vectorsync.migrations.operations import index_statement
 from vectorsync.sync import queue, sink, sources
 from vectorsync.sync.catalog import Embedding
-from vectorsync.sync.db import session_options
+from vectorsync.sync.db import scalar, session_options
 from vectorsync.sync.models import ModelCache
 from vectorsync.sync.worker import BatchResult, encode_frame
 
@@ -34,7 +34,7 @@ INDEX_BUILD_MEMORY_CAP = 2 << 30
 
 
 def target_rows(conn: psycopg.Connection, emb: Embedding) -> int:
-    return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(emb.target)).fetchone()[0]
+    return int(scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(emb.target)))
 
 
 def _index(emb: Embedding) -> sql.Identifier:
@@ -62,10 +62,8 @@ def create_index(conn: psycopg.Connection, emb: Embedding) -> None:
     if statement is None:
         return
     with conn.transaction():
-        current, parallel = conn.execute(
-            "SELECT pg_size_bytes(current_setting('maintenance_work_mem')), "
-            "current_setting('max_parallel_workers')::int"
-        ).fetchone()
+        current = scalar(conn, "SELECT pg_size_bytes(current_setting('maintenance_work_mem'))")
+        parallel = scalar(conn, "SELECT current_setting('max_parallel_workers')::int")
         wanted = min(max(build_memory(rows, emb.dim, emb.m), current), INDEX_BUILD_MEMORY_CAP)
         conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (f"{wanted // 1024}kB",))
         # the server's cores are not visible over SQL; this machine's stand in for them (the embedded

@@ -64,11 +64,16 @@ class Embedding(EmbeddingObjects):
         return self.spec.model_dump(mode="json")
 
     @property
-    def key_array_type(self) -> sql.SQL:
-        """``<key type>[]`` for casting text keys (``regtype`` output is already quoted)."""
+    def key_sql_type(self) -> sql.SQL:
+        """The key's type for casts (``regtype`` output is already quoted)."""
         if self.key_type is None:
             raise NotMigrated(f"embedding {self.name!r} has no schema yet; run `vectorsync migrate` first")
-        return sql.SQL(self.key_type + "[]")
+        return sql.SQL(self.key_type)
+
+    @property
+    def key_array_type(self) -> sql.Composed:
+        """``<key type>[]`` for casting text keys."""
+        return sql.SQL("{}[]").format(self.key_sql_type)
 
     def input_hash_expr(self, alias: str = "s") -> sql.Composed | sql.SQL:
         """md5 of the input columns' values, the same expression everywhere."""

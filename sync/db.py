@@ -11,6 +11,8 @@ from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg import sql
+from psycopg.abc import Params
 
 from vectorsync.errors import DatabaseError
 from vectorsync.migrations.operations import KEY_TEXT_SETTINGS
@@ -98,6 +100,14 @@ def connect(url: str, *, autocommit: bool = False, vector: bool = True, **params
     return conn
 
 
+def scalar(conn: psycopg.Connection[Any], query: str | sql.SQL | sql.Composed, params: Params | None = None) -> Any:
+    """The first value of the one row ``query`` returns (a count, EXISTS, to_regclass...)."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise DatabaseError(f"the query returned no row where one was expected: {query!r}")
+    return row[0]
+
+
 @contextmanager
 def connection(url: str, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
     conn = connect(url, autocommit=autocommit)
@@ -143,5 +153,5 @@ def redact(url: str) -> str:
         return "<invalid url>"
     if info.get("password"):
         info["password"] = "***"
-    return psycopg.conninfo.make_conninfo(**{k: v for k, v in info.items() if v is not None})
+    return psycopg.conninfo.make_conninfo("", **{k: v for k, v in info.items() if v is not None})
 

@@ -19,7 +19,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from vectorsync.sync import service
-from vectorsync.sync.db import connection
+from vectorsync.sync.db import connection, scalar
 from vectorsync.sync.progress import Progress as ProgressCallback
 from vectorsync.sync.spec import Config, parse_config
 
@@ -46,10 +46,8 @@ def load_wine_table(conn: psycopg.Connection) -> list[str]:
     frame = data.frame.rename(columns=lambda c: c.replace("/", "_"))
     features = [c for c in frame.columns if c != "target"]
     names = list(data.target_names)
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE,)).fetchone()[0]
-    if exists and conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(TABLE))).fetchone()[0] == len(
-        frame
-    ):
+    exists = scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", (TABLE,))
+    if exists and scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(TABLE))) == len(frame):
         return features
     with conn.transaction():
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(TABLE)))

@@ -115,7 +115,7 @@ def _temp_folders_owned_by_server_user() -> Iterator[None]:
         shutil.chown(path, SERVER_USER, SERVER_USER)
         return path
 
-    tempfile.mkdtemp = mkdtemp  # type: ignore[assignment]  # restored below; this process only
+    tempfile.mkdtemp = mkdtemp  # restored below; this process only
     try:
         yield
     finally:
@@ -133,7 +133,7 @@ def _update_pgvector(url: str) -> None:
     for name in names:
         info = conninfo_to_dict(url)
         info["dbname"] = name
-        with psycopg.connect(make_conninfo(**info), autocommit=True) as conn:
+        with psycopg.connect(make_conninfo("", **info), autocommit=True) as conn:
             if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone():
                 conn.execute(sql.SQL("ALTER EXTENSION {} UPDATE").format(sql.Identifier("vector")))
 

@@ -42,6 +42,7 @@ from vectorsync.encoders.fastrp import Edges, FastRPParams, IncrementalFastRP, n
 from vectorsync.errors import InputError
 from vectorsync.sync import models, queue, sink
 from vectorsync.sync.catalog import Embedding
+from vectorsync.sync.db import scalar
 from vectorsync.sync.neo4j_bridge import BridgeError, stream_embeddings
 from vectorsync.sync.progress import Progress
 from vectorsync.sync.spec import GraphEmbeddingSpec, GraphSpec, split_qualified
@@ -222,7 +223,7 @@ def _native(
                 state is not None
                 and state["params"] == params
                 and state["model_version"] == models.current_version(conn, emb.name)
-                and conn.execute(sql.SQL("SELECT count(*) FROM {}").format(emb.target)).fetchone()[0] == state["nodes"]
+                and scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(emb.target)) == state["nodes"]
             )
             if unchanged and changes == 0:
                 assert state is not None
@@ -291,17 +292,16 @@ def _graph_state(conn: psycopg.Connection, emb: Embedding) -> dict[str, Any] | N
 
 def _pending_changes(conn: psycopg.Connection, emb: Embedding) -> int:
     """Changes logged since the last run, counted up to a bound (past it, a full run is due anyway)."""
-    return conn.execute(
+    return scalar(
+        conn,
         "SELECT count(*) FROM (SELECT 1 FROM vectorsync.graph_changes WHERE embedding = %s LIMIT %s) c",
         (emb.name, MAX_INCREMENTAL_CHANGES + 1),
-    ).fetchone()[0]
+    )
 
 
 def changes_pending(conn: psycopg.Connection, name: str) -> bool:
     """Whether a native graph embedding has changes its last run has not seen."""
-    return conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM vectorsync.graph_changes WHERE embedding = %s)", (name,)
-    ).fetchone()[0]
+    return scalar(conn, "SELECT EXISTS (SELECT 1 FROM vectorsync.graph_changes WHERE embedding = %s)", (name,))
 
 
 def _fastrp_params(graph: GraphSpec, dim: int) -> FastRPParams:
@@ -525,7 +525,7 @@ def read_graph(conn: psycopg.Connection, emb: Embedding, graph: GraphSpec) -> _G
             _check_unique(emb, keys)
             matrix = _read_features(conn, emb, keys, columns) if columns else None
             src, dst, weights = _read_edges(conn, edges, graph)
-            edge_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(edges)).fetchone()[0]
+            edge_rows = scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(edges))
             skipped = edge_rows - len(src)
             if skipped:
                 _report_dangling(conn, emb, edges, graph, edge_rows, skipped)
@@ -606,7 +606,7 @@ def _edges(edges: list[tuple[int, int, float]], weighted: bool) -> Edges:
     return Edges(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2] if weighted else None)
 
 
-def _copy_out(conn: psycopg.Connection, statement: sql.Composable) -> bytes:
+def _copy_out(conn: psycopg.Connection, statement: sql.Composed) -> bytes:
     buffer = BytesIO()
     with conn.cursor() as cur, cur.copy(statement) as copy:
         for block in copy:
@@ -686,6 +686,7 @@ def _report_dangling(
             s=sql.Identifier(graph.source_column), t=sql.Identifier(graph.target_column), edges=edges, nodes=_NODES
         )
     ).fetchone()
+    assert row is not None  # an aggregate without GROUP BY returns one row
     bad_source, source_example, bad_target, target_example = row
     column, example = (graph.source_column, source_example) if bad_source else (graph.target_column, target_example)
     where = f"{column!r} value {example!r} in edge table {graph.edges!r} is not a key of {emb.source_table!r}"

@@ -8,6 +8,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from vectorsync.sync.db import scalar
 from vectorsync.sync.spec import Config
 
 LIVE_SECONDS = 30
@@ -15,7 +16,7 @@ LIVE_SECONDS = 30
 
 def status(conn: psycopg.Connection, config: Config) -> dict[str, Any]:
     """The counts of ``vectorsync.embedding_status()`` plus recent throughput, and the live workers."""
-    if not conn.execute("SELECT to_regclass('vectorsync.embeddings') IS NOT NULL").fetchone()[0]:
+    if not scalar(conn, "SELECT to_regclass('vectorsync.embeddings') IS NOT NULL"):
         return {"migrated": False, "embeddings": [], "workers": []}
     declared = {s.name for s in config.embeddings}
     with conn.cursor(row_factory=dict_row) as cur:
@@ -26,10 +27,11 @@ def status(conn: psycopg.Connection, config: Config) -> dict[str, Any]:
     for row in rows:
         target = sql.Identifier(row.pop("target_schema"), row.pop("target_table"))
         recent = 0
-        if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (target.as_string(conn),)).fetchone()[0]:
-            recent = conn.execute(
-                sql.SQL("SELECT count(*) FROM {} WHERE embedded_at > now() - interval '60 seconds'").format(target)
-            ).fetchone()[0]
+        if scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", (target.as_string(conn),)):
+            recent = scalar(
+                conn,
+                sql.SQL("SELECT count(*) FROM {} WHERE embedded_at > now() - interval '60 seconds'").format(target),
+            )
         row["in_config"] = row["name"] in declared
         row["lag_seconds"] = round(float(row["lag_seconds"]), 3)
         row["per_second_1m"] = round(recent / 60.0, 2)

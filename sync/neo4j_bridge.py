@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
@@ -369,7 +369,7 @@ def _pages(rows: Iterator[tuple[Any, Any]], spec: Neo4jSpec, dim: int) -> Iterat
 
 def stream_embeddings(
     spec: Neo4jSpec, dim: int, info: dict[str, Any] | None = None
-) -> Iterator[tuple[list[Any], np.ndarray]]:
+) -> Generator[tuple[list[Any], np.ndarray], None, None]:
     """Node embeddings of ``spec.label`` as pages of ``(keys, float32 (len(keys), dim))``.
 
     Keys are the values of ``spec.key_property``; at most ``spec.page_size`` rows per page.

@@ -19,7 +19,7 @@ from vectorsync.migrations.operations import (
     drop_embedding,
 )
 from vectorsync.sync import catalog, privileges, queue, sink
-from vectorsync.sync.db import connect, ensure_vector_extension
+from vectorsync.sync.db import connect, ensure_vector_extension, scalar
 from vectorsync.sync.models import current_version
 from vectorsync.sync.sources import HASH, KEY
 from vectorsync.sync.spec import Config, EmbeddingSpec, SpecError
@@ -181,7 +181,7 @@ def serialise(conn: psycopg.Connection) -> None:
 
 
 def current_revision(conn: psycopg.Connection) -> str | None:
-    exists = conn.execute("SELECT to_regclass('vectorsync.alembic_version')").fetchone()[0]
+    exists = scalar(conn, "SELECT to_regclass('vectorsync.alembic_version')")
     if exists is None:
         return None
     row = conn.execute("SELECT version_num FROM vectorsync.alembic_version").fetchone()
@@ -192,7 +192,7 @@ def upgrade(url: str, config: Config, *, recreate: list[str] | None = None) -> M
     """Bring the database up to the config; idempotent."""
     cfg, engine = _alembic(url)
     with engine.begin() as sa_conn:
-        raw: psycopg.Connection = sa_conn.connection.driver_connection  # type: ignore[assignment]
+        raw: psycopg.Connection = sa_conn.connection.driver_connection  # type: ignore[assignment]  # the driver is psycopg
         serialise(raw)
         check_specs(raw, list(config.embeddings))
         objects = [catalog.Embedding.from_spec(spec, resolve_schema(raw, spec)) for spec in config.embeddings]
@@ -237,7 +237,7 @@ def downgrade(url: str) -> list[str]:
     cfg, engine = _alembic(url)
     dropped: list[str] = []
     with engine.begin() as sa_conn:
-        raw: psycopg.Connection = sa_conn.connection.driver_connection  # type: ignore[assignment]
+        raw: psycopg.Connection = sa_conn.connection.driver_connection  # type: ignore[assignment]  # the driver is psycopg
         serialise(raw)
         if current_revision(raw) is None:
             return dropped

@@ -15,6 +15,7 @@ from psycopg import sql
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
+from vectorsync.errors import DatabaseError
 from vectorsync.sync.catalog import Embedding
 
 STAGE = sql.Identifier("vectorsync_stage")
@@ -41,6 +42,8 @@ def _ensure_stage(conn: psycopg.Connection) -> None:
     if info is None:  # connection opened before the extension existed
         register_vector(conn)
         info = conn.adapters.types.get("vector")
+    if info is None:
+        raise DatabaseError("the 'vector' type is not in this database; run `vectorsync migrate` first")
     dumper = conn.adapters.get_dumper_by_oid(info.oid, Format.BINARY)
     if not issubclass(dumper, _NumpyVectorDumper):
         conn.adapters.register_dumper(np.ndarray, type("VectorDumper", (_NumpyVectorDumper,), {"oid": info.oid}))
@@ -96,7 +99,7 @@ def upsert(
             ).format(
                 target=emb.target,
                 key=emb.key,
-                ktype=sql.SQL(emb.key_type),
+                ktype=emb.key_sql_type,
                 stage=STAGE,
                 condition=ONLY_OLDER if only_older else CHANGED,
             )

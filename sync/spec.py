@@ -7,6 +7,7 @@ Each ``[[embeddings]]`` entry declares one embedding. Errors name the embedding 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -206,7 +207,9 @@ class MediaSpec(EmbeddingSpec):
 
     @property
     def input_column(self) -> str:
-        return self.column or self.path_column  # type: ignore[return-value]
+        column = self.column or self.path_column
+        assert column is not None  # _one_input requires one of them
+        return column
 
 
 class ImageSpec(MediaSpec):
@@ -393,7 +396,7 @@ def _unknown(key: str, path: list[Any], model: type[BaseModel] | None, what: str
     return f"unknown {what} {field!r} in {where}{nearest(key, valid)}"
 
 
-def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
+def _describe(error: Mapping[str, Any], raw: dict[str, Any]) -> str:
     """One validation error in our words, naming the embedding, the field and the nearest valid name."""
     loc, kind = list(error["loc"]), error["type"]
     message = str(error["msg"]).removeprefix("Value error, ")

@@ -12,7 +12,7 @@ from vectorsync.encoders.base import Progress
 from vectorsync.errors import InputError
 from vectorsync.sync import queue, sources
 from vectorsync.sync.catalog import Embedding
-from vectorsync.sync.db import session_options
+from vectorsync.sync.db import scalar, session_options
 from vectorsync.sync.models import new_encoder, store
 from vectorsync.sync.spec import ImageSpec
 
@@ -21,7 +21,7 @@ IMAGE_CHUNK_ROWS = 256
 
 
 def count_rows(conn: psycopg.Connection, emb: Embedding) -> int:
-    return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(emb.source)).fetchone()[0]
+    return scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(emb.source))
 
 
 def train(
@@ -49,7 +49,7 @@ def train(
     # capping each part at a count would leave out rows the hash put on the larger side.
     train_cap, holdout_cap = (None, None) if limit == rows else (limit - holdout_rows, holdout_rows)
     extra = [c for c in [getattr(spec, "label_column", None)] if c]
-    seed = spec.encoder.seed
+    seed = spec.encoder.seed if spec.encoder else 0
 
     # Encoded images can be megabytes each: fetch fewer per chunk so a chunk stays small in memory.
     chunk_rows = IMAGE_CHUNK_ROWS if isinstance(spec, ImageSpec) else 2048

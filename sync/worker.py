@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,9 @@ from vectorsync.sync.catalog import Embedding, NotMigrated, broken_reason, load
 from vectorsync.sync.db import DatabaseError, connect
 from vectorsync.sync.models import ModelCache, current_version, ensure_model
 from vectorsync.sync.spec import Config, WorkerSpec
+
+if TYPE_CHECKING:  # metrics imports this module
+    from vectorsync.sync.metrics import WorkerMetrics
 
 log = logging.getLogger("vectorsync.worker")
 
@@ -474,7 +477,7 @@ class Worker:
         max_wait_ms: int | None = None,
         poll_seconds: float | None = None,
         thread_index: int = 0,
-        metrics: object | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.url = url
         self.specs = [s for s in config.select(list(names) if names else None) if s.from_queue]
@@ -696,7 +699,7 @@ class Worker:
         self.embedded += result.embedded
         self.failed += result.failed
         if self.metrics is not None:
-            self.metrics.observe(name, result)  # type: ignore[attr-defined]
+            self.metrics.observe(name, result)
 
     def _heartbeat(self, conn: psycopg.Connection, status: str) -> None:
         """Mark this worker alive; its counters move with each committed batch, not here."""
@@ -710,7 +713,7 @@ class Worker:
             (self.id, socket.gethostname(), os.getpid(), [s.name for s in self.specs], status),
         )
         if self.metrics is not None:
-            self.metrics.queue({s.name: queue.queue_depth(conn, s.name) for s in self.specs})  # type: ignore[attr-defined]
+            self.metrics.queue({s.name: queue.queue_depth(conn, s.name) for s in self.specs})
 
     def _mark_stopped(self) -> None:
         """Best effort, bounded: a database that is down must not hold up the shutdown."""
