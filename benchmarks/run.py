@@ -25,6 +25,7 @@ BENCHMARKS = {
     "query": "benchmarks.bench_query",
     "trigger": "benchmarks.bench_trigger",
     "ui": "benchmarks.bench_ui",
+    "filtered": "benchmarks.bench_filtered",
 }
 
 

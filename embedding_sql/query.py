@@ -9,6 +9,12 @@ HNSW / IVFFlat index serves them, for ``session.execute(...)`` or ``await sessio
 When ``hnsw.ef_search`` / ``ivfflat.probes`` must change (``k`` above ef_search, or an explicit
 value), the statement carries them as an execution option and a cursor hook sets them with
 ``set_config(..., is_local => true)`` just before it runs, in the same transaction.
+
+A filtered search (``where``) turns on pgvector's iterative index scans (``relaxed_order``, at
+most ``hnsw.max_scan_tuples`` = 20,000 tuples) where the server has pgvector >= 0.8, so the index
+keeps yielding candidates until k rows match; the rows are sorted again by exact distance. The hook
+checks the server's pgvector version, so the same statement runs on older servers, where a very
+selective filter may return fewer than k rows (``exact=True`` compares every row).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import Engine, event, literal, select
+from sqlalchemy.orm import aliased
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -28,6 +35,13 @@ from vectorsync.embedding_sql.orm import EmbeddingInfo, embedding_info
 MAX_EF_SEARCH = 1000
 #: The execution option that carries the search settings to the cursor hook.
 SETTINGS_OPTION = "vectorsync_search_settings"
+#: Settings of a filtered search, applied only where the server's pgvector has them (>= 0.8): an
+#: older pgvector reserves the prefix and refuses settings it does not know.
+ITERATIVE_SCAN = (
+    ("hnsw.iterative_scan", "relaxed_order"),
+    ("hnsw.max_scan_tuples", "20000"),
+    ("ivfflat.iterative_scan", "relaxed_order"),
+)
 
 
 def nearest(
@@ -63,10 +77,16 @@ def nearest(
     if exclude is not None:
         # without a vector for ``to`` the distances are NULL: no neighbours rather than arbitrary rows
         stmt = stmt.where(info.key != exclude, query.is_not(None))
-    stmt = stmt.where(*_conditions(model, where))
+    conditions = _conditions(model, where)
+    stmt = stmt.where(*conditions)
     # ``+ 0`` hides the operator from the planner, so no index scan cuts the candidates short
     stmt = stmt.order_by(measured + 0 if exact else measured.label("distance")).limit(k)
     settings = search_settings(info, k + (exclude is not None), ef_search=ef_search, probes=probes)
+    if conditions and not exact:
+        settings += ITERATIVE_SCAN
+        # an iterative scan yields its rows in relaxed order: sort them again by exact distance
+        found = stmt.subquery()
+        stmt = select(aliased(model, found), found.c.distance).order_by(found.c.distance)
     return stmt.execution_options(**{SETTINGS_OPTION: settings}) if settings else stmt
 
 
@@ -139,5 +159,13 @@ def _apply_search_settings(conn: Any, cursor: Any, statement: str, parameters: A
         return
     # In a transaction the settings end with it; in autocommit mode they stay with the connection.
     local = not getattr(conn.connection.dbapi_connection, "autocommit", False)
-    calls = ", ".join(["set_config(%s, %s, %s)"] * len(settings))
-    cursor.execute(f"SELECT {calls}", [part for name, value in settings for part in (name, value, local)])
+    calls = ", ".join(
+        "CASE WHEN v.iterative THEN set_config(%s, %s, %s) END" if setting in ITERATIVE_SCAN
+        else "set_config(%s, %s, %s)"
+        for setting in settings
+    )
+    cursor.execute(
+        f"SELECT {calls} FROM (SELECT coalesce((SELECT string_to_array(split_part(x.extversion, '-', 1), '.')::int[]"
+        " >= '{0,8}' FROM pg_extension x WHERE x.extname = 'vector'), false) AS iterative) v",
+        [part for name, value in settings for part in (name, value, local)],
+    )

@@ -17,7 +17,7 @@ from sqlalchemy import REAL, Text, create_engine, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from vectorsync.embedding_sql import attach_embedding, distance, embedding_distance, nearest, similar_to
-from vectorsync.sync import catalog, schema, sink
+from vectorsync.sync import capabilities, catalog, schema, sink
 from vectorsync.sync.bulk import create_index, drop_index
 from vectorsync.sync.spec import parse_config
 
@@ -126,6 +126,54 @@ def test_selective_filter_falls_back_to_exact_search(conn, items):
     rare = [str(i) for i in range(0, len(vectors), 500)]
     d = exact(vectors, vectors[1])
     assert [k for (k,) in got] == sorted(rare, key=lambda k: d[int(k)])
+
+
+def one_percent(conn: psycopg.Connection, n: int) -> np.ndarray:
+    """Marks 1 % of the ``items`` rows with category 'one'; returns their keys."""
+    conn.execute("UPDATE items SET category = 'one' WHERE id % 100 = 1")
+    conn.execute("ANALYZE items")
+    return np.arange(1, n, 100)
+
+
+def test_filter_keeping_one_percent_finds_the_exact_filtered_neighbours(conn, db_url):
+    _, vectors = make_embedding(conn, db_url, n=3000)
+    ones = one_percent(conn, 3000)
+    for q in range(0, 3000, 300):
+        got = conn.execute("SELECT key, distance FROM vectorsync.nearest_to_where('items', %s, 10, %s)",
+                           (vector_text(vectors[q]), '{"category": "one"}')).fetchall()
+        expected = ones[np.argsort(exact(vectors[ones], vectors[q]))[:10]].astype(str)
+        assert [key for key, _ in got] == list(expected)
+
+
+def test_filtered_search_scans_the_index_iteratively_where_pgvector_has_it(conn, items):
+    iterative = capabilities.detect(conn).has("iterative index scans")
+    with conn.transaction():
+        conn.execute("SELECT * FROM vectorsync.nearest_where('items', '7', 10, '{\"category\": \"blue\"}')").fetchall()
+        setting = conn.execute("SELECT current_setting('hnsw.iterative_scan', true)").fetchone()[0]
+    assert (setting == "relaxed_order") == iterative
+    if not iterative:
+        return
+    # The planner compares a small table exactly; with sorting off it must walk the index, which
+    # alone yields the k rows of a filter keeping 1 %: the plain scan stops at ef_search candidates.
+    one_percent(conn, 2000)
+    args = [vector_text(items[1][7]), "7", 10, '{"category": "one"}']
+    e = "(SELECT e FROM vectorsync.embeddings e WHERE name = 'items')"
+    filtered = conn.execute(f"SELECT vectorsync._search_sql({e}, %s)", (args[3],)).fetchone()[0]
+
+    def through_the_index(iterative: bool) -> int:
+        with conn.transaction():
+            conn.execute("SET LOCAL enable_sort = off")
+            if iterative:
+                conn.execute("SELECT vectorsync._iterative_scan()")
+            assert "Index Scan using items_embeddings_embedding_idx" in explain(
+                conn, filtered, "vector, text, integer, jsonb", args)
+            conn.execute(sql.SQL("PREPARE q (vector, text, integer, jsonb) AS {}").format(sql.SQL(filtered)))
+            found = conn.execute(sql.SQL("EXECUTE q ({})").format(sql.SQL(", ").join(map(sql.Literal, args))))
+            rows = len(found.fetchall())
+            conn.execute("DEALLOCATE q")
+            return rows
+
+    assert through_the_index(iterative=False) < 10 == through_the_index(iterative=True)
 
 
 def test_filter_cannot_inject_sql(conn, items):
@@ -423,6 +471,19 @@ def test_orm_search_settings_reach_the_server(items, engine):
         assert session.execute(settings).one() == ("70", "6")
     with Session(engine) as session:  # local to the transaction: a new one starts from the defaults
         assert session.execute(select(func.current_setting("hnsw.ef_search"))).scalar() == "40"
+
+
+def test_orm_filtered_search_scans_iteratively_and_sorts_exactly(conn, items, engine):
+    _, vectors = items
+    ones = one_percent(conn, len(vectors))
+    iterative = capabilities.detect(conn).has("iterative index scans")
+    Item = item_model()
+    with Session(engine) as session:
+        rows = session.execute(nearest(Item, to=vectors[5], k=10, where={"category": "one"})).all()
+        setting = session.execute(select(func.current_setting("hnsw.iterative_scan", True))).scalar()
+    assert (setting == "relaxed_order") == iterative
+    assert [o.id for o, _ in rows] == list(ones[np.argsort(exact(vectors[ones], vectors[5]))[:10]])
+    assert [d for _, d in rows] == sorted(d for _, d in rows)
 
 
 def test_exact_search_matches_numpy(items, engine):
