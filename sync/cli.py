@@ -488,7 +488,7 @@ def worker(
     concurrency: Annotated[int, typer.Option("--concurrency", "-n", min=1, help="Worker threads.")] = 1,
     batch_size: Annotated[int | None, typer.Option(help="Items per batch (default: [worker] batch_size).")] = None,
     max_wait_ms: Annotated[
-        int | None, typer.Option(help="Longest wait for a partial batch to fill after a change.")
+        int | None, typer.Option(help="Longest a batch lingers to gather changes while they keep arriving.")
     ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds to finish the current batch on stop.")] = 10.0,

@@ -82,6 +82,8 @@ class EmbeddingUnavailable(RuntimeError):
 
 #: Seconds a row locked by the application waits before its item is claimed again.
 LOCKED_ROW_DELAY = 1.0
+#: After a NOTIFY, how long the worker listens for another before it embeds what is queued.
+BURST_GAP_SECONDS = 0.002
 #: Longest pause of a broken embedding before the worker tries it again.
 PARK_CAP_SECONDS = 30.0
 
@@ -678,8 +680,8 @@ class Worker:
         return min(known) if known else None
 
     def _wait(self, listener: psycopg.Connection, retry_in: float | None = None) -> None:
-        """Sleep until a NOTIFY (then linger max_wait to fill the batch), a retry is due, a poll
-        tick, or stop."""
+        """Sleep until a NOTIFY (then gather the burst it starts, see ``_gather``), a retry is due,
+        a poll tick, or stop."""
         deadline = time.monotonic() + min(self.poll_seconds, retry_in if retry_in is not None else self.poll_seconds)
         while not self.stop.is_set():
             remaining = deadline - time.monotonic()
@@ -687,13 +689,27 @@ class Worker:
                 return
             ready, _, _ = select.select([listener.fileno()], [], [], min(remaining, 0.5))
             if ready:
-                got = list(listener.notifies(timeout=0))
+                got = len(list(listener.notifies(timeout=0)))
                 if got:
-                    if self.max_wait > 0:
-                        self.stop.wait(self.max_wait)
-                    list(listener.notifies(timeout=0))
+                    self._gather(listener, got)
                     return
                 listener.execute("SELECT 1")  # surfaces a dead connection as OperationalError
+
+    def _gather(self, listener: psycopg.Connection, seen: int) -> None:
+        """Linger after a NOTIFY only while further ones keep arriving (each is a committed change),
+        at most ``max_wait`` and until a batch's worth came: a lone change is embedded at once, a
+        burst of small transactions shares one batch. Under sustained load the serve loop never
+        waits at all, and batches fill from the backlog."""
+        until = time.monotonic() + self.max_wait
+        while seen < self.batch_size and not self.stop.is_set():
+            gap = min(BURST_GAP_SECONDS, until - time.monotonic())
+            if gap <= 0:
+                return
+            ready, _, _ = select.select([listener.fileno()], [], [], gap)
+            more = len(list(listener.notifies(timeout=0))) if ready else 0
+            if not more:
+                return
+            seen += more
 
     def _count(self, name: str, result: BatchResult) -> None:
         self.embedded += result.embedded

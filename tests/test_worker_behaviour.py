@@ -33,8 +33,8 @@ from vectorsync.sync.worker import Worker
 
 
 @contextmanager
-def running_worker(url: str, config) -> Iterator[Worker]:
-    worker = Worker(url, load_config(config))
+def running_worker(url: str, config, **options: int) -> Iterator[Worker]:
+    worker = Worker(url, load_config(config), **options)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
@@ -81,6 +81,16 @@ def test_idle_worker_embeds_a_committed_input_update_soon(conn, db_url, items):
         wanted = input_hash(conn, 42)
         wait_until(lambda: stored_hash(conn, 42) == wanted, 30, "the update's new vector")
     assert_vectors_match_rows(conn, items)
+
+
+def test_a_lone_change_is_embedded_at_once_not_after_max_wait(conn, db_url, items):
+    # max_wait only bounds lingering while changes keep arriving: a single change, with nothing
+    # after it, is embedded long before these two minutes (the old worker always waited them out)
+    with running_worker(db_url, items, max_wait_ms=120_000):
+        wait_until(lambda: drained(conn, 1000), 60, "the initial rows")
+        conn.execute("UPDATE items SET a = a + 100 WHERE id = 42")
+        wanted = input_hash(conn, 42)
+        wait_until(lambda: stored_hash(conn, 42) == wanted, 60, "the lone update's vector")
 
 
 def test_non_input_and_same_value_updates_reembed_nothing(conn, db_url, items):
