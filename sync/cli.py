@@ -332,8 +332,12 @@ def status(
     from vectorsync.sync import service
 
     state = _state(ctx)
-    if not state.config_path.exists() and db.configured_url(state.database_url, None) is None:
-        # without a config there is no database to look at: starting an empty embedded one here would mislead
+    if (
+        not state.config_path.exists()
+        and db.configured_url(state.database_url, None) is None
+        and not db.data_dir(state.config_path).exists()
+    ):
+        # no config and no embedded server here yet: starting an empty one would mislead
         raise SpecError(
             f"config file {str(state.config_path)!r} not found and no database URL given, so there is nothing "
             "to report",
@@ -360,7 +364,7 @@ def status(
 def _narrow_table(title: str, headers: dict[str, str]) -> Table:
     """A table that fits 80 columns: short headers (the long names are in ``--json``), names that
     wrap instead of being cut, numbers right-aligned."""
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
     for header, justify in headers.items():
         table.add_column(header, justify="left" if justify == "<" else "right", overflow="fold", no_wrap=justify == ">")
     return table
@@ -381,6 +385,8 @@ def _status_table(rows: list[dict[str, Any]]) -> Table:
         {"name": "<", "rows": ">", "embedded": ">", "pending": ">", "failed": ">", "model": ">", "lag": ">",
          "rows/s": ">", "synced": ">"},
     )
+    # names keep their width up to a point, then wrap (numbers never do)
+    table.columns[0].min_width = min(14, max((len(str(row["name"])) for row in rows), default=4))
     now = time.time()
     for row in rows:
         last = row.get("last_sync")
