@@ -98,5 +98,5 @@ def run(data_dir: Path, quick: bool) -> list[Figure]:
                 figures.append(Figure(NAME, f"filter keeping {share}: latency, {path}",
                                       float(np.median(fast_times)) * 1000, "ms", "exact filtered search", exact_ms))
                 figures.append(Figure(NAME, f"filter keeping {share}: recall@{K}, {path}",
-                                      hits / (queries * K), "", "exact filtered search", 1.0))
+                                      100 * hits / (queries * K), "%", "exact filtered search", 100.0))
     return figures
