@@ -40,6 +40,24 @@ _META_KEY = "vectorsync"
 _TENSOR = "__tensor__"
 
 
+class DeviceError(ModelError):
+    """The torch device a spec asks for is not on this machine."""
+
+
+def resolve_device(requested: str | None) -> str:
+    """The torch device to use: ``auto`` (or None) is CUDA when torch sees a GPU, else the CPU; an
+    explicit CUDA device without one is a ``DeviceError`` rather than a torch error mid-batch."""
+    import torch
+
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(
+            f"device = {requested!r} but torch sees no CUDA GPU on this machine; set device = \"auto\" or \"cpu\""
+        )
+    return requested
+
+
 class ModelFormatError(ModelError, ValueError):
     """Stored model bytes are not a model in vectorsync's safe format (old pickle, damaged, crafted)."""
 
@@ -93,6 +111,11 @@ class Encoder(ABC):
     @abstractmethod
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore what ``get_state`` returned."""
+
+    @property
+    def device(self) -> str:
+        """Where to train and encode: the ``device`` parameter resolved (``resolve_device``)."""
+        return resolve_device(getattr(self.options, "device", "cpu"))
 
     #: Parameters that only govern input handling: the spec's current value overrides the stored one
     #: when a model is loaded (e.g. the pixel budget), so changing them needs no retraining.
@@ -251,7 +274,7 @@ def load_encoder(blob: bytes, runtime: dict[str, Any] | None = None) -> Encoder:
         params.update({k: v for k, v in (runtime or {}).items() if k in cls.runtime_params})
         encoder = cls(int(payload["dim"]), [str(c) for c in payload["columns"]], params)
         encoder.set_state(_unpack(payload["state"], tensors))
-    except ModelFormatError:
+    except (ModelFormatError, DeviceError):
         raise
     except Exception as exc:  # any inconsistency in the stored data: refuse the model, say why
         raise ModelFormatError(f"the stored model cannot be rebuilt: {type(exc).__name__}: {exc}") from None

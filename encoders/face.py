@@ -221,7 +221,7 @@ class IdentityCNN(ImageEncoderBase):
         network = _IdentityNet(
             self.dim, int(cfg["image_size"]), int(cfg["channels"]), int(cfg["width"]), float(cfg["dropout"])
         )
-        return network.to(cfg["device"])
+        return network.to(self.device)
 
     def load(self, value: Any) -> np.ndarray:
         cfg = self.config
@@ -301,7 +301,7 @@ class IdentityCNN(ImageEncoderBase):
             self.network = network = self._build()
             head = _CosineClassifier(
                 self.dim, len(identities), float(cfg["cosine_scale"]), float(cfg["cosine_margin"])
-            ).to(cfg["device"])
+            ).to(self.device)
             parameters = [*network.parameters(), *head.parameters()]
             optimiser = torch.optim.AdamW(parameters, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
             schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -317,7 +317,7 @@ class IdentityCNN(ImageEncoderBase):
                         continue
                     if cfg["augment"]:
                         images = _augment(images, generator)
-                    images, labels = images.to(cfg["device"]), labels.to(cfg["device"])
+                    images, labels = images.to(self.device), labels.to(self.device)
                     cosines = head(network(images))
                     loss = head.loss(cosines, labels)
                     optimiser.zero_grad(set_to_none=True)
@@ -363,7 +363,7 @@ class IdentityCNN(ImageEncoderBase):
         for images, names in self._labelled(holdout):
             if len(images) == 0:
                 continue
-            embedding = self.network(torch.from_numpy(images).to(self.config["device"]))
+            embedding = self.network(torch.from_numpy(images).to(self.device))
             index = [i for i, name in enumerate(names) if name in classes]
             if index:
                 predicted = head(embedding[index]).argmax(1).cpu().numpy()
@@ -388,7 +388,7 @@ class IdentityCNN(ImageEncoderBase):
         self.network.eval()
         parts = []
         for start in range(0, len(images), 256):
-            part = torch.from_numpy(images[start : start + 256]).to(self.config["device"])
+            part = torch.from_numpy(images[start : start + 256]).to(self.device)
             parts.append(F.normalize(self.network(part), dim=-1).float().cpu().numpy())
         return np.concatenate(parts)
 

@@ -111,7 +111,7 @@ class ImageEncoderBase(Encoder):
     recorded, shuffled streaming of training batches."""
 
     config: dict[str, Any]
-    runtime_params = ("max_pixels",)
+    runtime_params = ("max_pixels", "device")
 
     def __init__(self, dim: int, columns: list[str], params: EncoderParams | dict[str, Any] | None = None) -> None:
         super().__init__(dim, columns, params)
@@ -284,7 +284,7 @@ class ConvAutoencoder(ImageEncoderBase):
     def _build(self) -> _ConvAutoencoderNet:
         cfg = self.config
         network = _ConvAutoencoderNet(self.dim, int(cfg["image_size"]), int(cfg["channels"]), int(cfg["width"]))
-        return network.to(cfg["device"])
+        return network.to(self.device)
 
     def _images(self, batches: Batches) -> Iterator[tuple[np.ndarray]]:
         for chunk in batches():
@@ -321,7 +321,7 @@ class ConvAutoencoder(ImageEncoderBase):
                 network.train()
                 images_seen, epoch_loss = 0, 0.0
                 for (images,) in self.shuffled(self._images(train), generator):
-                    images = images.to(cfg["device"])
+                    images = images.to(self.device)
                     _, reconstruction = network(images)
                     loss = F.mse_loss(reconstruction, images)
                     optimiser.zero_grad(set_to_none=True)
@@ -360,7 +360,7 @@ class ConvAutoencoder(ImageEncoderBase):
         total, count = 0.0, 0
         for (images,) in self._images(batches):
             for start in range(0, len(images), _DECODE_BATCH):
-                part = torch.from_numpy(images[start : start + _DECODE_BATCH]).to(self.config["device"])
+                part = torch.from_numpy(images[start : start + _DECODE_BATCH]).to(self.device)
                 _, reconstruction = self.network(part)
                 total += float(F.mse_loss(reconstruction, part, reduction="sum")) / part[0].numel()
                 count += len(part)
@@ -374,7 +374,7 @@ class ConvAutoencoder(ImageEncoderBase):
         self.network.eval()
         parts = []
         for start in range(0, len(images), _DECODE_BATCH):
-            part = torch.from_numpy(images[start : start + _DECODE_BATCH]).to(self.config["device"])
+            part = torch.from_numpy(images[start : start + _DECODE_BATCH]).to(self.device)
             parts.append(self.network.encode(part).float().cpu().numpy())
         return np.concatenate(parts)
 

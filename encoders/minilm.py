@@ -96,7 +96,6 @@ class SentenceTransformerFolder(Encoder):
         self.long_text = options.long_text
         self.encoding = options.encoding
         self.batch_size = options.batch_size
-        self.device = options.device
         self.expected_sha256 = options.sha256 if isinstance(options, SentenceTransformerParams) else None
         self._model: Any = None
 
@@ -119,8 +118,7 @@ class SentenceTransformerFolder(Encoder):
                         f"weights {str(weights)!r} have SHA-256 {actual}, expected {self.expected_sha256}; "
                         "the model files are corrupt or a different model: reinstall them or fix 'sha256'"
                     )
-            device = self.device or _default_device()
-            model = _load(folder, device)
+            model = _load(folder, self.device)
             # get_embedding_dimension is the sentence-transformers >= 5 name of the older method.
             dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
             size = dimension()
@@ -234,9 +232,3 @@ def _word_windows(offsets: list[tuple[int, int]], limit: int) -> list[tuple[int,
         spans.append((offsets[start][0], offsets[end - 1][1]))
         start = end
     return spans
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vectorsync.errors import SpecError
 
 LongText = Literal["truncate", "chunk"]
+#: A torch device: "auto" picks CUDA when torch sees a GPU, else the CPU.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+_DEVICE_HELP = "Torch device: 'auto' (CUDA when torch sees a GPU, else CPU), 'cpu', 'cuda' or 'cuda:N'."
 #: What the pretrained encoders make; a spec must set this ``dim``.
 MINILM_DIM = 384
 DLIB_DIM = 128
@@ -53,6 +56,7 @@ class AutoencoderParams(EncoderParams):
     threads: int | None = Field(
         None, ge=1, description="Torch threads (default: 1, or VECTORSYNC_TORCH_THREADS); tiny layers gain nothing."
     )
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description=_DEVICE_HELP)
 
 
 class ImageParams(EncoderParams):
@@ -68,7 +72,7 @@ class ImageParams(EncoderParams):
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate.")
     batch_size: int = Field(64, ge=1, description="Images per training step.")
     shuffle_buffer: int = Field(4096, ge=1, description="Images held at once while shuffling the training stream.")
-    device: str = Field("cpu", description="Torch device.")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description=_DEVICE_HELP)
     width: int = Field(32, ge=1, description="Channels of the first conv layer, doubled per block (at most 256).")
 
 
@@ -141,14 +145,14 @@ class LSTMParams(TextParams):
     cooccurrence_init: bool = Field(True, description="Start word vectors from the corpus' PPMI + SVD.")
     cooccurrence_words: int = Field(4096, ge=1, description="Most frequent words that get co-occurrence vectors.")
     shuffle_buffer: int = Field(8192, ge=1, description="Training sequences shuffled together while streaming.")
-    device: str = Field("cpu", description="Torch device.")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description=_DEVICE_HELP)
 
 
 class SentenceModelParams(TextParams):
     """What the pretrained sentence models share."""
 
     batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
-    device: str | None = Field(None, description="Torch device (default: CUDA when available, else CPU).")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description=_DEVICE_HELP)
 
 
 class MiniLMParams(SentenceModelParams):

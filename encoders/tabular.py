@@ -260,10 +260,11 @@ class TabularAutoencoder(Encoder):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         self._fit_preprocessing(train)
-        data = torch.from_numpy(self._matrix(train))
+        device = self.device
+        data = torch.from_numpy(self._matrix(train)).to(device)
         if len(data) == 0:
             raise InputError(None, "no usable training rows (every row had invalid values)")
-        self.model = _Autoencoder(self.pre.width, self.dim, self._hidden(self.pre.width))
+        self.model = _Autoencoder(self.pre.width, self.dim, self._hidden(self.pre.width)).to(device)
         batch_size = self.options.batch_size
         steps_per_epoch = math.ceil(len(data) / batch_size)
         epochs = self.options.epochs or max(5, min(200, 3000 // steps_per_epoch))
@@ -278,7 +279,8 @@ class TabularAutoencoder(Encoder):
             epoch_loss = 0.0
             for start in range(0, len(data), batch_size):
                 x = data[order[start : start + batch_size]]
-                noisy = x + noise * torch.randn(x.shape, generator=generator)
+                # drawn on the CPU generator whatever the device: the same seed gives the same model
+                noisy = x + noise * torch.randn(x.shape, generator=generator).to(device)
                 _, recon = self.model(noisy)
                 loss = nn.functional.mse_loss(recon, x)
                 optimizer.zero_grad()
@@ -293,7 +295,7 @@ class TabularAutoencoder(Encoder):
         self.model.eval()
         metrics = {"train_reconstruction_mse": self._mse(data), "train_rows": float(len(data))}
         if holdout is not None:
-            held = torch.from_numpy(self._matrix(holdout))
+            held = torch.from_numpy(self._matrix(holdout)).to(device)
             if len(held):
                 metrics["holdout_reconstruction_mse"] = self._mse(held)
                 metrics["holdout_rows"] = float(len(held))
@@ -317,7 +319,7 @@ class TabularAutoencoder(Encoder):
             raise ValueError(f"input columns missing from the batch: {', '.join(missing)}")
         matrix, failures = self.pre.transform(batch)
         with torch.no_grad():
-            vectors = self.model.encoder(torch.from_numpy(matrix)).numpy().astype(np.float32)
+            vectors = self.model.encoder(torch.from_numpy(matrix).to(self.device)).cpu().numpy().astype(np.float32)
         return EncodeResult(vectors, failures)
 
     def get_state(self) -> dict[str, Any]:
@@ -334,4 +336,4 @@ class TabularAutoencoder(Encoder):
         self.pre = Preprocessor(state["numeric"], state["indicators"], state["categories"])
         self.model = _Autoencoder(self.pre.width, self.dim, state["hidden"])
         self.model.load_state_dict(state["weights"])
-        self.model.eval()
+        self.model.to(self.device).eval()

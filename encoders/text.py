@@ -221,7 +221,7 @@ class LSTMTextEncoder(Encoder):
         """Symmetric InfoNCE between two word-dropped views of each text; also the share of texts
         whose two views find each other first (view accuracy)."""
         assert self.network is not None
-        device, rate = self.config["device"], float(self.config["word_dropout"])
+        device, rate = self.device, float(self.config["word_dropout"])
         views = [_word_drop(s, rate, rng) for s in batch] + [_word_drop(s, rate, rng) for s in batch]
         ids, lengths = _pad(views, device)
         vectors = F.normalize(self.network(ids, lengths), dim=-1)
@@ -252,7 +252,7 @@ class LSTMTextEncoder(Encoder):
             self.network = _Network(len(self.vocab), self.dim, cfg)
             if cfg["cooccurrence_init"]:
                 self._init_word_vectors(train)
-            self.network.to(cfg["device"])
+            self.network.to(self.device)
             optimiser = torch.optim.Adam(self.network.parameters(), lr=float(cfg["lr"]))
             schedule = torch.optim.lr_scheduler.OneCycleLR(
                 optimiser, max_lr=float(cfg["lr"]), total_steps=max(total, 1), pct_start=0.1
@@ -380,7 +380,7 @@ class LSTMTextEncoder(Encoder):
         size = 256
         for start in range(0, len(order), size):
             rows = order[start : start + size]
-            ids, lengths = _pad([pieces[i] for i in rows], self.config["device"])
+            ids, lengths = _pad([pieces[i] for i in rows], self.device)
             out[rows] = F.normalize(self.network(ids, lengths), dim=-1).float().cpu().numpy()
         return out
 
@@ -399,4 +399,4 @@ class LSTMTextEncoder(Encoder):
         self.index = {token: i for i, token in enumerate(self.vocab)}
         network = _Network(len(self.vocab), self.dim, self.config)
         network.load_state_dict(state["weights"])
-        self.network = network.to(self.config["device"]).eval()
+        self.network = network.to(self.device).eval()

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from vectorsync.encoders.base import Encoder, ModelFormatError, load_encoder, thread_count
+from vectorsync.encoders.base import DeviceError, Encoder, ModelFormatError, load_encoder, resolve_device, thread_count
 from vectorsync.encoders.params import EncoderParams
 from vectorsync.encoders.registry import encoder_class
 from vectorsync.errors import ModelError
@@ -64,7 +64,20 @@ def configure_torch() -> int:
     return _torch_threads
 
 
+def check_device(spec: EmbeddingSpec) -> None:
+    """Refuse, naming the embedding, a ``device`` that is not on this machine (``cuda`` without a
+    GPU), before any model is built or loaded."""
+    device = getattr(encoder_params(spec), "device", None)
+    if device is None:  # an encoder that does not run on torch (dlib)
+        return
+    try:
+        resolve_device(device)
+    except DeviceError as exc:
+        raise DeviceError(f"embedding {spec.name!r}: {exc}") from None
+
+
 def new_encoder(spec: EmbeddingSpec) -> Encoder:
+    check_device(spec)
     configure_torch()
     return encoder_class(spec.encoder_type)(spec.dim, spec.input_columns, encoder_params(spec))
 
@@ -186,6 +199,7 @@ def load_model(conn: psycopg.Connection, emb: Embedding, version: int) -> Encode
         raise UnusableModel(f"{where} has no recorded checksum (stored by an older, unsafe vectorsync); {retrain}")
     if hashlib.sha256(blob).hexdigest() != recorded:
         raise UnusableModel(f"{where} does not match its recorded SHA-256 (the row was altered); {retrain}")
+    check_device(emb.spec)
     configure_torch()
     try:
         return load_encoder(blob, runtime=encoder_params(emb.spec).model_dump(exclude_unset=True))
