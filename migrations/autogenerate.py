@@ -26,10 +26,11 @@ def include_name(name: str | None, type_: str, parent_names: dict[str, Any]) -> 
 
 
 def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
-    """Skip reflected tables (and their columns/indexes) that vectorsync manages."""
+    """Skip the tables vectorsync manages (and their columns and indexes): reflected generation
+    tables, and a mapped target (``embedding_sql.attach_embedding``), which is vectorsync's view."""
     table = obj if type_ == "table" else getattr(obj, "table", None)
-    if table is None or not reflected:
+    if table is None:
         return True
-    if getattr(table, "schema", None) == INTERNAL_SCHEMA:
+    if reflected and getattr(table, "schema", None) == INTERNAL_SCHEMA:
         return False
     return not (getattr(table, "comment", None) or "").startswith(MANAGED_COMMENT)

@@ -1,9 +1,12 @@
 """Per-embedding schema objects as Alembic operations.
 
-An embedding owns a target table (the source key, ``embedding vector(dim)``, ``model_version``,
-``input_hash``, ``embedded_at``), its vector index, a row in ``vectorsync.embeddings`` and the
-change-capture triggers on its source table. ``create_embedding`` is idempotent: running it twice
-changes nothing. Users with their own Alembic history can call the registered operations::
+An embedding owns a row in ``vectorsync.embeddings``, the change-capture triggers on its source
+table, and its *generations*: one physical table per model generation (the source key,
+``embedding vector(dim)``, ``model_version``, ``input_hash``, ``embedded_at``) with its vector
+index, ``vectorsync."<name>_g<N>"``, listed in ``vectorsync.generations``. The target name users
+query is a view over the generation in service, so a new generation swaps in by replacing the view.
+``create_embedding`` is idempotent: running it twice changes nothing. Users with their own Alembic
+history can call the registered operations::
 
     from vectorsync.migrations.operations import EmbeddingObjects  # registers the operations
     op.create_vectorsync_embedding(EmbeddingObjects(name="items", source_table="items", ...))
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import psycopg
@@ -26,6 +29,7 @@ from vectorsync.embedding_sql import index as vector_index
 from vectorsync.embedding_sql.distance import Distance, distance_ops
 from vectorsync.errors import DatabaseError
 
+_TABLE_PRIVILEGES = {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"}
 #: Settings under which keys are written as text, by the capture trigger (its function pins them,
 #: revision 0006) and by every vectorsync session (sync.db.connect), so a key reads back the same
 #: whatever the session that changed the row had set.
@@ -48,6 +52,9 @@ TRIGGER_EVENTS = {
     "delete": "AFTER DELETE ON {table} REFERENCING OLD TABLE AS vs_old FOR EACH STATEMENT",
     "truncate": "AFTER TRUNCATE ON {table} FOR EACH STATEMENT",
 }
+
+#: Generation tables live in vectorsync's own schema, named ``<embedding>_g<N>``.
+GENERATION_SCHEMA = "vectorsync"
 
 #: Target tables carry this comment so autogenerate filters (migrations.autogenerate) can skip them.
 MANAGED_COMMENT = "vectorsync: embeddings of"
@@ -82,6 +89,8 @@ class EmbeddingObjects:
     capture: bool = True
     #: ``format_type()`` of the key column, once resolved against the database
     key_type: str | None = None
+    #: the encoder's type: a change starts a new generation, as one of ``dim`` or ``distance`` does
+    encoder_type: str = ""
     #: A graph's edge table: its changes are captured too (``vectorsync.capture_graph_changes``).
     edges_schema: str | None = None
     edges_table: str | None = None
@@ -153,17 +162,19 @@ def key_type(cur: Any, schema: str, table: str, column: str) -> str:
     return column_info(cur, schema, table, column)[1]
 
 
-def target_dim(cur: Any, schema: str, table: str) -> int | None:
-    """The dimension of an existing target table's vector column, or None if there is no table."""
-    try:
-        declared = key_type(cur, schema, table, "embedding")
-    except SchemaChangeError:
-        return None
-    inside = declared.partition("(")[2].rstrip(")")
-    return int(inside) if inside.isdigit() else None
+def generation_table(name: str, number: int) -> str:
+    """The physical table of generation ``number`` of embedding ``name`` (in GENERATION_SCHEMA)."""
+    return f"{name}_g{number}"
 
 
-def index_statement(e: EmbeddingObjects, rows: int = 0) -> sql.Composed | None:
+def generation_objects(e: EmbeddingObjects, number: int, dim: int, distance: str) -> EmbeddingObjects:
+    """``e`` as generation ``number`` sees it: its own table, dimension and distance (so its own index)."""
+    return replace(
+        e, target_schema=GENERATION_SCHEMA, target_table=generation_table(e.name, number), dim=dim, distance=distance
+    )
+
+
+def index_statement(e: EmbeddingObjects, rows: int = 0, *, concurrently: bool = False) -> sql.Composed | None:
     """CREATE INDEX for the target; IVFFlat lists default to rows/1000 (at least 10)."""
     if e.index_kind == "none":
         return None
@@ -175,13 +186,136 @@ def index_statement(e: EmbeddingObjects, rows: int = 0) -> sql.Composed | None:
         method = sql.SQL("ivfflat")
         lists = e.lists or vector_index.ivfflat_lists(rows)
         options = sql.SQL("lists = {}").format(sql.Literal(lists))
-    return sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING {} (embedding {}) WITH ({})").format(
-        sql.Identifier(e.index_name), e.target, method, opclass, options
+    return sql.SQL("CREATE INDEX {} IF NOT EXISTS {} ON {} USING {} (embedding {}) WITH ({})").format(
+        sql.SQL("CONCURRENTLY" if concurrently else ""),
+        sql.Identifier(e.index_name),
+        e.target,
+        method,
+        opclass,
+        options,
     )
 
 
+def create_generation_table(cur: Any, g: EmbeddingObjects, key_sql_type: str, *, with_index: bool) -> None:
+    """The physical table of one generation (``g`` from generation_objects), with its index."""
+    cur.execute(
+        sql.SQL(
+            """
+            CREATE TABLE IF NOT EXISTS {target} (
+                {key} {ktype} PRIMARY KEY,
+                embedding vector({dim}) NOT NULL,
+                model_version integer NOT NULL,
+                input_hash text,
+                embedded_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        ).format(
+            target=g.target,
+            key=sql.Identifier(g.key_column),
+            ktype=sql.SQL(key_sql_type),  # format_type() output: already a valid, quoted type name
+            dim=sql.Literal(g.dim),
+        )
+    )
+    cur.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(g.target, sql.Literal(f"{MANAGED_COMMENT} {g.name}")))
+    statement = index_statement(g)
+    if with_index and statement is not None:
+        cur.execute(statement)
+
+
+def point_view(cur: Any, e: EmbeddingObjects, table: sql.Identifier) -> None:
+    """Make the target name a view over ``table``. The vector column is typed plain ``vector``, so
+    generations of different dimensions can replace each other; the planner still uses their index."""
+    cur.execute(
+        sql.SQL(
+            "CREATE OR REPLACE VIEW {view} AS SELECT {key}, embedding::vector AS embedding, model_version, "
+            "input_hash, embedded_at FROM {table}"
+        ).format(view=e.target, key=sql.Identifier(e.key_column), table=table)
+    )
+    cur.execute(sql.SQL("COMMENT ON VIEW {} IS {}").format(e.target, sql.Literal(f"{MANAGED_COMMENT} {e.name}")))
+
+
+def copy_grants(cur: Any, e: EmbeddingObjects, table: sql.Identifier) -> None:
+    """Grant on a generation table what is granted on the target view: the query functions read the
+    generation in service directly, as the caller."""
+    cur.execute(
+        "SELECT a.privilege_type, CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END "
+        "FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = to_regclass(%s) AND a.grantee <> c.relowner",
+        (e.target.as_string(cur),),
+    )
+    for privilege, grantee in cur.fetchall():
+        if privilege not in _TABLE_PRIVILEGES:
+            continue
+        cur.execute(
+            sql.SQL("GRANT {} ON {} TO {}").format(
+                sql.SQL(privilege), table, sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC")
+            )
+        )
+
+
+def _relkind(cur: Any, target: sql.Identifier) -> str | None:
+    cur.execute("SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (target.as_string(cur),))
+    row = cur.fetchone()
+    return row[0] if row else None
+
+
+def add_generation(cur: Any, e: EmbeddingObjects, state: str, key_sql_type: str, *, with_index: bool) -> int:
+    cur.execute(
+        "SELECT coalesce(max(generation), 0) + 1 FROM vectorsync.generations WHERE embedding = %s", (e.name,)
+    )
+    number = cur.fetchone()[0]
+    g = generation_objects(e, number, e.dim, e.distance)
+    create_generation_table(cur, g, key_sql_type, with_index=with_index)
+    copy_grants(cur, e, g.target)  # the worker role writes it, readers' queries read it once it serves
+    cur.execute(
+        "INSERT INTO vectorsync.generations (embedding, generation, dim, distance, encoder_type, state, "
+        "table_schema, table_name, serving_since) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, "
+        "CASE WHEN %s = 'serving' THEN now() END)",
+        (e.name, number, e.dim, e.distance, e.encoder_type, state, g.target_schema, g.target_table, state),
+    )
+    return number
+
+
+def drop_generation_table(cur: Any, schema: str, table: str) -> None:
+    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, table)))
+
+
+def _reconcile_generations(cur: Any, e: EmbeddingObjects, key_sql_type: str, *, with_index: bool) -> None:
+    """Generation 1 for a new embedding; a building generation when the spec's dim, distance or
+    encoder differs from the one in service (instead of rebuilding the table in place)."""
+    cur.execute(
+        "SELECT state, generation, dim, distance, encoder_type, table_schema, table_name FROM vectorsync.generations "
+        "WHERE embedding = %s AND state IN ('serving', 'building') FOR UPDATE",
+        (e.name,),
+    )
+    live = {row[0]: row[1:] for row in cur.fetchall()}
+    wanted = (e.dim, e.distance, e.encoder_type)
+    serving, building = live.get("serving"), live.get("building")
+    if serving is None:
+        number = add_generation(cur, e, "serving", key_sql_type, with_index=with_index)
+        point_view(cur, e, sql.Identifier(GENERATION_SCHEMA, generation_table(e.name, number)))
+        return
+    _follow_key(cur, e, key_sql_type)
+    if building is not None and tuple(building[1:4]) != wanted:
+        # the spec changed again (or back) while a generation was being built for its old shape
+        cur.execute(
+            "DELETE FROM vectorsync.generations WHERE embedding = %s AND generation = %s", (e.name, building[0])
+        )
+        drop_generation_table(cur, building[4], building[5])
+        building = None
+    if building is None and tuple(serving[1:4]) != wanted:
+        add_generation(cur, e, "building", key_sql_type, with_index=False)
+    if _relkind(cur, e.target) is None:
+        point_view(cur, e, sql.Identifier(serving[4], serving[5]))
+    in_service = generation_objects(e, serving[0], serving[1], serving[2])
+    _adopt_index(cur, in_service)
+    statement = index_statement(in_service)
+    if with_index and statement is not None:
+        cur.execute(statement)
+
+
 def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool = True) -> bool:
-    """Create or bring up to date everything ``e`` needs; a changed ``dim`` is refused.
+    """Create or bring up to date everything ``e`` needs. A changed ``dim``, ``distance`` or encoder
+    type starts a new generation; the one in service keeps answering queries until it is swapped.
 
     Returns True when this repaired an embedding that schema drift had marked broken: its capture
     may have missed changes meanwhile, so the caller re-queues the table against its vectors.
@@ -189,12 +323,6 @@ def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool =
     cur = _cursor(connection)
     key_attnum, ktype = column_info(cur, e.source_schema, e.source_table, e.key_column)
     input_attnums = [column_info(cur, e.source_schema, e.source_table, c)[0] for c in e.input_columns]
-    existing_dim = target_dim(cur, e.target_schema, e.target_table)
-    if existing_dim is not None and existing_dim != e.dim:
-        raise SchemaChangeError(
-            f"embedding {e.name!r} changes dim from {existing_dim} to {e.dim}; its vectors must be "
-            f"rebuilt: run `vectorsync migrate --recreate {e.name}` (drops and re-embeds them)"
-        )
     cur.execute("SELECT broken IS NOT NULL FROM vectorsync.embeddings WHERE name = %s", (e.name,))
     row = cur.fetchone()
     repaired = bool(row and row[0])
@@ -243,33 +371,12 @@ def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool =
         },
     )
     cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(e.target_schema)))
-    cur.execute(
-        sql.SQL(
-            """
-            CREATE TABLE IF NOT EXISTS {target} (
-                {key} {ktype} PRIMARY KEY,
-                embedding vector({dim}) NOT NULL,
-                model_version integer NOT NULL,
-                input_hash text,
-                embedded_at timestamptz NOT NULL DEFAULT now()
-            )
-            """
-        ).format(
-            target=e.target,
-            key=e.key,
-            ktype=sql.SQL(ktype),  # format_type() output: already a valid, quoted type name
-            dim=sql.Literal(e.dim),
+    if _relkind(cur, e.target) not in (None, "v"):
+        raise SchemaChangeError(
+            f"embedding {e.name!r}: {e.target_schema}.{e.target_table} exists and is not vectorsync's view; "
+            "rename or drop it, or set 'target' in the spec to another name"
         )
-    )
-    _follow_key(cur, e, ktype)
-    cur.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", (e.target.as_string(cur),))
-    comment = f"{MANAGED_COMMENT} {e.name}"
-    if cur.fetchone()[0] != comment:
-        cur.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(e.target, sql.Literal(comment)))
-    _adopt_index(cur, e)
-    statement = index_statement(e)
-    if with_index and statement is not None:
-        cur.execute(statement)
+    _reconcile_generations(cur, e, ktype, with_index=with_index)
     if e.graph_capture:
         install_graph_triggers(cur, e)
     elif e.capture:
@@ -278,36 +385,54 @@ def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool =
 
 
 def _follow_key(cur: Any, e: EmbeddingObjects, ktype: str) -> None:
-    """Give the target's key column the source key's current name and type (after the user renamed
-    or retyped it); keys that do not convert need a recreate."""
-    cur.execute(
-        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-        "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped "
-        "AND a.attname <> ALL(%s) ORDER BY a.attnum LIMIT 1",
-        (e.target.as_string(cur), list(TARGET_COLUMNS)),
-    )
-    name, declared = cur.fetchone()
-    if name != e.key_column:
+    """Give every generation table's key column the source key's current name and type (after the
+    user renamed or retyped it), and the target view's too; keys that do not convert need a recreate."""
+    cur.execute("SELECT table_schema, table_name FROM vectorsync.generations WHERE embedding = %s", (e.name,))
+    for table in [sql.Identifier(schema, name) for schema, name in cur.fetchall()]:
         cur.execute(
-            sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
-                e.target, sql.Identifier(name), sql.Identifier(e.key_column)
-            )
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+            "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped "
+            "AND a.attname <> ALL(%s) ORDER BY a.attnum LIMIT 1",
+            (table.as_string(cur), list(TARGET_COLUMNS)),
         )
-    if declared != ktype:
-        cur.execute("SAVEPOINT vectorsync_key_type")
-        try:
+        found = cur.fetchone()
+        if found is None:
+            continue
+        name, declared = found
+        if name != e.key_column:
             cur.execute(
-                sql.SQL("ALTER TABLE {t} ALTER COLUMN {k} TYPE {kt} USING CAST(CAST({k} AS text) AS {kt})").format(
-                    t=e.target, k=sql.Identifier(e.key_column), kt=sql.SQL(ktype)
+                sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
+                    table, sql.Identifier(name), sql.Identifier(e.key_column)
                 )
             )
-        except psycopg.Error as exc:
-            cur.execute("ROLLBACK TO SAVEPOINT vectorsync_key_type")
-            raise SchemaChangeError(
-                f"embedding {e.name!r}: the stored keys do not convert from {declared} to {ktype} "
-                f"({str(exc).strip().splitlines()[0]}); run `vectorsync migrate --recreate {e.name}`"
-            ) from None
-        cur.execute("RELEASE SAVEPOINT vectorsync_key_type")
+        if declared != ktype:
+            # a view blocks its columns' type changes; _reconcile_generations creates it again
+            cur.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(e.target))
+            cur.execute("SAVEPOINT vectorsync_key_type")
+            try:
+                cur.execute(
+                    sql.SQL("ALTER TABLE {t} ALTER COLUMN {k} TYPE {kt} USING CAST(CAST({k} AS text) AS {kt})").format(
+                        t=table, k=sql.Identifier(e.key_column), kt=sql.SQL(ktype)
+                    )
+                )
+            except psycopg.Error as exc:
+                cur.execute("ROLLBACK TO SAVEPOINT vectorsync_key_type")
+                raise SchemaChangeError(
+                    f"embedding {e.name!r}: the stored keys do not convert from {declared} to {ktype} "
+                    f"({str(exc).strip().splitlines()[0]}); run `vectorsync migrate --recreate {e.name}`"
+                ) from None
+            cur.execute("RELEASE SAVEPOINT vectorsync_key_type")
+    cur.execute(
+        "SELECT a.attname FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attnum = 1",
+        (e.target.as_string(cur),),
+    )
+    view_key = cur.fetchone()
+    if view_key is not None and view_key[0] != e.key_column:
+        cur.execute(
+            sql.SQL("ALTER VIEW {} RENAME COLUMN {} TO {}").format(
+                e.target, sql.Identifier(view_key[0]), sql.Identifier(e.key_column)
+            )
+        )
 
 
 def _adopt_index(cur: Any, e: EmbeddingObjects) -> None:
@@ -346,7 +471,8 @@ def install_graph_triggers(cur: Any, e: EmbeddingObjects) -> None:
 
 
 def drop_embedding(connection: Any, name: str) -> bool:
-    """Remove the triggers, target table and bookkeeping of embedding ``name``; the source stays."""
+    """Remove the triggers, target view, generation tables and bookkeeping of embedding ``name``;
+    the source stays."""
     cur = _cursor(connection)
     cur.execute(
         "SELECT source_schema, source_table, target_schema, target_table FROM vectorsync.embeddings WHERE name = %s",
@@ -363,7 +489,13 @@ def drop_embedding(connection: Any, name: str) -> bool:
     )
     for trigger, table in cur.fetchall():
         cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(trigger), sql.SQL(table)))
-    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(target_schema, target_table)))
+    target = sql.Identifier(target_schema, target_table)
+    kind = _relkind(cur, target)
+    if kind is not None:
+        cur.execute(sql.SQL("DROP VIEW {}" if kind == "v" else "DROP TABLE {}").format(target))
+    cur.execute("SELECT table_schema, table_name FROM vectorsync.generations WHERE embedding = %s", (name,))
+    for schema, table in cur.fetchall():
+        drop_generation_table(cur, schema, table)
     cur.execute("SELECT to_regclass('vectorsync.graph_changes') IS NOT NULL")
     if cur.fetchone()[0]:
         cur.execute("DELETE FROM vectorsync.graph_changes WHERE embedding = %s", (name,))

@@ -21,10 +21,11 @@ from psycopg import sql
 
 from vectorsync.encoders.base import usable_cores
 from vectorsync.migrations.operations import index_statement
-from vectorsync.sync import queue, sink, sources
+from vectorsync.sync import generations, queue, sink, sources
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.db import scalar, session_options
 from vectorsync.sync.models import ModelCache
+from vectorsync.sync.progress import Progress
 from vectorsync.sync.worker import BatchResult, encode_frame
 
 #: A backfill at least this large (and at least half the table) drops the index and rebuilds it after.
@@ -142,3 +143,34 @@ def bulk_load(
         queue.notify(conn, emb.name)
     return total
 
+
+def build_generation(
+    url: str,
+    conn: psycopg.Connection,
+    emb: Embedding,
+    *,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> generations.Generation | None:
+    """Build the embedding's new generation to the end and swap it in: bulk load from the source,
+    index, swap (sync.generations). None when no generation is being built or it has no model."""
+    gen = generations.building(conn, emb.name)
+    if gen is not None and gen.model_version is None:
+        with conn.transaction():
+            gen = generations.with_pretrained_model(conn, emb, gen)
+    if gen is None or gen.model_version is None:
+        return None
+    total = sources.count_stale(conn, generations.bind(emb, gen), gen.model_version)
+    done = failed = 0
+
+    def on_batch(result: BatchResult) -> None:
+        nonlocal done, failed
+        done += result.claimed
+        failed += result.retried
+        if progress is not None:
+            progress(done, max(total, done), f"generation {gen.generation}" + (f", failed={failed}" if failed else ""))
+
+    bulk_load(url, conn, generations.bind(emb, gen), gen.model_version, batch_size=batch_size, on_batch=on_batch)
+    generations.mark_backfilled(conn, gen, None)
+    generations.build_index(conn, emb, gen)
+    return generations.swap(conn, emb, expect=gen.generation)

@@ -53,6 +53,7 @@ class Embedding(EmbeddingObjects):
             lists=spec.index.lists,
             probes=spec.index.probes,
             capture=not isinstance(spec, GraphEmbeddingSpec) or graph is not None,
+            encoder_type=spec.encoder_type,
             edges_schema=edges_schema or source_schema if graph is not None else None,
             edges_table=edges_table,
             graph_capture=graph is not None and spec.encoder_type == "fastrp",
@@ -84,10 +85,13 @@ class Embedding(EmbeddingObjects):
 
 
 def load(conn: psycopg.Connection, spec: EmbeddingSpec) -> Embedding:
+    """The embedding as its generation in service stores it: ``target`` is that generation's table
+    and ``current_version`` its model version (vectorsync.sync.generations binds the others)."""
     row = (
         conn.execute(
-            "SELECT source_schema, source_table, key_column, key_type, target_schema, target_table, dim, "
-            "current_version FROM vectorsync.embeddings WHERE name = %s",
+            "SELECT e.source_schema, e.source_table, e.key_column, e.key_type, g.table_schema, g.table_name, e.dim, "
+            "g.model_version FROM vectorsync.embeddings e "
+            "JOIN vectorsync.generations g ON g.embedding = e.name AND g.state = 'serving' WHERE e.name = %s",
             (spec.name,),
         ).fetchone()
         if _migrated(conn)
@@ -97,12 +101,10 @@ def load(conn: psycopg.Connection, spec: EmbeddingSpec) -> Embedding:
         raise NotMigrated(f"embedding {spec.name!r} has no schema yet; run `vectorsync migrate` first")
     source_schema, source_table, key_column, recorded_type, target_schema, target_table, dim, version = row
     if dim != spec.dim:
-        # a model or vectors of the spec's dim would not fit the table: refuse before any work
+        # a model of the spec's dim would have no generation to embed into: refuse before any work
         raise SchemaChangeError(
-            f"embedding {spec.name!r} sets dim = {spec.dim} but its table {target_table!r} holds {dim}-dimensional "
-            "vectors",
-            hint=f"run `vectorsync migrate --recreate {spec.name}` to rebuild the table (its vectors are dropped), "
-            f"or set dim = {dim} again",
+            f"embedding {spec.name!r} sets dim = {spec.dim} but was migrated with dim = {dim}",
+            hint=f"run `vectorsync migrate`: it starts a generation of the new dim while dim = {dim} keeps serving",
         )
     # what migrate recorded wins over the spec: a spec edited since is not in the database yet
     return replace(

@@ -266,6 +266,12 @@ def train(
         result = service.train(state.url, state.config, name, sample=sample, progress=progress)
     summary = _training_summary(result.rows, result.metrics)
     console.print(f"{name}: model version {result.version} {summary}", soft_wrap=True)
+    if result.building is not None:
+        console.print(
+            f"{name}: generation {result.building} is being built with it; queries keep using the generation in "
+            "service until a worker (or `vectorsync sync`) completes, indexes and swaps it in",
+            soft_wrap=True,
+        )
 
 
 def _training_summary(rows: int, metrics: dict[str, float]) -> str:
@@ -355,6 +361,8 @@ def status(
     for row in report["embeddings"]:
         if row.get("broken"):
             console.print(f"{row['name']} is broken: {row['broken']}", highlight=False, soft_wrap=True)
+        if row.get("building"):
+            out.print(f"{row['name']}: building generation {row['building']}", highlight=False, soft_wrap=True)
     if report["workers"]:
         out.print(_workers_table(report["workers"]))
     else:
@@ -514,6 +522,66 @@ def worker(
         shutdown_timeout=shutdown_timeout,
         console=console,
     )
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Embedding.")],
+) -> None:
+    """Put the generation that served before the current one back in service, at once."""
+    from vectorsync.sync import service
+
+    state = _state(ctx)
+    restored, queued = service.rollback(state.url, state.config, name)
+    console.print(
+        f"{name}: generation {restored.generation} (model version {restored.model_version}) is in service again"
+        + (f"; {queued} row(s) that changed since are queued for it" if queued else "")
+    )
+
+
+generations_app = typer.Typer(help="List and drop an embedding's generations.", no_args_is_help=True)
+app.add_typer(generations_app, name="generations")
+
+
+@generations_app.command("list")
+def generations_list(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Embedding.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Every generation of NAME: state, model version, dim, distance, rows; progress while building."""
+    from vectorsync.sync import service
+
+    state = _state(ctx)
+    rows = service.generations_of(state.url, state.config, name)
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    columns = ["generation", "state", "model_version", "dim", "distance", "encoder", "rows", "progress", "seconds_left"]
+    table = Table(title=f"generations of {name}")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[("" if row.get(c) is None else str(row.get(c))) for c in columns])
+    out.print(table)
+
+
+@generations_app.command("drop")
+def generations_drop(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Embedding.")],
+    numbers: Annotated[
+        list[int] | None, typer.Argument(help="Generations to drop (default: every retired one).")
+    ] = None,
+) -> None:
+    """Drop retired generations (or the one being built, when named); the one in service stays."""
+    from vectorsync.sync import service
+
+    state = _state(ctx)
+    dropped = service.drop_generations(state.url, state.config, name, numbers)
+    shown = ", ".join(map(str, dropped))
+    console.print(f"{name}: dropped generation(s) {shown}" if dropped else f"{name}: nothing to drop")
 
 
 @app.command()

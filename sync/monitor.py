@@ -8,6 +8,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from vectorsync.sync import generations
 from vectorsync.sync.db import scalar
 from vectorsync.sync.spec import Config
 
@@ -33,6 +34,7 @@ def status(conn: psycopg.Connection, config: Config) -> dict[str, Any]:
                 sql.SQL("SELECT count(*) FROM {} WHERE embedded_at > now() - interval '60 seconds'").format(target),
             )
         row["in_config"] = row["name"] in declared
+        row.update(_generations(conn, row["name"]))
         row["lag_seconds"] = round(float(row["lag_seconds"]), 3)
         row["per_second_1m"] = round(recent / 60.0, 2)
     workers = [
@@ -44,3 +46,25 @@ def status(conn: psycopg.Connection, config: Config) -> dict[str, Any]:
         ).fetchall()
     ]
     return {"migrated": True, "embeddings": rows, "workers": workers}
+
+
+def _generations(conn: psycopg.Connection, name: str) -> dict[str, Any]:
+    """The generation in service and the one being built: ``generation`` as ``N (model vM)``,
+    ``building`` as ``N: 42% (~120 s left)``, and the details under ``generations``."""
+    found = generations.progress(conn, name)
+    serving = next((g for g in found if g["state"] == "serving"), None)
+    building = next((g for g in found if g["state"] == "building"), None)
+    shown = None
+    if building is not None:
+        if building["model_version"] is None:
+            shown = f"{building['generation']}: waiting for `vectorsync train {name}`"
+        else:
+            left = "" if building["seconds_left"] is None else f" (~{building['seconds_left']:.0f} s left)"
+            shown = f"{building['generation']}: {building['progress']:.0%}{left}"
+    return {
+        # the model queries see, not the newest trained one (that one may still be being built)
+        **({"model_version": serving["model_version"]} if serving and serving["model_version"] else {}),
+        "generation": f"{serving['generation']} (model v{serving['model_version']})" if serving else None,
+        "building": shown,
+        "generations": found,
+    }

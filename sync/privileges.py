@@ -30,6 +30,7 @@ SCHEMA = "vectorsync"
 WORKER_CATALOGUE: tuple[tuple[tuple[str, ...], str], ...] = (
     (("SELECT",), "embeddings"),
     (("SELECT",), "models"),
+    (("SELECT",), "generations"),
     (("SELECT", "INSERT", "UPDATE", "DELETE"), "queue"),
     (("SELECT", "INSERT", "UPDATE", "DELETE"), "failed"),
     (("INSERT",), "errors"),
@@ -37,7 +38,7 @@ WORKER_CATALOGUE: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 WORKER_SEQUENCES = ("queue_id_seq", "errors_id_seq")
 #: What the query functions and the status view need a reader to see: the catalogue, not the queue.
-READER_CATALOGUE = ("embeddings", "status")
+READER_CATALOGUE = ("embeddings", "generations", "status")
 TARGET_WRITES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 
 
@@ -103,14 +104,25 @@ class _Embedding:
     target: tuple[str, str]
     key: str
     inputs: tuple[str, ...]
+    #: The generation tables behind the target view (workers write them, query functions read them).
+    generations: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def targets(self) -> tuple[tuple[str, str], ...]:
+        return (self.target, *self.generations)
 
 
 def _embeddings(conn: psycopg.Connection) -> list[_Embedding]:
     rows = conn.execute(
-        "SELECT name, source_schema, source_table, target_schema, target_table, key_column, input_columns "
-        "FROM vectorsync.embeddings ORDER BY name"
+        "SELECT e.name, e.source_schema, e.source_table, e.target_schema, e.target_table, e.key_column, "
+        "e.input_columns, coalesce((SELECT array_agg(ARRAY[g.table_schema, g.table_name] ORDER BY g.generation) "
+        "FROM vectorsync.generations g WHERE g.embedding = e.name), '{}') "
+        "FROM vectorsync.embeddings e ORDER BY e.name"
     ).fetchall()
-    return [_Embedding(r[0], (r[1], r[2]), (r[3], r[4]), r[5], tuple(r[6])) for r in rows]
+    return [
+        _Embedding(r[0], (r[1], r[2]), (r[3], r[4]), r[5], tuple(r[6]), tuple((g[0], g[1]) for g in r[7]))
+        for r in rows
+    ]
 
 
 def _exists(conn: psycopg.Connection, name: tuple[str, str]) -> bool:
@@ -131,7 +143,7 @@ def worker_rights(conn: psycopg.Connection) -> list[Right]:
         # Writing a batch locks its rows FOR SHARE (so a concurrent DELETE or UPDATE waits for the
         # batch), and PostgreSQL allows that lock only to a role that may UPDATE some column.
         rights.append(Right("TABLE", e.source, ("UPDATE",), (e.key,)))
-        rights.append(Right("TABLE", e.target, TARGET_WRITES))
+        rights += [Right("TABLE", target, TARGET_WRITES) for target in e.targets if _exists(conn, target)]
     return rights
 
 
@@ -145,7 +157,7 @@ def reader_rights(conn: psycopg.Connection, role: str) -> tuple[list[Right], lis
         if not (_exists(conn, e.source) and _exists(conn, e.target)):
             continue
         if Right("TABLE", e.source, ("SELECT",)).held_by(conn, role):
-            rights.append(Right("TABLE", e.target, ("SELECT",)))
+            rights += [Right("TABLE", target, ("SELECT",)) for target in e.targets if _exists(conn, target)]
         else:
             unreadable.append(e.name)
     return rights, unreadable
@@ -200,16 +212,21 @@ def mirror_reader_grants(conn: psycopg.Connection) -> None:
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(SCHEMA), role))
             for table in READER_CATALOGUE:
                 conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(SCHEMA, table), role))
-            conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(*e.target), role))
-        writers = set(_acl_grantees(conn, e.target, "INSERT"))
-        for holder in _acl_grantees(conn, e.target, "SELECT"):
-            if holder in writers:
+            for target in e.targets:
+                if _exists(conn, target):
+                    conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(*target), role))
+        for target in e.targets:
+            if not _exists(conn, target):
                 continue
-            can_read = "PUBLIC" in readers or (
-                holder != "PUBLIC" and Right("TABLE", e.source, ("SELECT",)).held_by(conn, holder)
-            )
-            if not can_read:
-                conn.execute(sql.SQL("REVOKE SELECT ON {} FROM {}").format(sql.Identifier(*e.target), _role(holder)))
+            writers = set(_acl_grantees(conn, target, "INSERT"))
+            for holder in _acl_grantees(conn, target, "SELECT"):
+                if holder in writers:
+                    continue
+                can_read = "PUBLIC" in readers or (
+                    holder != "PUBLIC" and Right("TABLE", e.source, ("SELECT",)).held_by(conn, holder)
+                )
+                if not can_read:
+                    conn.execute(sql.SQL("REVOKE SELECT ON {} FROM {}").format(sql.Identifier(*target), _role(holder)))
 
 
 def refresh_worker_grants(conn: psycopg.Connection) -> None:

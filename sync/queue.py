@@ -198,20 +198,6 @@ def lock_backfill(conn: psycopg.Connection, name: str) -> None:
     conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('vectorsync.backfill:' || %s, 0))", (name,))
 
 
-def enqueue_older(conn: psycopg.Connection, emb: Embedding, version: int) -> int:
-    """Queue rows stamped with a model version older than ``version``; returns the number queued."""
-    cur = conn.execute(
-        sql.SQL(
-            "INSERT INTO vectorsync.queue (embedding, key) SELECT %s, t.{key}::text FROM {tgt} t "
-            "WHERE t.model_version < %s"
-        ).format(key=emb.key, tgt=emb.target),
-        (emb.name, version),
-    )
-    if cur.rowcount:
-        notify(conn, emb.name)
-    return cur.rowcount
-
-
 def retry_failed(conn: psycopg.Connection, names: Sequence[str]) -> int:
     """Move the failed items of ``names`` back to the queue; returns how many moved."""
     cur = conn.execute(

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
 
 from vectorsync.errors import InputError
-from vectorsync.sync import bulk, catalog, graph, models, monitor, queue, schema, sink, sources, worker
+from vectorsync.sync import bulk, catalog, generations, graph, models, monitor, queue, schema, sink, sources, worker
 from vectorsync.sync import train as training
 from vectorsync.sync.db import connection
 from vectorsync.sync.progress import Progress
@@ -35,6 +35,8 @@ class TrainResult:
     version: int
     metrics: dict[str, float]
     rows: int
+    #: the generation being built with the new model (None: the one in service took it)
+    building: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class SyncResult:
     details: dict[str, int] = field(default_factory=dict)
     #: the model trained first because the embedding had none
     trained: TrainResult | None = None
+    #: the generation this sync built and put in service
+    swapped: int | None = None
 
     def counts(self) -> dict[str, int]:
         """The run's counts, in the order a report lists them."""
@@ -66,7 +70,8 @@ class SyncResult:
                 "deleted": self.deleted,
                 **{k: v for k, v in self.details.items() if k != "run_id"},
             }
-        return {"queued": self.queued, "embedded": self.embedded, "failed": self.failed, "deleted": self.deleted}
+        counts = {"queued": self.queued, "embedded": self.embedded, "failed": self.failed, "deleted": self.deleted}
+        return counts | ({"generation": self.swapped} if self.swapped is not None else {})
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ def train(
     url: str, config: Config, name: str, *, sample: int | None = None, progress: Progress | None = None
 ) -> TrainResult:
     """Train embedding ``name``'s encoder on its table's rows, store it as a new model version and
-    queue the rows made by older versions."""
+    start the generation that embeds it (queries keep reading the one in service)."""
     spec = config.embedding(name)
     with connection(url, autocommit=True) as conn:
         return _train(url, conn, catalog.load(conn, spec), sample=sample, progress=progress)
@@ -103,7 +108,9 @@ def _train(
             progress(step, total, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     version, metrics, rows = training.train(url, conn, emb, progress=report, sample=sample)
-    return TrainResult(emb.name, version, {k: float(v) for k, v in metrics.items()}, rows)
+    gen = generations.building(conn, emb.name)
+    building = gen.generation if gen is not None and gen.model_version == version else None
+    return TrainResult(emb.name, version, {k: float(v) for k, v in metrics.items()}, rows, building)
 
 
 def sync(
@@ -136,9 +143,13 @@ def sync(
                 progress(0, None, "no model yet, training one first")
             trained = _train(url, conn, emb, sample=None, progress=progress)
             emb = catalog.load(conn, spec)
-        return _sync_rows(
+        # A generation being built goes first: the model in service may no longer fit the rows (an
+        # input column was dropped, say), and what the queue holds then goes to the new one only.
+        swapped = bulk.build_generation(url, conn, emb, batch_size=batch_size or SYNC_BATCH_SIZE, progress=progress)
+        result = _sync_rows(
             url, conn, emb, config, batch_size=batch_size or SYNC_BATCH_SIZE, progress=progress, trained=trained
         )
+        return replace(result, swapped=swapped.generation) if swapped is not None else result
 
 
 def _bulk_worthwhile(stale: int, existing: int) -> bool:
@@ -162,8 +173,9 @@ def _sync_rows(
     triggers keep queueing concurrent changes, and rows that fail are handed to the queue."""
     started = time.perf_counter()
     run_id = queue.start_run(conn, emb.name, "sync")
+    emb = generations.serving_target(conn, emb)
+    version = emb.current_version or 0
     orphans = sink.delete_orphans(conn, emb)
-    version = models.ensure_model(conn, emb)
     stale = sources.count_stale(conn, emb, version)
     existing = bulk.target_rows(conn, emb)
     use_bulk = _bulk_worthwhile(stale, existing)
@@ -235,8 +247,30 @@ def reindex(url: str, config: Config, name: str) -> float:
     with connection(url, autocommit=True) as conn:
         emb = catalog.load(conn, spec)
         started = time.perf_counter()
-        bulk.rebuild_index(conn, emb)
+        bulk.rebuild_index(conn, generations.serving_target(conn, emb))
     return time.perf_counter() - started
+
+
+def rollback(url: str, config: Config, name: str) -> tuple[generations.Generation, int]:
+    """Put the generation that served before the current one back in service; returns it and the
+    rows queued for it (those that changed since it retired)."""
+    spec = config.embedding(name)
+    with connection(url, autocommit=True) as conn:
+        return generations.rollback(conn, catalog.load(conn, spec))
+
+
+def generations_of(url: str, config: Config, name: str) -> list[dict[str, Any]]:
+    """Every generation of ``name``: state, model version, dim, distance, rows, and build progress."""
+    config.embedding(name)
+    with connection(url, autocommit=True) as conn:
+        return generations.progress(conn, name)
+
+
+def drop_generations(url: str, config: Config, name: str, numbers: Sequence[int] | None = None) -> list[int]:
+    """Drop retired generations of ``name`` (the given ones, or all); returns those dropped."""
+    config.embedding(name)
+    with connection(url, autocommit=True) as conn:
+        return generations.drop(conn, name, list(numbers) if numbers else None)
 
 
 def status(url: str, config: Config) -> dict[str, Any]:

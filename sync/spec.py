@@ -114,6 +114,7 @@ class EmbeddingSpec(_Strict):
     encoder: EncoderParams | None = None
     target: str | None = None
     train_sample: int = Field(200_000, ge=10)
+    keep_generations: int = Field(1, ge=0)
 
     @field_validator("index", mode="before")
     @classmethod

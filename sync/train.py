@@ -10,7 +10,7 @@ from psycopg import sql
 
 from vectorsync.encoders.base import Progress
 from vectorsync.errors import InputError
-from vectorsync.sync import queue, sources
+from vectorsync.sync import generations, sources
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.db import scalar, session_options
 from vectorsync.sync.models import new_encoder, store
@@ -33,7 +33,8 @@ def train(
     sample: int | None = None,
 ) -> tuple[int, dict[str, float], int]:
     """Train on up to ``sample`` rows (the spec's ``train_sample`` by default), store the model as a
-    new version, and queue the re-embedding of rows made by older versions.
+    new version, and start the generation that embeds it (sync.generations): queries keep reading
+    the generation in service until the new one is complete, indexed and swapped in.
 
     Returns (version, metrics, rows used). Training data is streamed through server-side cursors on
     a separate connection, chunk by chunk, once per epoch.
@@ -79,6 +80,5 @@ def train(
         metrics = encoder.fit(lambda: resolved(False, limit), None, seed=seed, progress=progress)
     with conn.transaction():
         version = store(conn, emb, encoder, {k: float(v) for k, v in metrics.items()}, limit)
-        queue.enqueue_older(conn, emb, version)
+        generations.start(conn, emb, version)
     return version, metrics, limit
-

@@ -29,10 +29,10 @@ from psycopg import sql
 
 from vectorsync.encoders.base import Encoder, InputError, check_finite
 from vectorsync.errors import VectorsyncError
-from vectorsync.sync import queue, sink, sources
+from vectorsync.sync import generations, queue, sink, sources
 from vectorsync.sync.catalog import Embedding, NotMigrated, broken_reason, load
 from vectorsync.sync.db import DatabaseError, connect
-from vectorsync.sync.models import ModelCache, current_version, ensure_model
+from vectorsync.sync.models import ModelCache, current_version
 from vectorsync.sync.spec import Config, WorkerSpec
 
 if TYPE_CHECKING:  # metrics imports this module
@@ -185,31 +185,38 @@ def _embed(
     result: BatchResult,
     worker_id: str | None,
 ) -> None:
-    """Read, encode and write ``keys`` of ``lease``; per-row problems are recorded, not raised."""
+    """Read, encode and write ``keys`` of ``lease``, into every live generation with its own model
+    (sync.generations); per-row problems are recorded, not raised."""
     with conn.transaction():
-        version = ensure_model(conn, emb)
-        encoder = cache.get(conn, emb, version)
-        if encoder.dim != emb.spec.dim:
-            raise EmbeddingUnavailable(
-                emb.name,
-                f"model version {version} of embedding {emb.name!r} makes {encoder.dim}-dimensional vectors but "
-                f"this worker's spec says dim = {emb.spec.dim}; restart the worker with the current config",
-            )
-        frame = sources.read_rows(conn, emb, keys)
-        frame, unchanged = _without_unchanged(conn, emb, frame, version)
+        targets = generations.live(conn, emb)  # serving first; a generation being built too
+        read = sources.read_rows(conn, emb, keys)
+        plans = []
+        for target in targets:
+            version = target.current_version or 0
+            encoder = cache.get(conn, target, version)
+            if encoder.dim != target.spec.dim:
+                raise EmbeddingUnavailable(
+                    emb.name,
+                    f"model version {version} of embedding {emb.name!r} makes {encoder.dim}-dimensional vectors "
+                    f"but its generation holds {target.spec.dim}; run `vectorsync migrate` and `vectorsync train`",
+                )
+            frame, unchanged = _without_unchanged(conn, target, read.copy(), version)
+            plans.append((target, version, encoder, frame, unchanged))
     # No transaction is open from here until the write: files are read and rows encoded lock-free.
-    failures = _duplicate_keys(emb, frame)
-    failures.update(sources.resolve_references(emb, frame))
-    vectors, encode_failures = encode_frame(encoder, frame, failures, emb)
-    failures.update(encode_failures)
+    encoded = []
+    for target, version, encoder, frame, unchanged in plans:
+        failures = _duplicate_keys(emb, frame)
+        failures.update(sources.resolve_references(target, frame))
+        vectors, encode_failures = encode_frame(encoder, frame, failures, target)
+        failures.update(encode_failures)
+        encoded.append((target, version, frame, unchanged, vectors, failures))
     if time.monotonic() > lease.deadline:  # still safe: only rows whose lease is confirmed are written
         log.warning(
             "embedding %s: a batch of %d item(s) took longer than batch_deadline_seconds = %s, so another worker "
             "may take it over; lower batch_size or raise batch_deadline_seconds",
             emb.name, len(keys), settings.batch_deadline_seconds,
         )
-    frame_keys = frame[sources.KEY].tolist()
-    hashes = dict(zip(frame_keys, frame[sources.HASH].tolist(), strict=True))
+    hashes = dict(zip(read[sources.KEY].tolist(), read[sources.HASH].tolist(), strict=True))
     with conn.transaction():
         held = queue.confirm_lease(conn, [i for k in keys for i in lease.claims[k].ids], lease.token)
         mine = [k for k in keys if any(i in held for i in lease.claims[k].ids)]
@@ -220,13 +227,20 @@ def _embed(
         queue.release(conn, [i for k in locked for i in lease.claims[k].ids], lease.token, LOCKED_ROW_DELAY)
         queue.release(conn, [i for k in changed for i in lease.claims[k].ids], lease.token)
         result.requeued += len(locked) + len(changed)
-        result.deleted += sink.delete_keys(conn, emb, gone)
         writable = {k for k in mine if k in current and k not in changed}
-        result.unchanged += len([k for k in unchanged if k in writable])
-        rows = [i for i, k in enumerate(frame_keys) if k in writable and i not in failures]
-        good = [frame_keys[i] for i in rows]
-        sink.upsert(conn, emb, good, vectors[rows], version, [hashes[k] for k in good])
-        result.embedded += len(good)
+        for position, (target, version, frame, unchanged, vectors, failures) in enumerate(encoded):
+            deleted = sink.delete_keys(conn, target, gone)
+            frame_keys = frame[sources.KEY].tolist()
+            rows = [i for i, k in enumerate(frame_keys) if k in writable and i not in failures]
+            good = [frame_keys[i] for i in rows]
+            sink.upsert(conn, target, good, vectors[rows], version, [hashes[k] for k in good])
+            if position == 0:  # what the generation in service got is what the batch reports
+                result.deleted += deleted
+                result.unchanged += len([k for k in unchanged if k in writable])
+                result.embedded += len(good)
+                embedded_now = len(good)
+        # The last generation is the one that serves next: its failures are charged; a row that only
+        # the generation about to retire cannot encode keeps its old vector there until the swap.
         queue.forget_failed(conn, emb.name, good)
         failed_now = 0
         charged: set[str] = set()
@@ -243,7 +257,7 @@ def _embed(
         done = [i for k in mine if k in writable and k not in charged for i in lease.claims[k].ids]
         done += [i for k in gone for i in lease.claims[k].ids]
         queue.delete_claimed(conn, [i for i in done if i in held])
-        _count_work(conn, worker_id, len(good), failed_now)
+        _count_work(conn, worker_id, embedded_now, failed_now)
 
 
 def _count_work(conn: psycopg.Connection, worker_id: str | None, embedded: int, failed: int) -> None:
@@ -302,6 +316,82 @@ def embedding_problem(name: str, exc: BaseException) -> EmbeddingUnavailable | N
 def _cancelled(exc: BaseException) -> bool:
     """A statement cancelled on request (shutdown), as opposed to one hitting its timeout."""
     return isinstance(exc, psycopg.errors.QueryCanceled) and "user request" in str(exc)
+
+
+def backfill_generation(conn: psycopg.Connection, emb: Embedding, cache: ModelCache, batch_size: int) -> int | None:
+    """Embed the next ``batch_size`` source rows (in key order) into the generation being built, in
+    one transaction, never replacing a vector a worker wrote there (it is fresher); rows that fail
+    go to the queue, whose retries record them. Returns the rows read (0 when the backfill just
+    finished), or None when there is nothing to backfill or another process is at it."""
+    with conn.transaction():
+        if not generations.try_lock(conn, emb.name, transaction=True):
+            return None
+        gen = generations.building(conn, emb.name)
+        if gen is not None and gen.model_version is None:
+            gen = generations.with_pretrained_model(conn, emb, gen)
+        if gen is None or gen.backfill_done or gen.model_version is None:
+            return None
+        keys = generations.next_keys(conn, emb, gen, batch_size)
+        if not keys:
+            generations.mark_backfilled(conn, gen, None)
+            return 0
+        target = generations.bind(emb, gen)
+        todo = generations.absent(conn, target, keys)
+        if todo:
+            frame = sources.read_rows(conn, emb, todo)
+            failures = _duplicate_keys(emb, frame)
+            failures.update(sources.resolve_references(target, frame))
+            encoder = cache.get(conn, target, gen.model_version)
+            vectors, encode_failures = encode_frame(encoder, frame, failures, target)
+            failures.update(encode_failures)
+            frame_keys = frame[sources.KEY].tolist()
+            frame_hashes = frame[sources.HASH].tolist()
+            rows = [i for i in range(len(frame_keys)) if i not in failures]
+            sink.upsert(
+                conn,
+                target,
+                [frame_keys[i] for i in rows],
+                vectors[rows],
+                gen.model_version,
+                [frame_hashes[i] for i in rows],
+                only_older=True,
+            )
+            if failures:
+                queue.enqueue_keys(conn, emb.name, sorted({frame_keys[i] for i in failures}))
+                queue.notify(conn, emb.name)
+        generations.mark_backfilled(conn, gen, keys[-1])
+        return len(keys)
+
+
+def advance_generation(conn: psycopg.Connection, emb: Embedding, cache: ModelCache, batch_size: int) -> bool:
+    """One step of building ``emb``'s new generation: a backfill batch or, once the backfill is done
+    and no source row is missing, its index and the swap. True when it did something. A worker
+    running as the least-privilege worker role (no right to write the catalogue) only keeps both
+    generations fresh; the owner's `vectorsync sync` builds and swaps."""
+    if not generations.may_build(conn):
+        return False
+    if backfill_generation(conn, emb, cache, batch_size):
+        return True
+    gen = generations.building(conn, emb.name)
+    if gen is None or not gen.backfill_done or gen.model_version is None or generations.missing(conn, emb, gen):
+        return False
+    if not generations.try_lock(conn, emb.name):
+        return False
+    try:
+        generations.build_index(conn, emb, gen)
+        swapped = generations.swap(conn, emb, expect=gen.generation)
+    except generations.GenerationError as exc:
+        log.info("embedding %s: generation %d cannot be swapped in yet: %s", emb.name, gen.generation, exc)
+        return False
+    finally:
+        generations.unlock(conn, emb.name)
+    log.warning(
+        "embedding %s: generation %d (model version %s) is now in service",
+        emb.name,
+        swapped.generation,
+        swapped.model_version,
+    )
+    return True
 
 
 def _without_unchanged(
@@ -616,6 +706,11 @@ class Worker:
                     result = process_batch(
                         conn, emb, self._cache, self.settings, self.batch_size, worker_id=self.id, on_lease=self._track
                     )
+                    # changes first; a new generation is built whenever the queue is not full
+                    if (result is None or result.claimed < self.batch_size) and advance_generation(
+                        conn, emb, self._cache, self.batch_size
+                    ):
+                        busy = True
                 except Exception as exc:
                     problem = _embedding_level(spec.name, exc)
                     if problem is None:
@@ -666,7 +761,8 @@ class Worker:
         with conn.transaction():
             conn.execute("SET LOCAL statement_timeout = 0")  # one set-based scan of the table may take long
             queue.lock_backfill(conn, emb.name)
-            queued = queue.enqueue_backfill(conn, emb, current_version(conn, emb.name))
+            gen = generations.serving(conn, emb.name)
+            queued = queue.enqueue_backfill(conn, generations.bind(emb, gen), gen.model_version) if gen else 0
         if queued:
             log.info("worker %s queued %d row(s) of %s that changed while no worker ran", self.id, queued, emb.name)
 

@@ -47,16 +47,17 @@ def test_search_tells_a_missing_row_from_one_not_embedded_yet(products, cli):
     assert "hint: run vectorsync sync products" in pending.err
 
 
-def test_train_refuses_a_dim_the_migrated_table_does_not_have(products, cli, conn):
+def test_train_refuses_a_dim_that_was_not_migrated(products, cli, conn):
     changed = products.read_text().replace("dim = 2", "dim = 3")
     products.write_text(changed)
-    assert cli("migrate", config=products).code == 1  # the dim change needs --recreate
     result = cli("train", "products", config=products)
     assert result.code == 1
-    assert "sets dim = 3 but its table 'products_embeddings' holds 2-dimensional vectors" in result.err
-    assert "vectorsync migrate --recreate products" in result.err
+    assert "sets dim = 3 but was migrated with dim = 2" in result.err
+    assert "run `vectorsync migrate`" in result.err
     assert conn.execute("SELECT count(*) FROM vectorsync.models").fetchone()[0] == 0
     assert cli("sync", config=products).code == 1
+    assert cli("migrate", config=products).code == 0  # dim 3 becomes a generation of its own
+    assert cli("train", "products", config=products).code == 0
 
 
 def test_sync_and_retry_exit_non_zero_when_rows_failed(products, cli, conn):

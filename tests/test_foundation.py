@@ -185,9 +185,9 @@ def test_migrate_twice_changes_nothing_and_downgrade_keeps_user_data(conn, write
             "(SELECT array_agg(tgname::text || ':' || oid::text ORDER BY tgname) FROM pg_trigger "
             " WHERE tgrelid = 'items'::regclass), "
             "(SELECT array_agg(indexname::text ORDER BY indexname) FROM pg_indexes "
-            " WHERE tablename = 'items_embeddings'), "
+            " WHERE schemaname = 'vectorsync' AND tablename = 'items_g1'), "
             "(SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
-            " WHERE attrelid = 'items_embeddings'::regclass AND attname = 'embedding')"
+            " WHERE attrelid = 'vectorsync.items_g1'::regclass AND attname = 'embedding')"
         ).fetchone()
 
     first = snapshot()
@@ -197,7 +197,7 @@ def test_migrate_twice_changes_nothing_and_downgrade_keeps_user_data(conn, write
         "vectorsync_items_truncate",
         "vectorsync_items_update",
     ]
-    assert "items_embeddings_embedding_idx" in first[2]
+    assert "items_g1_embedding_idx" in first[2]
     assert first[3] == "vector(4)"
     second_run = cli("migrate", config=config)
     assert second_run.code == 0 and "up to date" in second_run.err
@@ -217,7 +217,7 @@ def test_migrate_twice_changes_nothing_and_downgrade_keeps_user_data(conn, write
     assert conn.execute("SELECT id, price, kind FROM items ORDER BY id").fetchall() == [(1, 2.5, "a"), (2, 3.5, "b")]
 
 
-def test_changing_dim_needs_an_explicit_recreate(conn, write_config, cli):
+def test_changing_dim_starts_a_new_generation_and_the_old_one_keeps_serving(conn, write_config, cli):
     conn.execute("CREATE TABLE items (id int PRIMARY KEY, price real)")
     body = """
         [[embeddings]]
@@ -230,16 +230,14 @@ def test_changing_dim_needs_an_explicit_recreate(conn, write_config, cli):
         """
     assert cli("migrate", config=write_config(body.format(dim=4))).code == 0
     config = write_config(body.format(dim=8))
-    result = cli("migrate", config=config)
-    assert result.code == 1 and "changes dim from 4 to 8" in result.err and "--recreate items" in result.err
-    assert cli("migrate", "--recreate", "items", config=config).code == 0
-    assert (
-        conn.execute(
-            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
-            "WHERE attrelid = 'items_embeddings'::regclass AND attname = 'embedding'"
-        ).fetchone()[0]
-        == "vector(8)"
-    )
+    assert cli("migrate", config=config).code == 0
+    assert cli("migrate", config=config).code == 0  # still one generation being built
+    assert conn.execute(
+        "SELECT generation, state, dim, format_type(a.atttypid, a.atttypmod) FROM vectorsync.generations g "
+        "JOIN pg_attribute a ON a.attrelid = to_regclass(format('%I.%I', g.table_schema, g.table_name)) "
+        "AND a.attname = 'embedding' ORDER BY generation"
+    ).fetchall() == [(1, "serving", 4, "vector(4)"), (2, "building", 8, "vector(8)")]
+    assert conn.execute("SELECT count(*) FROM items_embeddings").fetchone()[0] == 0  # the view reads generation 1
 
 
 # --- train → sync → search ----------------------------------------------------------------------

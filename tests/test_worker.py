@@ -131,7 +131,7 @@ def test_sigterm_mid_batch_stops_within_the_bound_and_releases_the_batch(conn, d
     embedded_keys = scalar(conn, "SELECT count(*) FROM items_embeddings")
     queued_keys = scalar(conn, "SELECT count(DISTINCT key) FROM vectorsync.queue")
     assert embedded_keys + queued_keys == 3000
-    conn.execute("DROP TRIGGER slow_write ON items_embeddings")
+    conn.execute("DROP TRIGGER slow_write ON vectorsync.items_g1")
     with WorkerProcess(db_url, config, tmp_path / "again.log") as again:
         wait_until(lambda: drained(conn, 3000), 120, "a new worker to finish the queue")
         again.terminate()

@@ -14,7 +14,6 @@ import psycopg
 import pytest
 
 from tests.worker_support import (
-    add_slow_writes,
     assert_vectors_match_rows,
     create_items,
     drained,
@@ -170,30 +169,25 @@ def test_truncate_under_a_running_worker_clears_vectors_queue_and_failures(conn,
         wait_until(lambda: drained(conn, 10), 30, "rows inserted after the TRUNCATE")
 
 
-def test_backfill_and_requeue_are_one_set_based_statement(conn, db_url, items):
+def test_backfill_is_one_set_based_statement_and_a_new_model_queues_nothing(conn, db_url, items):
     config = load_config(items)
     emb = load(conn, config.embedding("items"))
     assert enqueue_backfill(conn, emb, 1) == 1000
     # one statement: every queue row has the same inserting transaction and command id
     assert scalar(conn, "SELECT count(DISTINCT (xmin::text, cmin::text)) FROM vectorsync.queue") == 1
     vectorsync(db_url, items, "sync")
-    vectorsync(db_url, items, "train", "items")  # a new model version re-queues every row
-    assert scalar(conn, "SELECT count(*) FROM vectorsync.queue") == 1000
-    assert scalar(conn, "SELECT count(DISTINCT (xmin::text, cmin::text)) FROM vectorsync.queue") == 1
+    vectorsync(db_url, items, "train", "items")  # a new model version gets a generation of its own
+    assert scalar(conn, "SELECT count(*) FROM vectorsync.queue") == 0
+    assert scalar(conn, "SELECT state FROM vectorsync.generations WHERE model_version = 2") == "building"
 
 
 def test_new_model_version_reembeds_in_background_while_queries_answer(conn, db_url, items):
     vectorsync(db_url, items, "sync")
-    add_slow_writes(conn, 0.05)
     with running_worker(db_url, items):
         vectorsync(db_url, items, "train", "items")
-        mixed_answers = 0
-        while scalar(conn, "SELECT count(*) FROM items_embeddings WHERE model_version = 1"):
-            answer = conn.execute("SELECT key FROM vectorsync.nearest('items', '3', 5)").fetchall()
-            assert len(answer) == 5
-            mixed_answers += 1
-            assert scalar(conn, "SELECT count(*) FROM items_embeddings") == 1000  # old vectors stay until replaced
+        while (models := scalar(conn, "SELECT array_agg(DISTINCT model_version) FROM items_embeddings")) != [2]:
+            assert models == [1]  # the old generation, whole, until the new one is swapped in
+            assert len(conn.execute("SELECT key FROM vectorsync.nearest('items', '3', 5)").fetchall()) == 5
+            assert scalar(conn, "SELECT count(*) FROM items_embeddings") == 1000
         wait_until(lambda: drained(conn, 1000), 30, "the re-embedding")
-    assert mixed_answers > 0
-    assert scalar(conn, "SELECT array_agg(DISTINCT model_version) FROM items_embeddings") == [2]
     assert_vectors_match_rows(conn, items)

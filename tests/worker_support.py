@@ -153,12 +153,18 @@ def worker_totals(conn: psycopg.Connection) -> tuple[int, int]:
 
 
 def add_slow_writes(conn: psycopg.Connection, seconds: float) -> None:
-    """Make every batch's write into the target sleep, so a test can act while a batch is in flight."""
+    """Make every batch's write into the generation in service sleep, so a test can act while a
+    batch is in flight."""
+    table = scalar(
+        conn,
+        "SELECT format('%I.%I', table_schema, table_name) FROM vectorsync.generations "
+        "WHERE embedding = 'items' AND state = 'serving'",
+    )
     conn.execute(
         f"""
         CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$;
-        CREATE TRIGGER slow_write BEFORE INSERT ON items_embeddings FOR EACH STATEMENT EXECUTE FUNCTION slow_write();
+        CREATE TRIGGER slow_write BEFORE INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION slow_write();
         """
     )
 
