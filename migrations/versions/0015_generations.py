@@ -9,8 +9,8 @@ the generation in service once per query, so each query reads one generation's t
 statement it runs; the capture functions empty the view row-wise on TRUNCATE (a view cannot be
 truncated).
 
-Revision ID: 0014_generations
-Revises: 0013_capture_status
+Revision ID: 0015_generations
+Revises: 0014_iterative_scan
 """
 
 from alembic import op
@@ -19,8 +19,8 @@ import vectorsync.migrations.replaceable  # noqa: F401  (registers op.replace_re
 from vectorsync.migrations.operations import execute_script
 from vectorsync.migrations.replaceable import Function
 
-revision = "0014_generations"
-down_revision = "0013_capture_status"
+revision = "0015_generations"
+down_revision = "0014_iterative_scan"
 branch_labels = None
 depends_on = None
 
