@@ -322,10 +322,10 @@ encoder = {{ type = "autoencoder", seed = 1, epochs = 3, hidden = [8] }}
         for _ in range(10):
             probe.row()
         wait_until(
-            lambda: any("holds 2-dimensional vectors" in e for e in errors_of(conn, "other")), 60, "the dim change"
+            lambda: any("was migrated with dim = 2" in e for e in errors_of(conn, "other")), 60, "the dim change"
         )
         probe.row()
     print("\n" + probe.report("a dim change of another embedding under the worker"))
-    reported = [e for e in errors_of(conn, "other") if "2-dimensional" in e]
-    assert "sets dim = 4" in reported[0] and "migrate --recreate other" in reported[0], reported
+    reported = [e for e in errors_of(conn, "other") if "was migrated with dim = 2" in e]
+    assert "sets dim = 4" in reported[0] and "run `vectorsync migrate`" in reported[0], reported
     assert failed_of(conn, "other") == {}
