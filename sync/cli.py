@@ -302,17 +302,28 @@ def sync_command(
 
 def _sync_all(state: State, names: list[str], batch_size: int | None) -> None:
     from vectorsync.sync import service
+    from vectorsync.sync.worker import seconds_since_start
 
     failed: dict[str, int] = {}
+    first_batch: list[float] = []
     with _progress() as bar:
         for name in names:
-            progress = progress_task(bar, f"sync {name}")
+            bar_update = progress_task(bar, f"sync {name}")
+
+            def progress(done: int, total: int | None, message: str, bar_update: ProgressCallback = bar_update) -> None:
+                if done and not first_batch:
+                    first_batch.append(seconds_since_start())
+                bar_update(done, total, message)
+
             result = service.sync(state.url, state.config, name, batch_size=batch_size, progress=progress)
             if result.trained is not None:
                 bar.console.print(f"{name}: had no model; trained version {result.trained.version} first")
+                first_batch[:] = [0.0]  # its progress was training steps: no start-up figure to report
             bar.console.print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in result.counts().items()))
             if result.failed:
                 failed[name] = result.failed
+        if first_batch and first_batch[0]:
+            bar.console.print(f"first batch written {first_batch[0]:.1f}s after the command started")
     _refuse_failures(failed)
 
 

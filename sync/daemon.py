@@ -38,8 +38,16 @@ def run_workers(
         metrics.serve(metrics_port)
     models.share_threads(concurrency)
     torch_threads = models.configure_torch()
+
+    def first_batch(seconds: float) -> None:
+        if console:
+            console.print(f"first batch written {seconds:.1f}s after the worker started")
+
     workers = [
-        Worker(url, config, names, batch_size=batch_size, max_wait_ms=max_wait_ms, thread_index=i, metrics=metrics)
+        Worker(
+            url, config, names, batch_size=batch_size, max_wait_ms=max_wait_ms, thread_index=i, metrics=metrics,
+            on_first_batch=first_batch if i == 0 else None,
+        )
         for i in range(concurrency)
     ]
     stop = threading.Event()

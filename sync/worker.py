@@ -500,6 +500,13 @@ def drain(
             on_batch(result)
 
 
+def seconds_since_start() -> float:
+    """Seconds since this process started: what a user waits from launching a command."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def _connection_lost(exc: BaseException) -> bool:
     """Whether ``exc`` means the database went away (as opposed to one batch failing)."""
     if isinstance(exc, NotMigrated):
@@ -570,6 +577,7 @@ class Worker:
         poll_seconds: float | None = None,
         thread_index: int = 0,
         metrics: WorkerMetrics | None = None,
+        on_first_batch: Callable[[float], None] | None = None,
     ) -> None:
         self.url = url
         self.specs = [s for s in config.select(list(names) if names else None) if s.from_queue]
@@ -580,6 +588,8 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{thread_index}"
         self.stop = threading.Event()
         self.metrics = metrics
+        #: called once, with the seconds since the process started, when the first batch is written
+        self._on_first_batch = on_first_batch
         self.embedded = 0
         self.failed = 0
         # one thread per process queues what changed while no worker ran (the first-run backfill)
@@ -721,6 +731,9 @@ class Worker:
                 if result is not None:
                     busy = True
                     self._count(spec.name, result)
+                    if self._on_first_batch is not None:
+                        self._on_first_batch(seconds_since_start())
+                        self._on_first_batch = None
             if time.monotonic() - last_beat > 2.0:
                 self._heartbeat(conn, "running")
                 last_beat = time.monotonic()

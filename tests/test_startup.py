@@ -1,0 +1,77 @@
+"""Start-up: the pretrained weights' SHA-256 is computed once per file version and then taken from
+a small cache keyed by the file's size, inode and times; any rewrite of the file is hashed again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+from tests.worker_support import (
+    REPO,
+    WorkerProcess,
+    create_items,
+    drained,
+    insert_items,
+    items_spec,
+    prepare,
+    wait_until,
+)
+from vectorsync.encoders.minilm import file_sha256
+
+
+def test_the_weights_hash_is_cached_and_a_rewritten_file_is_hashed_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 4096)
+    assert file_sha256(weights) == hashlib.sha256(b"a" * 4096).hexdigest()
+    cache = tmp_path / "cache" / "vectorsync" / "sha256.json"
+    entry = json.loads(cache.read_text())[str(weights.resolve())]
+    assert entry["sha256"] == hashlib.sha256(b"a" * 4096).hexdigest()
+
+    # a cached answer is what the cache says: proven by planting another digest for the same stamp
+    planted = {str(weights.resolve()): {**entry, "sha256": "0" * 64}}
+    cache.write_text(json.dumps(planted))
+    assert file_sha256(weights) == "0" * 64
+
+    # same size, modification time set back: the change time still moves, so it is hashed again
+    before = weights.stat()
+    time.sleep(0.05)  # file times tick coarsely
+    weights.write_bytes(b"b" * 4096)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert file_sha256(weights) == hashlib.sha256(b"b" * 4096).hexdigest()
+
+
+def test_an_unwritable_cache_only_means_hashing_again(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"c" * 100)
+    assert file_sha256(weights) == hashlib.sha256(b"c" * 100).hexdigest()
+    assert file_sha256(weights) == hashlib.sha256(b"c" * 100).hexdigest()
+
+
+def test_sync_and_worker_report_the_time_to_their_first_batch(conn, db_url, tmp_path):
+    create_items(conn, 300)
+    config = items_spec(tmp_path / "vectorsync.toml", index="none")
+    prepare(db_url, config)
+    with WorkerProcess(db_url, config, tmp_path / "worker.log") as worker:
+        wait_until(lambda: drained(conn, 300), 120, "the worker's first-run backfill")
+        wait_until(lambda: "first batch written" in worker.output(), 30, "the worker's time to first batch")
+        assert worker.terminate() == 0
+    assert re.search(r"first batch written \d+\.\ds after the worker started", worker.output())
+
+    insert_items(conn, 300, 200)  # rows for a sync started as a user starts it: a fresh process
+    env = {**os.environ, "VECTORSYNC_DATABASE_URL": db_url, "COLUMNS": "200"}
+    done = subprocess.run(
+        [sys.executable, "-m", "vectorsync", "--config", str(config), "sync"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"first batch written \d+\.\ds after the command started", done.stdout + done.stderr)
+    assert drained(conn, 500)
