@@ -15,7 +15,7 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vectorsync.errors import SpecError
 
@@ -171,6 +171,39 @@ class SentenceTransformerParams(SentenceModelParams):
     sha256: str | None = Field(None, description="Expected SHA-256 of the weights file.")
 
 
+class GraphSAGEParams(EncoderParams):
+    """Native GraphSAGE over a graph's node feature columns and edges (inductive)."""
+
+    type: Literal["graphsage"] = "graphsage"
+    aggregator: Literal["mean", "pool"] = Field("mean", description="How a node combines its neighbours.")
+    layers: int = Field(2, ge=1, le=4, description="Layers, i.e. hops of neighbourhood a vector depends on.")
+    fan_outs: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="Neighbours sampled per hop while training, nearest hop first (default 25, 10, 10...)."
+    )
+    hidden: int = Field(128, ge=1, description="Width of the layers before the last.")
+    epochs: int = Field(20, ge=1, description="Passes over the training nodes.")
+    lr: float = Field(0.01, gt=0, description="Adam learning rate.")
+    batch_size: int = Field(256, ge=1, description="Target nodes per training step.")
+    negatives: int = Field(20, ge=1, description="Negative nodes per step (unsupervised loss).")
+    walk_length: int = Field(2, ge=1, description="Random-walk steps within which two nodes count as a positive pair.")
+    label_column: str | None = Field(
+        None, description="Train supervised on this node-table column's labels instead of the unsupervised loss."
+    )
+    threads: int | None = Field(None, ge=1, description="Torch threads (default 1: the layers are small).")
+
+    @model_validator(mode="after")
+    def _one_fan_out_per_layer(self) -> GraphSAGEParams:
+        if self.fan_outs is not None and len(self.fan_outs) != self.layers:
+            raise ValueError(
+                f"fan_outs has {len(self.fan_outs)} values but layers is {self.layers}; give one per layer"
+            )
+        return self
+
+    @property
+    def hop_fan_outs(self) -> list[int]:
+        return list(self.fan_outs) if self.fan_outs is not None else [25, *([10] * (self.layers - 1))]
+
+
 #: Every encoder's parameter model, by the ``type`` a spec names.
 PARAMS: dict[str, type[EncoderParams]] = {
     model.model_fields["type"].default: model
@@ -182,6 +215,7 @@ PARAMS: dict[str, type[EncoderParams]] = {
         LSTMParams,
         MiniLMParams,
         SentenceTransformerParams,
+        GraphSAGEParams,
     )
 }
 

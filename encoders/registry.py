@@ -15,6 +15,7 @@ ENCODERS: dict[str, str] = {
     "lstm": "vectorsync.encoders.text:LSTMTextEncoder",
     "minilm": "vectorsync.encoders.minilm:MiniLMEncoder",
     "sentence_transformer": "vectorsync.encoders.minilm:SentenceTransformerFolder",
+    "graphsage": "vectorsync.encoders.graphsage:GraphSAGEEncoder",
 }
 
 #: The encoder each modality uses when the spec names none.

@@ -94,7 +94,7 @@ class EmbeddingObjects:
     #: A graph's edge table: its changes are captured too (``vectorsync.capture_graph_changes``).
     edges_schema: str | None = None
     edges_table: str | None = None
-    #: Whether the node table's changes go to the graph change log instead of the queue.
+    #: Whether the node table's changes are captured by the graph function (FastRP's log, GraphSAGE's queue).
     graph_capture: bool = False
 
     @property
@@ -377,10 +377,10 @@ def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool =
             "rename or drop it, or set 'target' in the spec to another name"
         )
     _reconcile_generations(cur, e, ktype, with_index=with_index)
-    if e.graph_capture:
-        install_graph_triggers(cur, e)
-    elif e.capture:
+    if e.capture and not e.graph_capture:
         cur.execute("SELECT vectorsync.install_capture(%s)", (e.name,))
+    if e.edges_table is not None:
+        install_graph_triggers(cur, e)
     return repaired
 
 
@@ -452,10 +452,13 @@ def _adopt_index(cur: Any, e: EmbeddingObjects) -> None:
 
 
 def install_graph_triggers(cur: Any, e: EmbeddingObjects) -> None:
-    """Statement triggers feeding ``vectorsync.graph_changes`` on a graph's node and edge tables
-    (generic: the function reads the catalogue, so an existing trigger is already right)."""
+    """Statement triggers of ``vectorsync.capture_graph_changes`` on a graph's edge table and, with
+    ``graph_capture``, its node table (generic: the function reads the catalogue, so an existing
+    trigger is already right)."""
     assert e.edges_table is not None
-    tables = {"graph": e.source, "edges": sql.Identifier(e.edges_schema or e.source_schema, e.edges_table)}
+    tables = {"edges": sql.Identifier(e.edges_schema or e.source_schema, e.edges_table)}
+    if e.graph_capture:
+        tables["graph"] = e.source
     for kind, table in tables.items():
         cur.execute("SELECT t.tgname FROM pg_trigger t WHERE t.tgrelid = to_regclass(%s)", (table.as_string(cur),))
         existing = {row[0] for row in cur.fetchall()}

@@ -56,7 +56,7 @@ class Embedding(EmbeddingObjects):
             encoder_type=spec.encoder_type,
             edges_schema=edges_schema or source_schema if graph is not None else None,
             edges_table=edges_table,
-            graph_capture=graph is not None and spec.encoder_type == "fastrp",
+            graph_capture=graph is not None,
             key_type=key_type,
             spec=spec,
         )

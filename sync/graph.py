@@ -38,12 +38,14 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
+from vectorsync.encoders.base import Progress as TrainingProgress
 from vectorsync.encoders.fastrp import Edges, FastRPParams, IncrementalFastRP, node_keys
+from vectorsync.encoders.graphsage import LocalGraph, frame_of
 from vectorsync.errors import InputError
-from vectorsync.sync import models, queue, sink
+from vectorsync.sync import models, queue, sink, sources
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.db import scalar
-from vectorsync.sync.neo4j_bridge import BridgeError, stream_embeddings
+from vectorsync.sync.neo4j_bridge import BridgeError, fingerprint, stream_embeddings
 from vectorsync.sync.progress import Progress
 from vectorsync.sync.spec import GraphEmbeddingSpec, GraphSpec, split_qualified
 
@@ -73,7 +75,7 @@ def sync_graph(conn: psycopg.Connection, emb: Embedding, progress: Progress | No
     spec = emb.spec
     if not isinstance(spec, GraphEmbeddingSpec):
         raise ValueError(f"embedding {emb.name!r} is a {spec.modality} embedding, not a graph")
-    kind = "bridge" if spec.neo4j else "fastrp"
+    kind = "bridge" if spec.neo4j else spec.encoder_type
     run_id = queue.start_run(conn, emb.name, kind)
     started = time.perf_counter()
 
@@ -84,7 +86,12 @@ def sync_graph(conn: psycopg.Connection, emb: Embedding, progress: Progress | No
     advance(0, kind)
 
     try:
-        counts, details = _bridge(conn, emb, advance) if spec.neo4j else _native(conn, emb, advance, run_id)
+        if spec.neo4j:
+            counts, details = _bridge(conn, emb, advance, run_id)
+        elif spec.encoder_type == "graphsage":
+            counts, details = _graphsage(conn, emb, advance)
+        else:
+            counts, details = _native(conn, emb, advance, run_id)
     except BaseException as exc:
         queue.fail_run(conn, run_id, exc)
         raise
@@ -223,7 +230,7 @@ def _native(
                 state is not None
                 and state["params"] == params
                 and state["model_version"] == models.current_version(conn, emb.name)
-                and scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(emb.target)) == state["nodes"]
+                and _target_rows(conn, emb) == state["nodes"]
             )
             if unchanged and changes == 0:
                 assert state is not None
@@ -252,14 +259,7 @@ def _native(
                 counts, details = outcome
             assert cached is not None
             conn.execute("DELETE FROM vectorsync.graph_changes WHERE embedding = %s", (emb.name,))
-            conn.execute(
-                "INSERT INTO vectorsync.graph_state (embedding, model_version, params, nodes, serial) "
-                "VALUES (%(name)s, %(version)s, %(params)s, %(nodes)s, %(serial)s) ON CONFLICT (embedding) DO UPDATE "
-                "SET model_version = EXCLUDED.model_version, params = EXCLUDED.params, nodes = EXCLUDED.nodes, "
-                "serial = EXCLUDED.serial, synced_at = now()",
-                {"name": emb.name, "version": counts["model_version"], "params": json.dumps(params),
-                 "nodes": counts["nodes"], "serial": run_id},
-            )
+            _save_state(conn, emb, counts["model_version"], params, counts["nodes"], run_id)
         cached.serial = run_id
         _CACHE[emb.name] = cached
         return counts, details
@@ -288,6 +288,23 @@ def _graph_state(conn: psycopg.Connection, emb: Embedding) -> dict[str, Any] | N
         "SELECT model_version, params, nodes, serial FROM vectorsync.graph_state WHERE embedding = %s", (emb.name,)
     ).fetchone()
     return None if row is None else dict(zip(("model_version", "params", "nodes", "serial"), row, strict=True))
+
+
+def _save_state(
+    conn: psycopg.Connection, emb: Embedding, version: int, params: dict[str, Any], nodes: int, run_id: int
+) -> None:
+    conn.execute(
+        "INSERT INTO vectorsync.graph_state (embedding, model_version, params, nodes, serial) "
+        "VALUES (%(name)s, %(version)s, %(params)s, %(nodes)s, %(serial)s) ON CONFLICT (embedding) DO UPDATE "
+        "SET model_version = EXCLUDED.model_version, params = EXCLUDED.params, nodes = EXCLUDED.nodes, "
+        "serial = EXCLUDED.serial, synced_at = now()",
+        {"name": emb.name, "version": version, "params": json.dumps(params, default=str), "nodes": nodes,
+         "serial": run_id},
+    )
+
+
+def _target_rows(conn: psycopg.Connection, emb: Embedding) -> int:
+    return int(scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(emb.target)))
 
 
 def _pending_changes(conn: psycopg.Connection, emb: Embedding) -> int:
@@ -786,12 +803,38 @@ def bridge_params(spec: GraphEmbeddingSpec) -> dict[str, Any]:
     }
 
 
-def _bridge(conn: psycopg.Connection, emb: Embedding, advance: Advance) -> tuple[dict[str, int], dict[str, Any]]:
+def _bridge(
+    conn: psycopg.Connection, emb: Embedding, advance: Advance, run_id: int
+) -> tuple[dict[str, int], dict[str, Any]]:
     spec = emb.spec
     assert isinstance(spec, GraphEmbeddingSpec) and spec.neo4j is not None
     neo = spec.neo4j
     info: dict[str, Any] = {}
     embedded = seen = pages = 0
+    # An algorithm's vectors depend on the graph only: an unchanged fingerprint means nothing to
+    # do. Stored vectors (``property``) can change with no node or relationship added, so they are
+    # always copied.
+    made_from = None
+    if neo.algorithm is not None:
+        advance(0, f"fingerprinting {neo.uri}")
+        made_from = {"bridge": bridge_params(spec), "fingerprint": fingerprint(neo)}
+        state = _graph_state(conn, emb)
+        if (
+            state is not None
+            and state["params"] == json.loads(json.dumps(made_from, default=str))
+            and state["model_version"] == models.current_version(conn, emb.name)
+            and _target_rows(conn, emb) == state["nodes"]
+        ):
+            nodes = int(state["nodes"])
+            log.info("embedding %s: the Neo4j graph did not change since the last run; nothing to copy", emb.name)
+            counts = {"embedded": 0, "unchanged": nodes, "deleted": 0, "model_version": state["model_version"]}
+            return counts, {
+                "mode": "unchanged",
+                "reason": "the Neo4j graph did not change (same node and relationship counts and largest ids)",
+                "fingerprint": made_from["fingerprint"],
+                "uri": neo.uri,
+                "label": neo.label,
+            }
     advance(0, f"connecting to {neo.uri}")
     with conn.transaction():
         _lock(conn, emb)
@@ -825,9 +868,12 @@ def _bridge(conn: psycopg.Connection, emb: Embedding, advance: Advance) -> tuple
                 target=emb.target, seen=_SEEN, key=emb.key
             )
         ).rowcount
+        if made_from is not None:
+            _save_state(conn, emb, version, made_from, seen, run_id)
     counts = {"embedded": embedded, "unchanged": seen - embedded, "deleted": deleted, "model_version": version}
     details = {
         **info,
+        "mode": "full",
         "uri": neo.uri,
         "database": neo.database,
         "label": neo.label,
@@ -842,3 +888,164 @@ def _with_text_keys(pages: Iterator[tuple[list[Any], np.ndarray]]) -> Iterator[t
     """Keys in their text form: the sink casts them to the Postgres key type."""
     for keys, vectors in pages:
         yield [str(k) for k in keys], vectors
+
+
+# ---------------------------------------------------------------------------------------------
+# Native GraphSAGE
+# ---------------------------------------------------------------------------------------------
+
+
+def train_graphsage(
+    conn: psycopg.Connection, emb: Embedding, *, progress: TrainingProgress | None = None
+) -> tuple[int, dict[str, float], int]:
+    """Train GraphSAGE on the whole graph as it is now, store it as a new model version, and queue
+    the nodes whose vectors an older version made. Returns (version, metrics, nodes)."""
+    spec = emb.spec
+    assert isinstance(spec, GraphEmbeddingSpec) and spec.graph is not None and spec.encoder is not None
+    encoder = models.new_encoder(spec)
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        graph = read_graph(conn, emb, spec.graph)
+        label_column = spec.encoder.label_column
+        labels = _labels(conn, emb, graph.keys, label_column) if label_column else None
+    if not graph.keys:
+        raise InputError(None, f"embedding {spec.name!r}: table {spec.table!r} has no nodes to train on")
+    local = _local(graph, spec.graph, labels)
+    frame = frame_of(local, graph.keys, np.arange(len(graph.keys)), sources.KEY)
+    metrics = encoder.fit(lambda: iter([frame]), seed=spec.encoder.seed, progress=progress)
+    with conn.transaction():
+        version = models.store(conn, emb, encoder, {k: float(v) for k, v in metrics.items()}, len(graph.keys))
+        queue.enqueue_older(conn, emb, version)
+    return version, metrics, len(graph.keys)
+
+
+def _local(graph: _Graph, graph_spec: GraphSpec, labels: np.ndarray | None = None) -> LocalGraph:
+    features = graph.features if graph.features is not None else np.zeros((len(graph.keys), 0))
+    return LocalGraph.from_edges(features, graph.src, graph.dst, graph_spec.orientation, labels)
+
+
+def _labels(conn: psycopg.Connection, emb: Embedding, keys: list[str], column: str) -> np.ndarray:
+    """Integer codes of the label column per node (-1 where it is NULL)."""
+    rows = dict(
+        conn.execute(
+            sql.SQL("SELECT {key}::text, {label}::text FROM {source}").format(
+                key=emb.key, label=sql.Identifier(column), source=emb.source
+            )
+        ).fetchall()
+    )
+    codes, _ = pd.factorize(pd.Series([rows.get(k) for k in keys], dtype=object))
+    return codes.astype(np.int64)
+
+
+def _input_hashes(conn: psycopg.Connection, emb: Embedding, keys: list[str] | None = None) -> dict[str, str]:
+    """The input hash of each node's feature values (all nodes, or these keys)."""
+    where = sql.SQL(" WHERE s.{} = ANY(CAST(%s AS {}))").format(emb.key, emb.key_array_type) if keys is not None \
+        else sql.SQL("")
+    return dict(
+        conn.execute(
+            sql.SQL("SELECT s.{key}::text, {hash} FROM {source} s").format(
+                key=emb.key, hash=emb.input_hash_expr("s"), source=emb.source
+            ) + where,
+            (keys,) if keys is not None else None,
+        ).fetchall()
+    )
+
+
+def _graphsage(
+    conn: psycopg.Connection, emb: Embedding, advance: Advance
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Every node's vector from the current model (a forward pass over the whole graph)."""
+    spec = emb.spec
+    assert isinstance(spec, GraphEmbeddingSpec) and spec.graph is not None
+    clock = time.perf_counter()
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        version = models.ensure_model(conn, emb)
+        encoder = models.ModelCache().get(conn, emb, version)
+        graph = read_graph(conn, emb, spec.graph)
+        hashes = _input_hashes(conn, emb)
+        read_seconds = time.perf_counter() - clock
+        n = len(graph.keys)
+        advance(0, f"GraphSAGE over {n} nodes, {len(graph.src)} edges", n)
+        clock = time.perf_counter()
+        vectors = encoder.embed(_local(graph, spec.graph), np.arange(n)) if n else np.zeros((0, spec.dim))
+        compute_seconds = time.perf_counter() - clock
+        clock = time.perf_counter()
+        written = 0
+        for start in range(0, n, CHUNK_ROWS):
+            keys = graph.keys[start : start + CHUNK_ROWS]
+            written += sink.upsert(conn, emb, keys, vectors[start : start + CHUNK_ROWS], version,
+                                   [hashes.get(k) for k in keys])
+            advance(start + len(keys), "writing")
+        deleted = sink.delete_orphans(conn, emb)
+    counts = {"embedded": written, "unchanged": n - written, "deleted": deleted, "nodes": n, "model_version": version}
+    details = {
+        "mode": "full",
+        "nodes": n,
+        "edges": len(graph.src),
+        "skipped_edges": graph.skipped_edges,
+        "model_version": version,
+        "read_seconds": round(read_seconds, 3),
+        "compute_seconds": round(compute_seconds, 3),
+        "write_seconds": round(time.perf_counter() - clock, 3),
+    }
+    return counts, details
+
+
+def read_neighbourhoods(conn: psycopg.Connection, emb: Embedding, keys: list[str]) -> pd.DataFrame:
+    """The batch frame of a GraphSAGE queue batch: the nodes among ``keys`` that exist, with the
+    local graph of everything their vectors depend on (``layers`` hops of edges, node features)."""
+    spec = emb.spec
+    assert isinstance(spec, GraphEmbeddingSpec) and spec.graph is not None and spec.encoder is not None
+    graph_spec = spec.graph
+    hashes = _input_hashes(conn, emb, list(keys))
+    targets = [k for k in keys if k in hashes]
+    nodes = list(targets)
+    known = set(nodes)
+    edges: dict[str, tuple[str, str]] = {}
+    frontier = targets
+    for _ in range(spec.encoder.layers):
+        if not frontier:
+            break
+        found = _edges_between_nodes(conn, emb, graph_spec, frontier)
+        fresh = [(ident, s, t) for ident, s, t in found if ident not in edges]
+        frontier = []
+        for ident, source, target in fresh:
+            edges[ident] = (source, target)
+            for end in (source, target):
+                if end not in known:
+                    known.add(end)
+                    nodes.append(end)
+                    frontier.append(end)
+    _, features = _read_nodes(conn, emb, graph_spec, nodes)
+    position = {k: i for i, k in enumerate(nodes)}
+    ends = np.array([(position[s], position[t]) for s, t in edges.values()], dtype=np.int64).reshape(-1, 2)
+    local = LocalGraph.from_edges(
+        features if features is not None else np.zeros((len(nodes), 0)), ends[:, 0], ends[:, 1],
+        graph_spec.orientation,
+    )
+    frame = frame_of(local, targets, np.arange(len(targets)), sources.KEY)
+    frame[sources.HASH] = [hashes[k] for k in targets]
+    return frame
+
+
+def _edges_between_nodes(
+    conn: psycopg.Connection, emb: Embedding, graph: GraphSpec, keys: list[str]
+) -> list[tuple[str, str, str]]:
+    """(row identity, source, target) of every edge with an end among ``keys`` whose both ends are
+    nodes (dangling edges are left out, as in a full run)."""
+    return conn.execute(
+        sql.SQL(
+            "SELECT e.ctid::text, e.{s}::text, e.{t}::text FROM {edges} e "
+            "JOIN {source} a ON a.{key} = e.{s} JOIN {source} b ON b.{key} = e.{t} "
+            "WHERE e.{s} = ANY(CAST(%(k)s AS {karr})) OR e.{t} = ANY(CAST(%(k)s AS {karr}))"
+        ).format(
+            s=sql.Identifier(graph.source_column),
+            t=sql.Identifier(graph.target_column),
+            edges=_edges_table(emb, graph),
+            source=emb.source,
+            key=emb.key,
+            karr=emb.key_array_type,
+        ),
+        {"k": keys},
+    ).fetchall()

@@ -367,6 +367,23 @@ def _pages(rows: Iterator[tuple[Any, Any]], spec: Neo4jSpec, dim: int) -> Iterat
         yield flush()
 
 
+def fingerprint(spec: Neo4jSpec) -> dict[str, Any]:
+    """A cheap summary of the label's subgraph that changes when nodes or relationships are added
+    or removed: node and relationship counts and the largest element ids (two aggregate queries,
+    no node data read)."""
+    label = _quote(spec.label)
+    with connect(spec) as driver:
+        reader = _Reader(driver, spec)
+        nodes = reader.single(
+            f"MATCH (n:{label}) RETURN count(n) AS nodes, max(elementId(n)) AS max_node", "fingerprinting nodes"
+        )
+        relationships = reader.single(
+            f"MATCH (:{label})-[r]-() RETURN count(r) AS relationships, max(elementId(r)) AS max_relationship",
+            "fingerprinting relationships",
+        )
+    return {**nodes, **relationships}
+
+
 def stream_embeddings(
     spec: Neo4jSpec, dim: int, info: dict[str, Any] | None = None
 ) -> Generator[tuple[list[Any], np.ndarray], None, None]:

@@ -127,7 +127,7 @@ def sync(
     spec = config.embedding(name)
     with connection(url, autocommit=True) as conn:
         emb = catalog.load(conn, spec)
-        if not spec.from_queue:
+        if spec.modality == "graph":  # GraphSAGE too: one forward pass over the whole graph
             counts = graph.sync_graph(conn, emb, progress=progress)
             return SyncResult(
                 name,

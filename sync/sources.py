@@ -52,6 +52,10 @@ def _frame(cur: psycopg.Cursor[Any]) -> pd.DataFrame:
 def read_rows(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> pd.DataFrame:
     """The source rows with these (text) keys, read without locking them: a row the application
     holds locked is read as last committed, never waited for."""
+    if emb.spec.encoder_type == "graphsage":
+        from vectorsync.sync.graph import read_neighbourhoods
+
+        return read_neighbourhoods(conn, emb, list(keys))
     with conn.cursor(binary=True) as cur:
         cur.execute(
             sql.SQL("SELECT {cols} FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr}))").format(

@@ -21,6 +21,7 @@ from vectorsync.encoders.params import (
     ConvAutoencoderParams,
     DlibParams,
     EncoderParams,
+    GraphSAGEParams,
     IdentityCNNParams,
     LSTMParams,
     MiniLMParams,
@@ -257,13 +258,24 @@ class GraphEmbeddingSpec(EmbeddingSpec):
     graph: GraphSpec | None = None
     schedule_seconds: float | None = Field(None, gt=0)
 
+    #: Native GraphSAGE (``encoder = { type = "graphsage", ... }``); without it a native graph is FastRP.
+    encoder: GraphSAGEParams | None = None  # type: ignore[assignment]  # graphs take only GraphSAGE's table
+
     @field_validator("encoder", mode="before")
     @classmethod
-    def _no_encoder_table(cls, value: Any) -> Any:
-        raise ValueError(
-            "graph embeddings take no encoder table: FastRP's settings go in [embeddings.graph], "
-            "the bridge's in [embeddings.neo4j]"
-        )
+    def _graphsage_only(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") != "graphsage":
+            raise ValueError(
+                "a graph's encoder table is for GraphSAGE (type = \"graphsage\"); FastRP's settings go in "
+                "[embeddings.graph], the bridge's in [embeddings.neo4j]"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _graphsage_inputs(self) -> GraphEmbeddingSpec:
+        if self.encoder is not None and (self.graph is None or not self.graph.feature_columns):
+            raise ValueError("GraphSAGE embeds node features: set [embeddings.graph] with feature_columns")
+        return self
 
     @model_validator(mode="after")
     def _one_graph_source(self) -> GraphEmbeddingSpec:
@@ -273,11 +285,12 @@ class GraphEmbeddingSpec(EmbeddingSpec):
 
     @property
     def encoder_type(self) -> str:
-        return "neo4j" if self.neo4j else "fastrp"
+        return "neo4j" if self.neo4j else ("graphsage" if self.encoder is not None else "fastrp")
 
     @property
     def from_queue(self) -> bool:
-        return False
+        """GraphSAGE embeds a new or changed node from the queue with the current model."""
+        return self.encoder_type == "graphsage"
 
     @property
     def input_columns(self) -> list[str]:

@@ -40,6 +40,10 @@ def train(
     a separate connection, chunk by chunk, once per epoch.
     """
     spec = emb.spec
+    if spec.encoder_type == "graphsage":
+        from vectorsync.sync.graph import train_graphsage
+
+        return train_graphsage(conn, emb, progress=progress)
     encoder = new_encoder(spec)
     rows = count_rows(conn, emb)
     if rows == 0:

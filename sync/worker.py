@@ -401,9 +401,10 @@ def _without_unchanged(
 
     A key queued twice (an insert, then an update processed in another batch) is then encoded once
     per model version and input values. Inputs read from files are always re-encoded: a file can
-    change while its path, and so the input hash, stays the same.
+    change while its path, and so the input hash, stays the same; a graph node's vector also
+    depends on its neighbours, which its input hash does not cover.
     """
-    if getattr(emb.spec, "path_column", None) is not None or frame.empty:
+    if getattr(emb.spec, "path_column", None) is not None or emb.spec.modality == "graph" or frame.empty:
         return frame, []
     stored: dict[str, str] = dict(
         conn.execute(

@@ -406,6 +406,34 @@ def test_bridge_stored_property_sync_is_exact_incremental_and_drops_vanished_nod
     assert [r[1:5] for r in runs(members, "stored")] == [("bridge", 34, 0, 0), ("bridge", 1, 31, 2)]
 
 
+def test_bridge_skips_a_run_when_the_neo4j_graph_did_not_change(
+    arcadedb: BoltServer, members: psycopg.Connection, write_config: Callable[[str], Path], cli: Callable[..., Any]
+) -> None:
+    label = unique_label("Finger")
+    load_karate(arcadedb, label)
+    config = write_config(bridge_spec(arcadedb, "finger", label, 16, "", algorithm="fastRP", config={"randomSeed": 7}))
+    assert cli("migrate", config=config).code == 0
+    assert cli("sync", "finger", config=config).code == 0
+    before = embedded_at(members, "finger_embeddings", "key")
+
+    result = cli("sync", "finger", config=config)
+    assert result.code == 0, result.err
+    counts = counts_line(result.out + result.err, "finger")
+    assert (counts["embedded"], counts["unchanged"], counts["deleted"]) == (0, 34, 0)
+    details = runs(members, "finger")[-1][5]
+    assert details["mode"] == "unchanged" and "did not change" in details["reason"]
+    assert details["fingerprint"]["nodes"] == 34 and details["fingerprint"]["relationships"] == 2 * 78
+    assert embedded_at(members, "finger_embeddings", "key") == before
+
+    members.execute("INSERT INTO members VALUES ('m34')")
+    arcadedb.run(f"CREATE (n:{label} {{key: 'm34'}})")
+    arcadedb.run(f"MATCH (a:{label} {{key: 'm0'}}) MATCH (b:{label} {{key: 'm34'}}) CREATE (a)-[:KNOWS]->(b)")
+    result = cli("sync", "finger", config=config)
+    assert result.code == 0, result.err
+    assert runs(members, "finger")[-1][5]["mode"] == "full"
+    assert members.execute("SELECT count(*) FROM finger_embeddings").fetchone()[0] == 35
+
+
 def test_bridge_errors_are_one_cli_line(
     arcadedb: BoltServer,
     members: psycopg.Connection,
