@@ -34,7 +34,7 @@ GRAPH = "__graph__"
 #: Frame column holding each row's node position in that graph.
 NODE = "__node__"
 #: Dot products of unit vectors lie in [-1, 1]: scaled, the sigmoid of the paper's loss can saturate.
-_LOGIT_SCALE = 5.0
+_LOGIT_SCALE = 10.0
 
 
 @dataclass

@@ -40,7 +40,7 @@ from psycopg import sql
 
 from vectorsync.encoders.base import Progress as TrainingProgress
 from vectorsync.encoders.fastrp import Edges, FastRPParams, IncrementalFastRP, node_keys
-from vectorsync.encoders.graphsage import LocalGraph, frame_of
+from vectorsync.encoders.graphsage import GraphSAGEEncoder, LocalGraph, frame_of
 from vectorsync.errors import InputError
 from vectorsync.sync import models, queue, sink, sources
 from vectorsync.sync.catalog import Embedding
@@ -926,7 +926,7 @@ def _local(graph: _Graph, graph_spec: GraphSpec, labels: np.ndarray | None = Non
 
 def _labels(conn: psycopg.Connection, emb: Embedding, keys: list[str], column: str) -> np.ndarray:
     """Integer codes of the label column per node (-1 where it is NULL)."""
-    rows = dict(
+    rows: dict[str, str | None] = dict(
         conn.execute(
             sql.SQL("SELECT {key}::text, {label}::text FROM {source}").format(
                 key=emb.key, label=sql.Identifier(column), source=emb.source
@@ -962,6 +962,8 @@ def _graphsage(
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         version = models.ensure_model(conn, emb)
         encoder = models.ModelCache().get(conn, emb, version)
+        if not isinstance(encoder, GraphSAGEEncoder):
+            raise InputError(None, f"embedding {emb.name!r}: model version {version} is not a GraphSAGE model")
         graph = read_graph(conn, emb, spec.graph)
         hashes = _input_hashes(conn, emb)
         read_seconds = time.perf_counter() - clock

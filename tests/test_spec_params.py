@@ -80,9 +80,19 @@ def test_unknown_field_in_a_section_suggests_the_nearest_name():
         parse_config({"databse": {"url": "postgresql://"}})
 
 
-def test_graph_embeddings_take_no_encoder_table():
+def test_a_graph_encoder_table_is_graphsage_only():
     entry = {"name": "g", "table": "n", "key": "id", "modality": "graph", "dim": 8, "graph": {"edges": "e"}}
-    assert "graph embeddings take no encoder table" in problem({**entry, "encoder": {"epochs": 3}})
+    assert "a graph's encoder table is for GraphSAGE" in problem({**entry, "encoder": {"epochs": 3}})
+    assert "GraphSAGE embeds node features: set [embeddings.graph] with feature_columns" in problem(
+        {**entry, "encoder": {"type": "graphsage"}}
+    )
+    with_features = {**entry, "graph": {"edges": "e", "feature_columns": ["f"]}}
+    assert "fan_outs has 1 values but layers is 2" in problem(
+        {**with_features, "encoder": {"type": "graphsage", "fan_outs": [5]}}
+    )
+    spec = parse_config({"embeddings": [{**with_features, "encoder": {"type": "graphsage", "layers": 3}}]})
+    assert spec.embeddings[0].encoder_type == "graphsage"
+    assert spec.embeddings[0].encoder.hop_fan_outs == [25, 10, 10]
 
 
 def test_the_encoder_receives_its_validated_parameters():
