@@ -163,9 +163,8 @@ def live_figures(data_dir: Path, quick: bool) -> list[Figure]:
                 ]
             }
         )
-        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        schema.upgrade(url, config)  # triggers first, then the graph: a bulk load logs its changes too
         generate(conn, nodes, edges, weighted=True)
+        schema.upgrade(url, config)
         emb = catalog.load(conn, config.embeddings[0])
         with timer() as full:
             first = sync_graph(conn, emb)
