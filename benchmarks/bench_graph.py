@@ -262,7 +262,15 @@ def graphsage_figures(data_dir: Path, quick: bool) -> list[Figure]:
         )
         latencies = []
         try:
-            time.sleep(5)  # an idle worker: started, listening
+            started = time.monotonic()  # an idle worker: started, its model loaded, listening
+            while not conn.execute("SELECT count(*) FROM vectorsync.workers WHERE status = 'running'").fetchone()[0]:
+                assert time.monotonic() - started < 300 and worker.poll() is None, "the worker did not start"
+                time.sleep(0.2)
+            conn.execute("INSERT INTO people SELECT %s, ARRAY(SELECT random() FROM generate_series(1, 16))", (-1,))
+            while not conn.execute("SELECT 1 FROM sage_embeddings WHERE id = -1").fetchone():
+                assert time.monotonic() - started < 300, "the worker embedded nothing"
+                time.sleep(0.05)
+            time.sleep(1.0)
             for i in range(inserts):
                 key = nodes + i
                 with conn.transaction():
