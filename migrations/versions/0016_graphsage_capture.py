@@ -6,16 +6,16 @@ embedding whose encoder is GraphSAGE, inserted, deleted or updated edges queue t
 nodes whose key or feature columns changed queue their key (a TRUNCATE of the nodes empties the
 target), and the workers recompute those vectors with the current model, without retraining.
 
-Revision ID: 0014_graphsage_capture
-Revises: 0013_capture_status
+Revision ID: 0016_graphsage_capture
+Revises: 0015_generations
 """
 
 from alembic import op
 
 from vectorsync.migrations.operations import execute_script
 
-revision = "0014_graphsage_capture"
-down_revision = "0013_capture_status"
+revision = "0016_graphsage_capture"
+down_revision = "0015_generations"
 branch_labels = None
 depends_on = None
 
@@ -44,7 +44,7 @@ def upgrade() -> None:
                                    'SELECT $1, s.%1$I::text FROM %2$I.%3$I s',
                                    e.key_column, e.source_schema, e.source_table) USING e.name;
                 ELSIF TG_OP = 'TRUNCATE' THEN
-                    EXECUTE format('TRUNCATE %1$I.%2$I', e.target_schema, e.target_table);
+                    EXECUTE format('DELETE FROM %1$I.%2$I', e.target_schema, e.target_table);  -- a view: row-wise
                     DELETE FROM vectorsync.queue WHERE embedding = e.name;
                 ELSIF TG_ARGV[1] = 'edges' THEN
                     ends := format('SELECT x.%1$I::text AS k FROM %3$s x UNION SELECT x.%2$I::text FROM %3$s x',
