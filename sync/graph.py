@@ -42,7 +42,7 @@ from vectorsync.encoders.base import Progress as TrainingProgress
 from vectorsync.encoders.fastrp import Edges, FastRPParams, IncrementalFastRP, node_keys
 from vectorsync.encoders.graphsage import GraphSAGEEncoder, LocalGraph, frame_of
 from vectorsync.errors import InputError
-from vectorsync.sync import models, queue, sink, sources
+from vectorsync.sync import generations, models, queue, sink, sources
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.db import scalar
 from vectorsync.sync.neo4j_bridge import BridgeError, fingerprint, stream_embeddings
@@ -898,8 +898,8 @@ def _with_text_keys(pages: Iterator[tuple[list[Any], np.ndarray]]) -> Iterator[t
 def train_graphsage(
     conn: psycopg.Connection, emb: Embedding, *, progress: TrainingProgress | None = None
 ) -> tuple[int, dict[str, float], int]:
-    """Train GraphSAGE on the whole graph as it is now, store it as a new model version, and queue
-    the nodes whose vectors an older version made. Returns (version, metrics, nodes)."""
+    """Train GraphSAGE on the whole graph as it is now, store it as a new model version, and start
+    the generation that embeds it. Returns (version, metrics, nodes)."""
     spec = emb.spec
     assert isinstance(spec, GraphEmbeddingSpec) and spec.graph is not None and spec.encoder is not None
     encoder = models.new_encoder(spec)
@@ -915,7 +915,7 @@ def train_graphsage(
     metrics = encoder.fit(lambda: iter([frame]), seed=spec.encoder.seed, progress=progress)
     with conn.transaction():
         version = models.store(conn, emb, encoder, {k: float(v) for k, v in metrics.items()}, len(graph.keys))
-        queue.enqueue_older(conn, emb, version)
+        generations.start(conn, emb, version)
     return version, metrics, len(graph.keys)
 
 
