@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from alembic.operations import MigrateOperation, Operations
@@ -170,7 +170,8 @@ def generation_table(name: str, number: int) -> str:
 def generation_objects(e: EmbeddingObjects, number: int, dim: int, distance: str) -> EmbeddingObjects:
     """``e`` as generation ``number`` sees it: its own table, dimension and distance (so its own index)."""
     return replace(
-        e, target_schema=GENERATION_SCHEMA, target_table=generation_table(e.name, number), dim=dim, distance=distance
+        e, target_schema=GENERATION_SCHEMA, target_table=generation_table(e.name, number), dim=dim,
+        distance=cast(Distance, distance),
     )
 
 

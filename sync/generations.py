@@ -18,16 +18,18 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
+from vectorsync.embedding_sql.distance import Distance
 from vectorsync.errors import DatabaseError
 from vectorsync.migrations import operations
 from vectorsync.sync import queue
 from vectorsync.sync.catalog import Embedding
+from vectorsync.sync.db import scalar
 from vectorsync.sync.models import NoModel, ensure_model, new_encoder, store
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,7 @@ def bind(emb: Embedding, gen: Generation) -> Embedding:
         emb,
         spec=spec,
         dim=gen.dim,
-        distance=gen.distance,
+        distance=cast(Distance, gen.distance),
         target_schema=gen.table_schema,
         target_table=gen.table_name,
         current_version=gen.model_version,
@@ -152,15 +154,16 @@ def with_pretrained_model(conn: psycopg.Connection, emb: Embedding, gen: Generat
     encoder = new_encoder(emb.spec)
     if encoder.trainable:
         return gen
-    row = conn.execute(
+    current = scalar(
+        conn,
         "SELECT model_version FROM vectorsync.generations WHERE embedding = %s AND generation = %s FOR UPDATE",
         (emb.name, gen.generation),
-    ).fetchone()
-    if row[0] is None:
+    )
+    if current is None:
         version = store(conn, emb, encoder, {}, None)
         _assign_model(conn, gen, version)
         return dataclasses.replace(gen, model_version=version)
-    return dataclasses.replace(gen, model_version=row[0])
+    return dataclasses.replace(gen, model_version=current)
 
 
 def _assign_model(conn: psycopg.Connection, gen: Generation, version: int) -> None:
@@ -192,7 +195,7 @@ def start(conn: psycopg.Connection, emb: Embedding, version: int) -> Generation:
     if target is None:
         objects = _objects_for(emb)
         with conn.cursor() as cur:
-            operations.add_generation(cur, objects, "building", emb.key_type, with_index=False)
+            operations.add_generation(cur, objects, "building", emb.key_sql_type.as_string(conn), with_index=False)
         target = building(conn, emb.name)
         assert target is not None
     else:
@@ -203,7 +206,7 @@ def start(conn: psycopg.Connection, emb: Embedding, version: int) -> Generation:
 
 
 def _is_empty(conn: psycopg.Connection, gen: Generation) -> bool:
-    return conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(gen.table)).fetchone()[0]
+    return scalar(conn, sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(gen.table))
 
 
 # --- building -----------------------------------------------------------------------------------
@@ -212,7 +215,7 @@ def _is_empty(conn: psycopg.Connection, gen: Generation) -> bool:
 def may_build(conn: psycopg.Connection) -> bool:
     """Whether this session may build and swap generations: the catalogue's owner may (the worker
     role may not write the catalogue)."""
-    return conn.execute("SELECT has_table_privilege('vectorsync.generations', 'UPDATE')").fetchone()[0]
+    return bool(scalar(conn, "SELECT has_table_privilege('vectorsync.generations', 'UPDATE')"))
 
 
 def _lock_key(name: str) -> tuple[str]:
@@ -223,9 +226,8 @@ def try_lock(conn: psycopg.Connection, name: str, *, transaction: bool = False) 
     """Whether this session now holds the lock that lets one process at a time build ``name``'s
     generation (until the transaction ends, or until ``unlock``)."""
     function = "pg_try_advisory_xact_lock" if transaction else "pg_try_advisory_lock"
-    return conn.execute(
-        sql.SQL("SELECT {}(hashtextextended(%s, 0))").format(sql.Identifier(function)), _lock_key(name)
-    ).fetchone()[0]
+    return bool(scalar(conn, sql.SQL("SELECT {}(hashtextextended(%s, 0))").format(sql.Identifier(function)),
+                       _lock_key(name)))
 
 
 def unlock(conn: psycopg.Connection, name: str) -> None:
@@ -234,10 +236,10 @@ def unlock(conn: psycopg.Connection, name: str) -> None:
 
 def next_keys(conn: psycopg.Connection, emb: Embedding, gen: Generation, limit: int) -> list[str]:
     """The next ``limit`` source keys after where ``gen``'s backfill stands, in key order."""
-    after = sql.SQL("")
+    after: sql.Composable = sql.SQL("")
     if gen.backfilled_to is not None:
         after = sql.SQL(" WHERE s.{} > CAST({} AS {})").format(
-            emb.key, sql.Literal(gen.backfilled_to), sql.SQL(emb.key_type)
+            emb.key, sql.Literal(gen.backfilled_to), emb.key_sql_type
         )
     return [
         row[0]
@@ -274,14 +276,15 @@ def mark_backfilled(conn: psycopg.Connection, gen: Generation, upto: str | None)
 
 def missing(conn: psycopg.Connection, emb: Embedding, gen: Generation) -> int:
     """Source rows with no vector in ``gen`` that are neither queued nor failed items."""
-    return conn.execute(
+    return int(scalar(
+        conn,
         sql.SQL(
             "SELECT count(*) FROM {src} s WHERE NOT EXISTS (SELECT 1 FROM {tgt} t WHERE t.{key} = s.{key}) "
             "AND NOT EXISTS (SELECT 1 FROM vectorsync.failed f WHERE f.embedding = %(name)s AND f.key = s.{key}::text) "
             "AND NOT EXISTS (SELECT 1 FROM vectorsync.queue q WHERE q.embedding = %(name)s AND q.key = s.{key}::text)"
         ).format(src=emb.source, tgt=gen.table, key=emb.key),
         {"name": emb.name},
-    ).fetchone()[0]
+    ))
 
 
 def build_index(conn: psycopg.Connection, emb: Embedding, gen: Generation) -> None:
@@ -296,7 +299,7 @@ def build_index(conn: psycopg.Connection, emb: Embedding, gen: Generation) -> No
         return
     if valid is not None:
         conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index))
-    rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(gen.table)).fetchone()[0]
+    rows = scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(gen.table))
     statement = operations.index_statement(objects, rows=rows, concurrently=True)
     if statement is not None:
         conn.execute(statement)
@@ -434,12 +437,12 @@ def progress(conn: psycopg.Connection, name: str) -> list[dict[str, Any]]:
     ).fetchone()
     source_rows = 0
     if source is not None and _exists(conn, sql.Identifier(*source)):
-        source_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(*source))).fetchone()[0]
+        source_rows = scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(*source)))
     rows = []
     for gen in generations(conn, name):
         embedded = 0
         if _exists(conn, gen.table):
-            embedded = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(gen.table)).fetchone()[0]
+            embedded = scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(gen.table))
         entry: dict[str, Any] = {
             "generation": gen.generation,
             "state": gen.state,
@@ -461,7 +464,7 @@ def progress(conn: psycopg.Connection, name: str) -> list[dict[str, Any]]:
 
 
 def _exists(conn: psycopg.Connection, table: sql.Identifier) -> bool:
-    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table.as_string(conn),)).fetchone()[0]
+    return bool(scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", (table.as_string(conn),)))
 
 
 def _seconds_left(gen: Generation, done: int, total: int) -> float | None:

@@ -15,9 +15,8 @@ Revises: 0014_iterative_scan
 
 from alembic import op
 
-import vectorsync.migrations.replaceable  # noqa: F401  (registers op.replace_replaceable)
 from vectorsync.migrations.operations import execute_script
-from vectorsync.migrations.replaceable import Function
+from vectorsync.migrations.replaceable import Function, replace
 
 revision = "0015_generations"
 down_revision = "0014_iterative_scan"
@@ -325,15 +324,15 @@ def upgrade() -> None:
     bind = op.get_bind()
     execute_script(bind, GENERATIONS)
     execute_script(bind, ADOPT_TARGETS)
-    op.replace_replaceable(_embedding, replaces="0008_query_safety._embedding")
-    op.replace_replaceable(install_capture, replaces="0013_capture_status.install_capture")
+    replace(_embedding, replaces="0008_query_safety._embedding")
+    replace(install_capture, replaces="0013_capture_status.install_capture")
     execute_script(bind, REGENERATE_CAPTURE)
 
 
 def downgrade() -> None:
     bind = op.get_bind()
-    op.replace_replaceable(_embedding, replace_with="0008_query_safety._embedding")
+    replace(_embedding, replace_with="0008_query_safety._embedding")
     execute_script(bind, RESTORE_TARGETS)
     op.execute("DROP TABLE vectorsync.generations")
-    op.replace_replaceable(install_capture, replace_with="0013_capture_status.install_capture")
+    replace(install_capture, replace_with="0013_capture_status.install_capture")
     execute_script(bind, REGENERATE_CAPTURE)
