@@ -215,7 +215,7 @@ class GraphSAGEEncoder(Encoder):
         self._scale = np.full_like(self._mean, max(float(graph.features[nodes].std()), 1e-12))
         labels = graph.labels
         classes = int(labels.max()) + 1 if labels is not None and (labels >= 0).any() else 0
-        if classes:
+        if classes and labels is not None:
             nodes = nodes[labels[nodes] >= 0]
         self._build(graph.features.shape[1], classes)
         optimiser = torch.optim.Adam(self._model.parameters(), lr=options.lr)

@@ -259,7 +259,7 @@ class GraphEmbeddingSpec(EmbeddingSpec):
     schedule_seconds: float | None = Field(None, gt=0)
 
     #: Native GraphSAGE (``encoder = { type = "graphsage", ... }``); without it a native graph is FastRP.
-    encoder: GraphSAGEParams | None = None  # type: ignore[assignment]  # graphs take only GraphSAGE's table
+    encoder: GraphSAGEParams | None = None
 
     @field_validator("encoder", mode="before")
     @classmethod
