@@ -183,3 +183,23 @@ def test_a_worker_loads_its_models_before_the_first_change(products, cli, db_url
     finally:
         worker.stop.set()
         thread.join(30)
+
+
+def test_long_lines_are_never_broken_mid_word_at_80_columns(cli, db_url, monkeypatch, tmp_path):
+    """Item 7: the demo's database URL (and any hint with a command) stays copyable on a narrow terminal."""
+    monkeypatch.setenv("COLUMNS", "80")
+    result = cli("demo", "-k", "3", config=tmp_path / "none.toml")
+    assert result.code == 0, result.err
+    assert f"database: {db_url}" in (result.out + result.err).splitlines()
+
+
+def test_db_stop_prints_no_runtime_dir_warning(tmp_path):
+    """Item 10: platformdirs' XDG_RUNTIME_DIR warning never reaches the user."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "VECTORSYNC_DATABASE_URL")}
+    env["VECTORSYNC_DATA_DIR"] = str(tmp_path / "data")
+    result = subprocess.run(
+        [sys.executable, "-m", "vectorsync", "--config", str(tmp_path / "vectorsync.toml"), "db-stop"],
+        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "XDG_RUNTIME_DIR" not in result.stderr and "Warning" not in result.stderr
