@@ -165,7 +165,7 @@ def test_filtered_search_scans_the_index_iteratively_where_pgvector_has_it(conn,
             conn.execute("SET LOCAL enable_sort = off")
             if iterative:
                 conn.execute("SELECT vectorsync._iterative_scan()")
-            assert "Index Scan using items_embeddings_embedding_idx" in explain(
+            assert "Index Scan using items_g1_embedding" in explain(
                 conn, filtered, "vector, text, integer, jsonb", args)
             conn.execute(sql.SQL("PREPARE q (vector, text, integer, jsonb) AS {}").format(sql.SQL(filtered)))
             found = conn.execute(sql.SQL("EXECUTE q ({})").format(sql.SQL(", ").join(map(sql.Literal, args))))
