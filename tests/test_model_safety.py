@@ -35,13 +35,15 @@ def items(conn, db_url, tmp_path):
 
 
 def plant(conn, blob: bytes, sha256: str | None) -> None:
-    """Store ``blob`` as model version 2 of ``items`` and make it current, as a hostile writer would."""
+    """Store ``blob`` as model version 2 of ``items`` and put it in service, as a hostile writer would
+    (the generation in service names the model that workers load)."""
     conn.execute(
         "INSERT INTO vectorsync.models (embedding, version, encoder_type, dim, weights, sha256) "
         "VALUES ('items', 2, 'autoencoder', 8, %s, %s)",
         (blob, sha256),
     )
     conn.execute("UPDATE vectorsync.embeddings SET current_version = 2 WHERE name = 'items'")
+    conn.execute("UPDATE vectorsync.generations SET model_version = 2 WHERE embedding = 'items' AND state = 'serving'")
 
 
 def pickle_payload(marker) -> bytes:
