@@ -140,7 +140,8 @@ def _sample(conn: psycopg.Connection, emb: Embedding, label: str, limit: int) ->
     columns = [c for c in emb.spec.input_columns if c != label]
     query = sql.SQL(
         "SELECT s.{key}::text AS {k}, s.{label}, t.embedding AS {v}{inputs} FROM {src} s "
-        "JOIN {tgt} t ON t.{key} = s.{key} WHERE s.{label} IS NOT NULL AND t.model_version = %s "
+        "JOIN {tgt} t ON t.{key} = s.{key} WHERE s.{label} IS NOT NULL "
+        "AND t.model_version = coalesce(%s, (SELECT max(model_version) FROM {tgt})) "
         "ORDER BY md5(s.{key}::text) LIMIT %s"
     ).format(
         key=emb.key,
