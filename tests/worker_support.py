@@ -152,14 +152,19 @@ def worker_totals(conn: psycopg.Connection) -> tuple[int, int]:
     return int(embedded), int(failed)
 
 
-def add_slow_writes(conn: psycopg.Connection, seconds: float) -> None:
-    """Make every batch's write into the generation in service sleep, so a test can act while a
-    batch is in flight."""
-    table = scalar(
+def serving_table(conn: psycopg.Connection) -> str:
+    """The quoted name of the table that holds the generation of ``items`` in service."""
+    return str(scalar(
         conn,
         "SELECT format('%I.%I', table_schema, table_name) FROM vectorsync.generations "
         "WHERE embedding = 'items' AND state = 'serving'",
-    )
+    ))
+
+
+def add_slow_writes(conn: psycopg.Connection, seconds: float) -> None:
+    """Make every batch's write into the generation in service sleep, so a test can act while a
+    batch is in flight (``remove_slow_writes`` ends it)."""
+    table = serving_table(conn)
     conn.execute(
         f"""
         CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -167,6 +172,10 @@ def add_slow_writes(conn: psycopg.Connection, seconds: float) -> None:
         CREATE TRIGGER slow_write BEFORE INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION slow_write();
         """
     )
+
+
+def remove_slow_writes(conn: psycopg.Connection) -> None:
+    conn.execute(f"DROP TRIGGER slow_write ON {serving_table(conn)}")
 
 
 def batch_in_flight(conn: psycopg.Connection) -> bool:
