@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pgvector.sqlalchemy import Vector
+from pgvector.sqlalchemy import HALFVEC, Vector
 from sqlalchemy import Column, Integer, Table, Text, func, inspect
 from sqlalchemy.orm import Mapper, foreign, relationship
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TIMESTAMP
 
 from vectorsync.embedding_sql.distance import distance, distance_ops
+from vectorsync.embedding_sql.storage import STORAGES
 
 #: The comment vectorsync puts on target tables; the same text as migrations.operations.MANAGED_COMMENT.
 MANAGED_COMMENT = "vectorsync: embeddings of"
@@ -36,6 +37,7 @@ class EmbeddingInfo:
     distance: str
     ef_search: int | None
     probes: int | None
+    storage: str = "vector"
 
     @property
     def key(self) -> Column[Any]:
@@ -61,14 +63,18 @@ def attach_embedding(
     relationship_name: str = "embedding_row",
     ef_search: int | None = None,
     probes: int | None = None,
+    storage: str = "vector",
 ) -> type:
     """Map embedding ``name``'s target table and add ``model.<relationship_name>`` (one-to-one,
     read-only). ``target`` defaults to vectorsync's ``<name>_embeddings``, ``schema`` to the
-    model's. Returns the class mapped to the target table (``<Model>Embedding``)."""
+    model's; ``storage`` is the spec's (a ``halfvec`` embedding reads as ``HALFVEC``). Returns the
+    class mapped to the target table (``<Model>Embedding``)."""
     try:
         distance_ops(distance)
     except ValueError as exc:
         raise ValueError(f"embedding {name!r}: {exc}") from None
+    if storage not in STORAGES:
+        raise ValueError(f"embedding {name!r}: unknown storage {storage!r}; use one of {', '.join(STORAGES)}")
     mapper: Mapper[Any] = inspect(model)
     if len(mapper.primary_key) != 1:
         raise ValueError(
@@ -84,7 +90,7 @@ def attach_embedding(
         target or f"{name}_embeddings",
         source.metadata,
         Column(key_column.name, key_column.type, primary_key=True),
-        Column("embedding", Vector(dim), nullable=False),
+        Column("embedding", HALFVEC(dim) if storage == "halfvec" else Vector(dim), nullable=False),
         Column("model_version", Integer, nullable=False),
         Column("input_hash", Text),
         Column("embedded_at", TIMESTAMP(timezone=True), nullable=False, server_default=func.now()),
@@ -103,7 +109,7 @@ def attach_embedding(
             viewonly=True,
         ),
     )
-    info = EmbeddingInfo(name, model, table, row_class, model_key, dim, distance, ef_search, probes)
+    info = EmbeddingInfo(name, model, table, row_class, model_key, dim, distance, ef_search, probes, storage)
     embeddings = dict(getattr(model, "__vectorsync_embeddings__", {}))
     embeddings[name] = info
     model.__vectorsync_embeddings__ = embeddings  # type: ignore[attr-defined]  # a class attribute we add

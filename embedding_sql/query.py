@@ -15,6 +15,10 @@ most ``hnsw.max_scan_tuples`` = 20,000 tuples) where the server has pgvector >= 
 keeps yielding candidates until k rows match; the rows are sorted again by exact distance. The hook
 checks the server's pgvector version, so the same statement runs on older servers, where a very
 selective filter may return fewer than k rows (``exact=True`` compares every row).
+
+An embedding stored as ``bit`` (``attach_embedding(..., storage="bit")``) is searched as the SQL
+functions search it: ``RERANK`` times k candidates by the Hamming distance of the binary quantization
+(its index), then the k nearest of them by the full-precision distance.
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pgvector.sqlalchemy import Vector
-from sqlalchemy import Engine, event, literal, select
+from pgvector.sqlalchemy import HALFVEC, Vector
+from sqlalchemy import Engine, Float, cast, event, func, literal, select
+from sqlalchemy.dialects.postgresql import BIT
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
 from vectorsync.embedding_sql.index import HNSW_EF_SEARCH
 from vectorsync.embedding_sql.orm import EmbeddingInfo, embedding_info
+from vectorsync.embedding_sql.storage import RERANK
 
 #: The largest hnsw.ef_search pgvector accepts: a search for more rows compares every row instead.
 MAX_EF_SEARCH = 1000
@@ -79,14 +85,23 @@ def nearest(
         stmt = stmt.where(info.key != exclude, query.is_not(None))
     conditions = _conditions(model, where)
     stmt = stmt.where(*conditions)
-    # ``+ 0`` hides the operator from the planner, so no index scan cuts the candidates short
-    stmt = stmt.order_by(measured + 0 if exact else measured.label("distance")).limit(k)
-    settings = search_settings(info, k + (exclude is not None), ef_search=ef_search, probes=probes)
+    rerank = RERANK if info.storage == "bit" and not exact else 1
+    if exact:
+        # ``+ 0`` hides the operator from the planner, so no index scan cuts the candidates short
+        stmt = stmt.order_by(measured + 0).limit(k)
+    elif rerank > 1:
+        hamming = _quantized(info.embedding, info.dim).op("<~>", return_type=Float)(_quantized(query, info.dim))
+        stmt = stmt.order_by(hamming).limit(k * rerank)
+    else:
+        stmt = stmt.order_by(measured.label("distance")).limit(k)
+    settings = search_settings(info, (k + (exclude is not None)) * rerank, ef_search=ef_search, probes=probes)
     if conditions and not exact:
         settings += ITERATIVE_SCAN
-        # an iterative scan yields its rows in relaxed order: sort them again by exact distance
+    if rerank > 1 or (conditions and not exact):
+        # candidates of a bit index, or of an iterative scan (relaxed order): sort them by exact
+        # distance (+ 0, or the planner takes the scan's claimed order for sorted and skips the sort)
         found = stmt.subquery()
-        stmt = select(aliased(model, found), found.c.distance).order_by(found.c.distance)
+        stmt = select(aliased(model, found), found.c.distance).order_by(found.c.distance + 0).limit(k)
     return stmt.execution_options(**{SETTINGS_OPTION: settings}) if settings else stmt
 
 
@@ -139,7 +154,12 @@ def _vector(value: Any, info: EmbeddingInfo) -> ColumnElement[Any]:
     size = value.dimensions() if hasattr(value, "dimensions") else len(value)
     if size != info.dim:
         raise ValueError(f"embedding {info.name!r} has dimension {info.dim}, the query vector has {size}")
-    return literal(value, Vector(info.dim))
+    return literal(value, HALFVEC(info.dim) if info.storage == "halfvec" else Vector(info.dim))
+
+
+def _quantized(vector: Any, dim: int) -> ColumnElement[Any]:
+    """``binary_quantize(vector)::bit(dim)``: what the index of a ``bit`` embedding covers."""
+    return cast(func.binary_quantize(vector), BIT(dim))
 
 
 def _conditions(model: type, where: Any) -> list[Any]:

@@ -26,7 +26,8 @@ from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
 
 from vectorsync.embedding_sql import index as vector_index
-from vectorsync.embedding_sql.distance import Distance, distance_ops
+from vectorsync.embedding_sql import storage as vector_storage
+from vectorsync.embedding_sql.distance import Distance
 from vectorsync.errors import DatabaseError
 
 _TABLE_PRIVILEGES = {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"}
@@ -80,6 +81,8 @@ class EmbeddingObjects:
     dim: int
     modality: str = "tabular"
     distance: Distance = "cosine"
+    #: how the vectors are stored and indexed (embedding_sql.storage); a change starts a new generation
+    storage: vector_storage.Storage = "vector"
     index_kind: vector_index.IndexKind = vector_index.INDEX_KIND
     m: int = vector_index.HNSW_M
     ef_construction: int = vector_index.HNSW_EF_CONSTRUCTION
@@ -167,11 +170,14 @@ def generation_table(name: str, number: int) -> str:
     return f"{name}_g{number}"
 
 
-def generation_objects(e: EmbeddingObjects, number: int, dim: int, distance: str) -> EmbeddingObjects:
-    """``e`` as generation ``number`` sees it: its own table, dimension and distance (so its own index)."""
+def generation_objects(
+    e: EmbeddingObjects, number: int, dim: int, distance: str, storage: str
+) -> EmbeddingObjects:
+    """``e`` as generation ``number`` sees it: its own table, dimension, distance and storage (so
+    its own index)."""
     return replace(
         e, target_schema=GENERATION_SCHEMA, target_table=generation_table(e.name, number), dim=dim,
-        distance=cast(Distance, distance),
+        distance=cast(Distance, distance), storage=cast(vector_storage.Storage, storage),
     )
 
 
@@ -179,7 +185,6 @@ def index_statement(e: EmbeddingObjects, rows: int = 0, *, concurrently: bool = 
     """CREATE INDEX for the target; IVFFlat lists default to rows/1000 (at least 10)."""
     if e.index_kind == "none":
         return None
-    opclass = sql.SQL(distance_ops(e.distance).opclass)
     if e.index_kind == "hnsw":
         method = sql.SQL("hnsw")
         options = sql.SQL("m = {}, ef_construction = {}").format(sql.Literal(e.m), sql.Literal(e.ef_construction))
@@ -187,12 +192,12 @@ def index_statement(e: EmbeddingObjects, rows: int = 0, *, concurrently: bool = 
         method = sql.SQL("ivfflat")
         lists = e.lists or vector_index.ivfflat_lists(rows)
         options = sql.SQL("lists = {}").format(sql.Literal(lists))
-    return sql.SQL("CREATE INDEX {} IF NOT EXISTS {} ON {} USING {} (embedding {}) WITH ({})").format(
+    return sql.SQL("CREATE INDEX {} IF NOT EXISTS {} ON {} USING {} ({}) WITH ({})").format(
         sql.SQL("CONCURRENTLY" if concurrently else ""),
         sql.Identifier(e.index_name),
         e.target,
         method,
-        opclass,
+        vector_storage.indexed(e.storage, e.distance, e.dim),
         options,
     )
 
@@ -204,7 +209,7 @@ def create_generation_table(cur: Any, g: EmbeddingObjects, key_sql_type: str, *,
             """
             CREATE TABLE IF NOT EXISTS {target} (
                 {key} {ktype} PRIMARY KEY,
-                embedding vector({dim}) NOT NULL,
+                embedding {vtype} NOT NULL,
                 model_version integer NOT NULL,
                 input_hash text,
                 embedded_at timestamptz NOT NULL DEFAULT now()
@@ -214,7 +219,7 @@ def create_generation_table(cur: Any, g: EmbeddingObjects, key_sql_type: str, *,
             target=g.target,
             key=sql.Identifier(g.key_column),
             ktype=sql.SQL(key_sql_type),  # format_type() output: already a valid, quoted type name
-            dim=sql.Literal(g.dim),
+            vtype=vector_storage.column_type(g.storage, g.dim),
         )
     )
     cur.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(g.target, sql.Literal(f"{MANAGED_COMMENT} {g.name}")))
@@ -223,34 +228,65 @@ def create_generation_table(cur: Any, g: EmbeddingObjects, key_sql_type: str, *,
         cur.execute(statement)
 
 
-def point_view(cur: Any, e: EmbeddingObjects, table: sql.Identifier) -> None:
-    """Make the target name a view over ``table``. The vector column is typed plain ``vector``, so
-    generations of different dimensions can replace each other; the planner still uses their index."""
+def point_view(cur: Any, e: EmbeddingObjects, table: sql.Identifier, storage: str) -> None:
+    """Make the target name a view over ``table``, a generation of ``storage``. The vector column
+    is typed plain ``vector`` (``halfvec`` for halfvec storage), so generations of different
+    dimensions can replace each other; the planner still uses their index. A generation of another
+    column type replaces the view (keeping its grants); a user's view on it blocks that."""
+    shown = vector_storage.view_type(storage)
+    cur.execute(
+        "SELECT format_type(a.atttypid, NULL) FROM pg_attribute a "
+        "WHERE a.attrelid = to_regclass(%s) AND a.attname = 'embedding'",
+        (e.target.as_string(cur),),
+    )
+    current = cur.fetchone()
+    grants: list[tuple[str, str | None]] = []
+    if current is not None and current[0] != shown:
+        grants = _grants(cur, e.target)
+        cur.execute("SAVEPOINT vectorsync_view_type")
+        try:
+            cur.execute(sql.SQL("DROP VIEW {}").format(e.target))
+        except psycopg.errors.DependentObjectsStillExist:
+            cur.execute("ROLLBACK TO SAVEPOINT vectorsync_view_type")
+            raise SchemaChangeError(
+                f"embedding {e.name!r}: {e.target_schema}.{e.target_table} changes its vector type to {shown} "
+                "and other views depend on it; drop them, swap, and create them again"
+            ) from None
+        cur.execute("RELEASE SAVEPOINT vectorsync_view_type")
     cur.execute(
         sql.SQL(
-            "CREATE OR REPLACE VIEW {view} AS SELECT {key}, embedding::vector AS embedding, model_version, "
+            "CREATE OR REPLACE VIEW {view} AS SELECT {key}, embedding::{shown} AS embedding, model_version, "
             "input_hash, embedded_at FROM {table}"
-        ).format(view=e.target, key=sql.Identifier(e.key_column), table=table)
+        ).format(view=e.target, key=sql.Identifier(e.key_column), shown=sql.SQL(shown), table=table)
     )
+    for privilege, grantee in grants:
+        cur.execute(
+            sql.SQL("GRANT {} ON {} TO {}").format(
+                sql.SQL(privilege), e.target, sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC")
+            )
+        )
     cur.execute(sql.SQL("COMMENT ON VIEW {} IS {}").format(e.target, sql.Literal(f"{MANAGED_COMMENT} {e.name}")))
 
 
 def copy_grants(cur: Any, e: EmbeddingObjects, table: sql.Identifier) -> None:
     """Grant on a generation table what is granted on the target view: the query functions read the
     generation in service directly, as the caller."""
-    cur.execute(
-        "SELECT a.privilege_type, CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END "
-        "FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = to_regclass(%s) AND a.grantee <> c.relowner",
-        (e.target.as_string(cur),),
-    )
-    for privilege, grantee in cur.fetchall():
-        if privilege not in _TABLE_PRIVILEGES:
-            continue
+    for privilege, grantee in _grants(cur, e.target):
         cur.execute(
             sql.SQL("GRANT {} ON {} TO {}").format(
                 sql.SQL(privilege), table, sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC")
             )
         )
+
+
+def _grants(cur: Any, relation: sql.Identifier) -> list[tuple[str, str | None]]:
+    """(privilege, grantee; None for PUBLIC) granted on ``relation`` to others than its owner."""
+    cur.execute(
+        "SELECT a.privilege_type, CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END "
+        "FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = to_regclass(%s) AND a.grantee <> c.relowner",
+        (relation.as_string(cur),),
+    )
+    return [(privilege, grantee) for privilege, grantee in cur.fetchall() if privilege in _TABLE_PRIVILEGES]
 
 
 def _relkind(cur: Any, target: sql.Identifier) -> str | None:
@@ -264,14 +300,15 @@ def add_generation(cur: Any, e: EmbeddingObjects, state: str, key_sql_type: str,
         "SELECT coalesce(max(generation), 0) + 1 FROM vectorsync.generations WHERE embedding = %s", (e.name,)
     )
     number = cur.fetchone()[0]
-    g = generation_objects(e, number, e.dim, e.distance)
+    g = generation_objects(e, number, e.dim, e.distance, e.storage)
     create_generation_table(cur, g, key_sql_type, with_index=with_index)
     copy_grants(cur, e, g.target)  # the worker role writes it, readers' queries read it once it serves
     cur.execute(
-        "INSERT INTO vectorsync.generations (embedding, generation, dim, distance, encoder_type, state, "
-        "table_schema, table_name, serving_since) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, "
+        "INSERT INTO vectorsync.generations (embedding, generation, dim, distance, storage, encoder_type, state, "
+        "table_schema, table_name, serving_since) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, "
         "CASE WHEN %s = 'serving' THEN now() END)",
-        (e.name, number, e.dim, e.distance, e.encoder_type, state, g.target_schema, g.target_table, state),
+        (e.name, number, e.dim, e.distance, e.storage, e.encoder_type, state, g.target_schema, g.target_table,
+         state),
     )
     return number
 
@@ -281,33 +318,41 @@ def drop_generation_table(cur: Any, schema: str, table: str) -> None:
 
 
 def _reconcile_generations(cur: Any, e: EmbeddingObjects, key_sql_type: str, *, with_index: bool) -> None:
-    """Generation 1 for a new embedding; a building generation when the spec's dim, distance or
-    encoder differs from the one in service (instead of rebuilding the table in place)."""
+    """Generation 1 for a new embedding; a building generation when the spec's dim, distance,
+    storage or encoder differs from the one in service (instead of rebuilding the table in place)."""
     cur.execute(
-        "SELECT state, generation, dim, distance, encoder_type, table_schema, table_name FROM vectorsync.generations "
-        "WHERE embedding = %s AND state IN ('serving', 'building') FOR UPDATE",
+        "SELECT state, generation, dim, distance, encoder_type, storage, table_schema, table_name "
+        "FROM vectorsync.generations WHERE embedding = %s AND state IN ('serving', 'building') FOR UPDATE",
         (e.name,),
     )
     live = {row[0]: row[1:] for row in cur.fetchall()}
-    wanted = (e.dim, e.distance, e.encoder_type)
+    wanted = (e.dim, e.distance, e.encoder_type, e.storage)
     serving, building = live.get("serving"), live.get("building")
     if serving is None:
         number = add_generation(cur, e, "serving", key_sql_type, with_index=with_index)
-        point_view(cur, e, sql.Identifier(GENERATION_SCHEMA, generation_table(e.name, number)))
+        point_view(cur, e, sql.Identifier(GENERATION_SCHEMA, generation_table(e.name, number)), e.storage)
         return
     _follow_key(cur, e, key_sql_type)
-    if building is not None and tuple(building[1:4]) != wanted:
+    if building is not None and tuple(building[1:5]) != wanted:
         # the spec changed again (or back) while a generation was being built for its old shape
         cur.execute(
             "DELETE FROM vectorsync.generations WHERE embedding = %s AND generation = %s", (e.name, building[0])
         )
-        drop_generation_table(cur, building[4], building[5])
+        drop_generation_table(cur, building[5], building[6])
         building = None
-    if building is None and tuple(serving[1:4]) != wanted:
-        add_generation(cur, e, "building", key_sql_type, with_index=False)
+    if building is None and tuple(serving[1:5]) != wanted:
+        number = add_generation(cur, e, "building", key_sql_type, with_index=False)
+        if tuple(serving[1:4]) == wanted[:3]:
+            # only the storage changed: the model in service embeds the new generation too
+            cur.execute(
+                "UPDATE vectorsync.generations SET model_version = g.model_version, started_at = now() "
+                "FROM vectorsync.generations g WHERE g.embedding = %s AND g.state = 'serving' "
+                "AND generations.embedding = %s AND generations.generation = %s",
+                (e.name, e.name, number),
+            )
     if _relkind(cur, e.target) is None:
-        point_view(cur, e, sql.Identifier(serving[4], serving[5]))
-    in_service = generation_objects(e, serving[0], serving[1], serving[2])
+        point_view(cur, e, sql.Identifier(serving[5], serving[6]), serving[4])
+    in_service = generation_objects(e, serving[0], serving[1], serving[2], serving[4])
     _adopt_index(cur, in_service)
     statement = index_statement(in_service)
     if with_index and statement is not None:
@@ -333,18 +378,18 @@ def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool =
     cur.execute(
         """
         INSERT INTO vectorsync.embeddings (name, modality, source_schema, source_table, key_column,
-            key_type, input_columns, target_schema, target_table, dim, distance, index_kind,
+            key_type, input_columns, target_schema, target_table, dim, distance, storage, index_kind,
             ef_search, probes, spec, source_relid, key_attnum, input_attnums)
         VALUES (%(name)s, %(modality)s, %(source_schema)s, %(source_table)s, %(key_column)s,
             %(key_type)s, %(input_columns)s, %(target_schema)s, %(target_table)s, %(dim)s,
-            %(distance)s, %(index_kind)s, %(ef_search)s, %(probes)s, %(spec)s, %(source_relid)s,
+            %(distance)s, %(storage)s, %(index_kind)s, %(ef_search)s, %(probes)s, %(spec)s, %(source_relid)s,
             %(key_attnum)s, %(input_attnums)s)
         ON CONFLICT (name) DO UPDATE SET modality = EXCLUDED.modality,
             source_schema = EXCLUDED.source_schema, source_table = EXCLUDED.source_table,
             key_column = EXCLUDED.key_column, key_type = EXCLUDED.key_type,
             input_columns = EXCLUDED.input_columns, target_schema = EXCLUDED.target_schema,
             target_table = EXCLUDED.target_table, dim = EXCLUDED.dim, distance = EXCLUDED.distance,
-            index_kind = EXCLUDED.index_kind, ef_search = EXCLUDED.ef_search,
+            storage = EXCLUDED.storage, index_kind = EXCLUDED.index_kind, ef_search = EXCLUDED.ef_search,
             probes = EXCLUDED.probes, spec = EXCLUDED.spec, source_relid = EXCLUDED.source_relid,
             key_attnum = EXCLUDED.key_attnum, input_attnums = EXCLUDED.input_attnums,
             broken = NULL, broken_at = NULL
@@ -352,14 +397,16 @@ def create_embedding(connection: Any, e: EmbeddingObjects, *, with_index: bool =
                vectorsync.embeddings.source_table, vectorsync.embeddings.key_column,
                vectorsync.embeddings.key_type, vectorsync.embeddings.input_columns,
                vectorsync.embeddings.target_schema, vectorsync.embeddings.target_table,
-               vectorsync.embeddings.dim, vectorsync.embeddings.distance, vectorsync.embeddings.index_kind,
+               vectorsync.embeddings.dim, vectorsync.embeddings.distance, vectorsync.embeddings.storage,
+               vectorsync.embeddings.index_kind,
                vectorsync.embeddings.ef_search, vectorsync.embeddings.probes, vectorsync.embeddings.spec,
                vectorsync.embeddings.source_relid, vectorsync.embeddings.key_attnum,
                vectorsync.embeddings.input_attnums, vectorsync.embeddings.broken)
           IS DISTINCT FROM
               (EXCLUDED.modality, EXCLUDED.source_schema, EXCLUDED.source_table, EXCLUDED.key_column,
                EXCLUDED.key_type, EXCLUDED.input_columns, EXCLUDED.target_schema, EXCLUDED.target_table,
-               EXCLUDED.dim, EXCLUDED.distance, EXCLUDED.index_kind, EXCLUDED.ef_search, EXCLUDED.probes,
+               EXCLUDED.dim, EXCLUDED.distance, EXCLUDED.storage, EXCLUDED.index_kind, EXCLUDED.ef_search,
+               EXCLUDED.probes,
                EXCLUDED.spec, EXCLUDED.source_relid, EXCLUDED.key_attnum, EXCLUDED.input_attnums, NULL::text)
         """,
         {

@@ -46,6 +46,7 @@ class Embedding(EmbeddingObjects):
             target_table=spec.target_name,
             dim=spec.dim,
             distance=spec.distance,
+            storage=spec.storage,
             index_kind=spec.index.kind,
             m=spec.index.m,
             ef_construction=spec.index.ef_construction,

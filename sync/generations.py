@@ -25,6 +25,7 @@ from psycopg import sql
 from psycopg.rows import class_row
 
 from vectorsync.embedding_sql.distance import Distance
+from vectorsync.embedding_sql.storage import Storage
 from vectorsync.errors import DatabaseError
 from vectorsync.migrations import operations
 from vectorsync.sync import queue
@@ -48,6 +49,7 @@ class Generation:
     model_version: int | None
     dim: int
     distance: str
+    storage: str
     encoder_type: str
     state: str
     table_schema: str
@@ -93,13 +95,15 @@ def building(conn: psycopg.Connection, name: str) -> Generation | None:
 
 
 def bind(emb: Embedding, gen: Generation) -> Embedding:
-    """``emb`` writing to and reading from ``gen``: its table, dimension, distance and model version."""
-    spec = emb.spec.model_copy(update={"dim": gen.dim, "distance": gen.distance})
+    """``emb`` writing to and reading from ``gen``: its table, dimension, distance, storage and
+    model version."""
+    spec = emb.spec.model_copy(update={"dim": gen.dim, "distance": gen.distance, "storage": gen.storage})
     return dataclasses.replace(
         emb,
         spec=spec,
         dim=gen.dim,
         distance=cast(Distance, gen.distance),
+        storage=cast(Storage, gen.storage),
         target_schema=gen.table_schema,
         target_table=gen.table_name,
         current_version=gen.model_version,
@@ -112,9 +116,7 @@ def _objects_for(emb: Embedding) -> Embedding:
 
 
 def _objects(emb: Embedding, gen: Generation) -> operations.EmbeddingObjects:
-    return operations.generation_objects(
-        _objects_for(emb), gen.generation, gen.dim, gen.distance
-    )
+    return operations.generation_objects(_objects_for(emb), gen.generation, gen.dim, gen.distance, gen.storage)
 
 
 def serving_target(conn: psycopg.Connection, emb: Embedding) -> Embedding:
@@ -185,8 +187,8 @@ def start(conn: psycopg.Connection, emb: Embedding, version: int) -> Generation:
     current = serving(conn, emb.name)
     if current is None:
         raise GenerationError(f"embedding {emb.name!r} has no generation in service; run `vectorsync migrate`")
-    shape = (emb.spec.dim, emb.spec.distance, emb.spec.encoder_type)
-    fits = (current.dim, current.distance, current.encoder_type) == shape
+    shape = (emb.spec.dim, emb.spec.distance, emb.spec.storage, emb.spec.encoder_type)
+    fits = (current.dim, current.distance, current.storage, current.encoder_type) == shape
     if fits and (current.model_version == version or _is_empty(conn, current)):
         _assign_model(conn, current, version)
         mark_backfilled(conn, current, None)  # the queue and sync fill the generation in service
@@ -334,7 +336,7 @@ def _put_in_service(conn: psycopg.Connection, emb: Embedding, old: Generation, n
     )
     with conn.cursor() as cur:
         operations.copy_grants(cur, objects, new.table)
-        operations.point_view(cur, objects, new.table)
+        operations.point_view(cur, objects, new.table, new.storage)
     return orphans
 
 

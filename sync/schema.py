@@ -18,7 +18,7 @@ from vectorsync.migrations.operations import (
     create_embedding,
     drop_embedding,
 )
-from vectorsync.sync import catalog, privileges, queue, sink
+from vectorsync.sync import capabilities, catalog, privileges, queue, sink
 from vectorsync.sync.db import connect, ensure_vector_extension, scalar
 from vectorsync.sync.models import current_version
 from vectorsync.sync.sources import HASH, KEY
@@ -206,6 +206,7 @@ def upgrade(url: str, config: Config, *, recreate: list[str] | None = None) -> M
             ],
         )
         ensure_vector_extension(raw)
+        require_storage(raw, list(config.embeddings))
         before = current_revision(raw)
         cfg.attributes["connection"] = sa_conn
         command.upgrade(cfg, "head")
@@ -220,6 +221,18 @@ def upgrade(url: str, config: Config, *, recreate: list[str] | None = None) -> M
         after = current_revision(raw)
     engine.dispose()
     return MigrateReport(before, after, [s.name for s in config.embeddings])
+
+
+#: The server feature (sync.capabilities) each storage other than ``vector`` needs.
+STORAGE_FEATURES = {"halfvec": "halfvec storage", "bit": "binary quantization"}
+
+
+def require_storage(conn: psycopg.Connection, specs: list[EmbeddingSpec]) -> None:
+    """Refuse, in one line, a ``storage`` the server's pgvector does not have."""
+    features = capabilities.detect(conn)
+    for spec in specs:
+        if spec.storage in STORAGE_FEATURES:
+            features.require(STORAGE_FEATURES[spec.storage], f"embedding {spec.name!r}: storage = {spec.storage}")
 
 
 def reconcile(conn: psycopg.Connection, spec: EmbeddingSpec) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vectorsync.embedding_sql import index as vector_index
+from vectorsync.embedding_sql import storage as vector_storage
 from vectorsync.embedding_sql.distance import Distance
 from vectorsync.encoders.params import (
     PARAMS,
@@ -110,6 +111,7 @@ class EmbeddingSpec(_Strict):
     modality: str
     dim: int = Field(ge=1, le=16000)
     distance: Distance = "cosine"
+    storage: vector_storage.Storage = "vector"
     index: IndexSpec = Field(default_factory=IndexSpec)
     #: The encoder and its parameters; each modality narrows the types it accepts.
     encoder: EncoderParams | None = None
@@ -143,6 +145,15 @@ class EmbeddingSpec(_Strict):
         fixed = self.encoder.DIM if self.encoder else None
         if fixed is not None and self.dim != fixed:
             raise ValueError(f"the {self.encoder_type} encoder makes {fixed}-dimensional vectors; set dim = {fixed}")
+        return self
+
+    @model_validator(mode="after")
+    def _storage_dim(self) -> EmbeddingSpec:
+        if self.storage == "halfvec" and self.dim > vector_storage.HALFVEC_MAX_DIM and self.index.kind != "none":
+            raise ValueError(
+                f"storage = \"halfvec\" indexes up to {vector_storage.HALFVEC_MAX_DIM} dimensions, this "
+                f"embedding has dim = {self.dim}; use storage = \"bit\" or index = \"none\""
+            )
         return self
 
     @property
