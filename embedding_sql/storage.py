@@ -34,6 +34,11 @@ def column_type(storage: str, dim: int) -> sql.Composed:
     return sql.SQL("{}({})").format(sql.SQL("halfvec" if storage == "halfvec" else "vector"), sql.Literal(dim))
 
 
+def element_bytes(storage: str, dim: int) -> int:
+    """Bytes one stored element of an index over ``storage`` takes for its vector."""
+    return {"halfvec": 2 * dim, "bit": (dim + 7) // 8}.get(storage, 4 * dim) + 8
+
+
 def view_type(storage: str) -> str:
     """The type the target view gives the column (no dimension, so generations of another dim can
     replace each other): ``halfvec`` for halfvec, else ``vector`` (bit keeps the full vector)."""

@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from vectorsync.embedding_sql.storage import element_bytes
 from vectorsync.encoders.base import usable_cores
 from vectorsync.migrations.operations import index_statement
 from vectorsync.sync import generations, queue, sink, sources
@@ -46,11 +47,12 @@ def drop_index(conn: psycopg.Connection, emb: Embedding) -> None:
     conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(_index(emb)))
 
 
-def build_memory(rows: int, dim: int, m: int) -> int:
+def build_memory(rows: int, dim: int, m: int, storage: str = "vector") -> int:
     """Bytes for an HNSW graph of ``rows`` vectors to stay in memory while it is built (a build
-    that spills is many times slower): each element keeps its vector and about 2m neighbour
-    links on layer 0 (6-byte item pointers), plus per-element overhead; with a quarter to spare."""
-    per_element = 4 * dim + 2 * m * 6 + m * 6 + 96
+    that spills is many times slower): each element keeps its vector as the index stores it and
+    about 2m neighbour links on layer 0 (6-byte item pointers), plus per-element overhead; with a
+    quarter to spare."""
+    per_element = element_bytes(storage, dim) + 2 * m * 6 + m * 6 + 88
     return int(rows * per_element * 1.25)
 
 
@@ -65,7 +67,7 @@ def create_index(conn: psycopg.Connection, emb: Embedding) -> None:
     with conn.transaction():
         current = scalar(conn, "SELECT pg_size_bytes(current_setting('maintenance_work_mem'))")
         parallel = scalar(conn, "SELECT current_setting('max_parallel_workers')::int")
-        wanted = min(max(build_memory(rows, emb.dim, emb.m), current), INDEX_BUILD_MEMORY_CAP)
+        wanted = min(max(build_memory(rows, emb.dim, emb.m, emb.storage), current), INDEX_BUILD_MEMORY_CAP)
         conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (f"{wanted // 1024}kB",))
         # the server's cores are not visible over SQL; this machine's stand in for them (the embedded
         # default runs here), minus one for the leader process that builds too

@@ -145,6 +145,29 @@ def test_filter_keeping_one_percent_finds_the_exact_filtered_neighbours(conn, db
         assert [key for key, _ in got] == list(expected)
 
 
+def test_a_filter_the_planner_expects_to_keep_few_rows_is_answered_exactly(conn, items):
+    """2000 rows, k = 10: at most 2 * sqrt(10 * 2000) = 283 matching rows are compared one by one;
+    the index serves a filter keeping a quarter of them."""
+    _, vectors = items
+    one_percent(conn, 2000)
+
+    def search(category: str) -> tuple[bool, str | None, list[str]]:
+        with conn.transaction():
+            selective = conn.execute("SELECT vectorsync._selective(vectorsync._embedding('items'), %s, 10)",
+                                     (json.dumps({"category": category}),)).fetchone()[0]
+            got = conn.execute("SELECT key FROM vectorsync.nearest_to_where('items', %s, 10, %s)",
+                               (vector_text(vectors[5]), json.dumps({"category": category}))).fetchall()
+            setting = conn.execute("SELECT current_setting('hnsw.iterative_scan', true)").fetchone()[0]
+        return selective, setting, [key for key, in got]
+
+    selective, setting, got = search("one")
+    assert selective and setting in (None, "", "off")  # no index walk was set up
+    ones = np.arange(1, 2000, 100)
+    assert got == [str(i) for i in ones[np.argsort(exact(vectors[ones], vectors[5]))[:10]]]
+    selective, _, got = search("blue")
+    assert not selective and len(got) == 10
+
+
 def test_filtered_search_scans_the_index_iteratively_where_pgvector_has_it(conn, items):
     iterative = capabilities.detect(conn).has("iterative index scans")
     with conn.transaction():
