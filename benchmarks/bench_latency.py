@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
+from psycopg import sql
 
 from benchmarks.common import Figure, scratch_database
 from vectorsync.sync.cli import main_entry
@@ -162,13 +163,22 @@ def run(data_dir: Path, quick: bool) -> list[Figure]:
         _cli(url, config, "train", "events")
         _cli(url, config, "sync")
         with psycopg.connect(url, autocommit=True) as conn:
+            # the target is a view over the generation in service: the trigger goes on that table
+            schema, table = conn.execute(
+                "SELECT table_schema, table_name FROM vectorsync.generations "
+                "WHERE embedding = 'events' AND state = 'serving'"
+            ).fetchone()
             conn.execute(
                 """
                 CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
                 BEGIN PERFORM pg_notify('vectorsync_bench', NEW.id::text); RETURN NULL; END $$;
-                CREATE TRIGGER bench_notify AFTER INSERT OR UPDATE ON events_embeddings
-                FOR EACH ROW EXECUTE FUNCTION bench_notify();
                 """
+            )
+            conn.execute(
+                sql.SQL(
+                    "CREATE TRIGGER bench_notify AFTER INSERT OR UPDATE ON {} "
+                    "FOR EACH ROW EXECUTE FUNCTION bench_notify()"
+                ).format(sql.Identifier(schema, table))
             )
         floor = _round_trip(url, 200)
 

@@ -143,3 +143,28 @@ def broken_reason(conn: psycopg.Connection, name: str) -> str | None:
     """Why schema drift marked the embedding broken (the DDL and what to run), or None."""
     row = conn.execute("SELECT broken FROM vectorsync.embeddings WHERE name = %s", (name,)).fetchone()
     return row[0] if row else None
+
+
+def fingerprint(conn: psycopg.Connection, name: str) -> str | None:
+    """A value that changes whenever anything a batch of ``name`` relies on changes in the
+    catalogue (its record, broken mark, live generations and their models), in one round trip;
+    None when the embedding is not migrated.
+
+    Row versions (``xmin``) rather than contents: a record rewritten with the same values (``migrate
+    --recreate``, a model retrained under the same version number) still changes the fingerprint.
+    """
+    try:
+        row = conn.execute(
+            """
+            SELECT e.xmin::text || ';' || coalesce((
+                SELECT string_agg(concat_ws(':', g.generation, g.xmin, m.xmin), ',' ORDER BY g.generation)
+                FROM vectorsync.generations g
+                LEFT JOIN vectorsync.models m ON m.embedding = g.embedding AND m.version = g.model_version
+                WHERE g.embedding = e.name AND g.state IN ('serving', 'building')), '')
+            FROM vectorsync.embeddings e WHERE e.name = %s
+            """,
+            (name,),
+        ).fetchone()
+    except psycopg.errors.UndefinedTable:  # vectorsync's schema is gone; ``load`` says what to do
+        return None
+    return str(row[0]) if row else None

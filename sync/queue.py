@@ -118,10 +118,30 @@ def delete_claimed(conn: psycopg.Connection, ids: Sequence[int]) -> None:
     conn.execute("DELETE FROM vectorsync.queue WHERE id = ANY(%s)", (list(ids),))
 
 
-def forget_failed(conn: psycopg.Connection, name: str, keys: Sequence[str]) -> None:
-    """Drop failed items whose keys have now embedded, however they were re-queued."""
-    if keys:
-        conn.execute("DELETE FROM vectorsync.failed WHERE embedding = %s AND key = ANY(%s)", (name, list(keys)))
+def finish_batch(
+    conn: psycopg.Connection,
+    name: str,
+    embedded_keys: Sequence[str],
+    done_ids: Sequence[int],
+    worker_id: str | None = None,
+    embedded: int = 0,
+    failed: int = 0,
+) -> None:
+    """The end of a batch's write, in one round trip: forget the failed items of keys that now
+    embedded, delete the done queue items, and move worker ``worker_id``'s counters."""
+    conn.execute(
+        """
+        WITH forgotten AS (
+            DELETE FROM vectorsync.failed WHERE embedding = %(name)s AND key = ANY(%(keys)s)
+        ), counted AS (
+            UPDATE vectorsync.workers SET embedded = embedded + %(embedded)s, failed = failed + %(failed)s
+            WHERE id = %(worker)s AND (%(embedded)s > 0 OR %(failed)s > 0)
+        )
+        DELETE FROM vectorsync.queue WHERE id = ANY(%(ids)s)
+        """,
+        {"name": name, "keys": list(embedded_keys), "ids": list(done_ids), "worker": worker_id,
+         "embedded": embedded, "failed": failed},
+    )
 
 
 def record_attempt(

@@ -1,4 +1,5 @@
-"""The write path: binary COPY into a staging table, then one upsert into the target table.
+"""The write path: binary COPY into a staging table, then one upsert into the target table (a
+few rows: one INSERT of their values).
 
 Rows whose vector, model version and input hash are unchanged are not rewritten.
 """
@@ -24,6 +25,8 @@ CHANGED = sql.SQL(
     "OR t.embedding IS DISTINCT FROM EXCLUDED.embedding"
 )
 ONLY_OLDER = sql.SQL("t.model_version < EXCLUDED.model_version")
+#: Up to this many rows are written with one INSERT (a lone change's path); more go through COPY.
+SMALL_WRITE = 32
 
 
 class _NumpyVectorDumper(Dumper):
@@ -37,7 +40,7 @@ class _NumpyVectorDumper(Dumper):
         return struct.pack(">HH", obj.shape[0], 0) + obj.astype(">f4", copy=False).tobytes()
 
 
-def _ensure_stage(conn: psycopg.Connection) -> None:
+def _register_dumper(conn: psycopg.Connection) -> None:
     info = conn.adapters.types.get("vector")
     if info is None:  # connection opened before the extension existed
         register_vector(conn)
@@ -47,6 +50,10 @@ def _ensure_stage(conn: psycopg.Connection) -> None:
     dumper = conn.adapters.get_dumper_by_oid(info.oid, Format.BINARY)
     if not issubclass(dumper, _NumpyVectorDumper):
         conn.adapters.register_dumper(np.ndarray, type("VectorDumper", (_NumpyVectorDumper,), {"oid": info.oid}))
+
+
+def _ensure_stage(conn: psycopg.Connection) -> None:
+    _register_dumper(conn)
     conn.execute(
         sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS {} (key text, embedding vector, model_version integer, "
@@ -78,6 +85,9 @@ def upsert(
         )
     hashes = input_hashes if input_hashes is not None else [None] * len(keys)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    condition = ONLY_OLDER if only_older else CHANGED
+    if len(keys) <= SMALL_WRITE:
+        return _upsert_values(conn, emb, keys, vectors, model_version, hashes, condition)
     _ensure_stage(conn)
     with conn.cursor() as cur:
         with cur.copy(
@@ -101,12 +111,42 @@ def upsert(
                 key=emb.key,
                 ktype=emb.key_sql_type,
                 stage=STAGE,
-                condition=ONLY_OLDER if only_older else CHANGED,
+                condition=condition,
             )
         )
         written = cur.rowcount
         cur.execute(sql.SQL("TRUNCATE {}").format(STAGE))
     return written
+
+
+def _upsert_values(
+    conn: psycopg.Connection,
+    emb: Embedding,
+    keys: Sequence[str],
+    vectors: np.ndarray,
+    model_version: int,
+    hashes: Sequence[str | None],
+    condition: sql.SQL,
+) -> int:
+    """The upsert of a few rows as one statement: no staging table to create, fill and empty."""
+    _register_dumper(conn)
+    row = sql.SQL("(CAST(%s AS {ktype}), %b, CAST(%s AS integer), CAST(%s AS text), now())").format(
+        ktype=emb.key_sql_type
+    )
+    cur = conn.execute(
+        sql.SQL(
+            """
+            INSERT INTO {target} AS t ({key}, embedding, model_version, input_hash, embedded_at) VALUES {rows}
+            ON CONFLICT ({key}) DO UPDATE SET embedding = EXCLUDED.embedding,
+                model_version = EXCLUDED.model_version, input_hash = EXCLUDED.input_hash,
+                embedded_at = EXCLUDED.embedded_at
+            WHERE {condition}
+            """
+        ).format(target=emb.target, key=emb.key, rows=sql.SQL(", ").join([row] * len(keys)), condition=condition),
+        [value for key, vector, digest in zip(keys, vectors, hashes, strict=True)
+         for value in (key, vector, model_version, digest)],
+    )
+    return cur.rowcount
 
 
 def delete_keys(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> int:

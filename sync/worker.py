@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -30,10 +31,10 @@ from psycopg import sql
 from vectorsync.encoders.base import Encoder, InputError, check_finite
 from vectorsync.errors import VectorsyncError
 from vectorsync.sync import generations, queue, sink, sources
-from vectorsync.sync.catalog import Embedding, NotMigrated, broken_reason, load
+from vectorsync.sync.catalog import Embedding, NotMigrated, broken_reason, fingerprint, load
 from vectorsync.sync.db import DatabaseError, connect
-from vectorsync.sync.models import ModelCache, current_version
-from vectorsync.sync.spec import Config, WorkerSpec
+from vectorsync.sync.models import ModelCache
+from vectorsync.sync.spec import Config, EmbeddingSpec, WorkerSpec
 
 if TYPE_CHECKING:  # metrics imports this module
     from vectorsync.sync.metrics import WorkerMetrics
@@ -54,6 +55,60 @@ class BatchResult:
     deleted: int = 0
     requeued: int = 0
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """One live generation a batch writes into: ``emb`` bound to it, its model version and encoder."""
+
+    emb: Embedding
+    version: int
+    encoder: Encoder
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a batch of one embedding reads from the catalogue: the embedding as migrated and its
+    live generations with their loaded encoders. A worker keeps it while the catalogue's
+    ``fingerprint`` stays the same, so a batch costs one catalogue query instead of a dozen."""
+
+    emb: Embedding
+    targets: tuple[Target, ...]
+    fingerprint: str | None = None
+
+    @property
+    def building(self) -> bool:
+        """Whether a new generation with a model is being built (and so needs backfill steps)."""
+        return len(self.targets) > 1
+
+
+def live_targets(conn: psycopg.Connection, emb: Embedding, cache: ModelCache) -> list[Target]:
+    """``emb``'s live generations (serving first, then one being built), each with its encoder;
+    call inside a transaction (a pretrained encoder's model is registered on first use)."""
+    targets = []
+    for target in generations.live(conn, emb):
+        version = target.current_version or 0
+        encoder = cache.get(conn, target, version)
+        if encoder.dim != target.spec.dim:
+            raise EmbeddingUnavailable(
+                emb.name,
+                f"model version {version} of embedding {emb.name!r} makes {encoder.dim}-dimensional vectors "
+                f"but its generation holds {target.spec.dim}; run `vectorsync migrate` and `vectorsync train`",
+            )
+        targets.append(Target(target, version, encoder))
+    return targets
+
+
+def prepare(conn: psycopg.Connection, spec: EmbeddingSpec, cache: ModelCache, fingerprint: str | None = None) -> Plan:
+    """The plan of ``spec``'s batches as the catalogue stands; raises ``EmbeddingUnavailable`` when
+    schema drift marked the embedding broken."""
+    emb = load(conn, spec)
+    broken = broken_reason(conn, spec.name)
+    if broken is not None:  # marked by the capture's drift detection: no item is at fault
+        raise EmbeddingUnavailable(spec.name, f"embedding {spec.name!r} is broken: {broken}")
+    with conn.transaction():
+        targets = live_targets(conn, emb, cache)
+    return Plan(emb, tuple(targets), fingerprint)
 
 
 @dataclass
@@ -97,6 +152,7 @@ def process_batch(
     *,
     worker_id: str | None = None,
     on_lease: Callable[[_Lease | None], None] | None = None,
+    plan: Plan | None = None,
 ) -> BatchResult | None:
     """Lease and embed one batch; None when nothing is claimable.
 
@@ -107,7 +163,9 @@ def process_batch(
     whole is split in halves until the failing items are alone; each of those is charged an attempt
     (backoff, then ``vectorsync.failed``), whatever the exception. Raises ``EmbeddingUnavailable``
     when the embedding itself is broken. With ``worker_id``, that worker's counters move in the
-    write transaction, so they count exactly the work that was committed.
+    write transaction, so they count exactly the work that was committed. With ``plan``, the live
+    generations and encoders are the plan's (the caller checked it is current); otherwise they are
+    read in the batch.
     """
     started = time.perf_counter()
     with conn.transaction():
@@ -124,7 +182,7 @@ def process_batch(
         on_lease(lease)
     result = BatchResult(claimed=len(rows))
     try:
-        _embed_isolating(conn, emb, cache, settings, lease, list(claims), result, worker_id)
+        _embed_isolating(conn, emb, cache, settings, lease, list(claims), result, worker_id, plan)
     except EmbeddingUnavailable:
         _release(conn, lease, list(claims))
         raise
@@ -149,10 +207,11 @@ def _embed_isolating(
     keys: list[str],
     result: BatchResult,
     worker_id: str | None,
+    plan: Plan | None,
 ) -> None:
     """Embed ``keys``; if that fails as a whole, split them until the guilty keys are alone."""
     try:
-        _embed(conn, emb, cache, settings, lease, keys, result, worker_id)
+        _embed(conn, emb, cache, settings, lease, keys, result, worker_id, plan)
     except Exception as exc:
         unavailable = embedding_problem(emb.name, exc)
         if unavailable is not None:
@@ -161,8 +220,8 @@ def _embed_isolating(
             raise
         if len(keys) > 1:
             middle = len(keys) // 2
-            _embed_isolating(conn, emb, cache, settings, lease, keys[:middle], result, worker_id)
-            _embed_isolating(conn, emb, cache, settings, lease, keys[middle:], result, worker_id)
+            _embed_isolating(conn, emb, cache, settings, lease, keys[:middle], result, worker_id, plan)
+            _embed_isolating(conn, emb, cache, settings, lease, keys[middle:], result, worker_id, plan)
             return
         log.debug("embedding %s, key %s failed alone: %s", emb.name, keys[0], exc, exc_info=True)
         error = InputError(None, f"{type(exc).__name__}: {_one_line(exc)}")
@@ -184,23 +243,18 @@ def _embed(
     keys: list[str],
     result: BatchResult,
     worker_id: str | None,
+    plan: Plan | None,
 ) -> None:
     """Read, encode and write ``keys`` of ``lease``, into every live generation with its own model
     (sync.generations); per-row problems are recorded, not raised."""
-    with conn.transaction():
-        targets = generations.live(conn, emb)  # serving first; a generation being built too
+    # with a current plan, the reads need no transaction of their own (two round trips saved)
+    with nullcontext() if plan is not None and conn.autocommit else conn.transaction():
+        targets = plan.targets if plan is not None else live_targets(conn, emb, cache)
         read = sources.read_rows(conn, emb, keys)
         plans = []
-        for target in targets:
-            version = target.current_version or 0
-            encoder = cache.get(conn, target, version)
-            if encoder.dim != target.spec.dim:
-                raise EmbeddingUnavailable(
-                    emb.name,
-                    f"model version {version} of embedding {emb.name!r} makes {encoder.dim}-dimensional vectors "
-                    f"but its generation holds {target.spec.dim}; run `vectorsync migrate` and `vectorsync train`",
-                )
-            frame, unchanged = _without_unchanged(conn, target, read.copy(), version)
+        for target, version, encoder in ((t.emb, t.version, t.encoder) for t in targets):
+            # each generation's frame gets its own copy (references are resolved into it)
+            frame, unchanged = _without_unchanged(conn, target, read.copy() if len(targets) > 1 else read, version)
             plans.append((target, version, encoder, frame, unchanged))
     # No transaction is open from here until the write: files are read and rows encoded lock-free.
     encoded = []
@@ -241,7 +295,6 @@ def _embed(
                 embedded_now = len(good)
         # The last generation is the one that serves next: its failures are charged; a row that only
         # the generation about to retire cannot encode keeps its old vector there until the swap.
-        queue.forget_failed(conn, emb.name, good)
         failed_now = 0
         charged: set[str] = set()
         for position, error in failures.items():
@@ -256,8 +309,7 @@ def _embed(
         result.failed += failed_now
         done = [i for k in mine if k in writable and k not in charged for i in lease.claims[k].ids]
         done += [i for k in gone for i in lease.claims[k].ids]
-        queue.delete_claimed(conn, [i for i in done if i in held])
-        _count_work(conn, worker_id, embedded_now, failed_now)
+        queue.finish_batch(conn, emb.name, good, [i for i in done if i in held], worker_id, embedded_now, failed_now)
 
 
 def _count_work(conn: psycopg.Connection, worker_id: str | None, embedded: int, failed: int) -> None:
@@ -270,6 +322,9 @@ def _count_work(conn: psycopg.Connection, worker_id: str | None, embedded: int, 
 
 def _duplicate_keys(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputError]:
     """Rows whose key matches more than one source row: the key column is not unique."""
+    keys = frame[sources.KEY].tolist()
+    if len(set(keys)) == len(keys):  # the usual case, without pandas' per-call overhead
+        return {}
     counts = frame[sources.KEY].value_counts()
     repeated = set(counts[counts > 1].index)
     return {
@@ -415,8 +470,11 @@ def _without_unchanged(
             (frame[sources.KEY].tolist(), version),
         ).fetchall()
     )
-    same = frame[sources.KEY].map(stored).eq(frame[sources.HASH]).to_numpy(dtype=bool)
-    return frame[~same].reset_index(drop=True), frame[sources.KEY][same].tolist()
+    keys, hashes = frame[sources.KEY].tolist(), frame[sources.HASH].tolist()
+    same = np.array([stored.get(k) == h for k, h in zip(keys, hashes, strict=True)], dtype=bool)
+    if not same.any():  # the usual case for a real change: nothing to drop, no copy
+        return frame, []
+    return frame[~same].reset_index(drop=True), [k for k, s in zip(keys, same, strict=True) if s]
 
 
 def encode_frame(
@@ -596,6 +654,7 @@ class Worker:
         # one thread per process queues what changed while no worker ran (the first-run backfill)
         self._backfill_pending = {s.name for s in self.specs} if thread_index == 0 else set()
         self._cache = ModelCache()
+        self._plans: dict[str, Plan] = {}
         self._conn: psycopg.Connection | None = None
         self._listener: psycopg.Connection | None = None
         self._held: _Lease | None = None
@@ -644,10 +703,13 @@ class Worker:
         conn = self._conn = connect(self.url, autocommit=True, **KEEPALIVE)
         # A session whose worker vanished mid-transaction is ended by the server, releasing its locks;
         # statements get the same bound (a backfill, which may scan a whole table, lifts it locally).
+        # Commits do not wait for the WAL flush (4 ms each on a plain disk, most of a lone change's
+        # latency): a server crash can only lose a batch whose queue items it also restores, so the
+        # work is redone, never lost or doubled.
         deadline_ms = str(int(self.settings.batch_deadline_seconds * 1000))
         conn.execute(
             "SELECT set_config('idle_in_transaction_session_timeout', %s, false), "
-            "set_config('statement_timeout', %s, false)",
+            "set_config('statement_timeout', %s, false), set_config('synchronous_commit', 'off', false)",
             (deadline_ms, deadline_ms),
         )
         self._listener = connect(self.url, autocommit=True, vector=False, **KEEPALIVE)
@@ -664,16 +726,25 @@ class Worker:
     def _preload(self, conn: psycopg.Connection) -> None:
         """Load models now: on the first change it cost the first rows a second or more. An
         embedding that cannot load is left to the serve loop, which pauses and reports it."""
+        self._plans.clear()  # a new session may follow a restored or replaced database
         for spec in self.specs:
             try:
-                emb = load(conn, spec)
-                version = current_version(conn, spec.name)
-                if version is not None:
-                    self._cache.get(conn, emb, version)
+                self._plan(conn, spec)
             except Exception as exc:
                 if _connection_lost(exc):
                     raise
                 log.debug("worker %s could not preload the model of %s: %s", self.id, spec.name, exc)
+
+    def _plan(self, conn: psycopg.Connection, spec: EmbeddingSpec) -> Plan:
+        """``spec``'s plan, read again whenever the catalogue's fingerprint moved: before every
+        batch, one query notices a recreated or re-migrated embedding, a new model or generation,
+        a swap or a broken mark that any process committed."""
+        current = fingerprint(conn, spec.name)
+        plan = self._plans.get(spec.name)
+        if plan is None or current is None or plan.fingerprint != current:
+            self._plans.pop(spec.name, None)
+            plan = self._plans[spec.name] = prepare(conn, spec, self._cache, current)
+        return plan
 
     def _disconnect(self) -> None:
         for attr in ("_listener", "_conn"):
@@ -707,22 +778,24 @@ class Worker:
                 if self._is_parked(spec.name):
                     continue
                 try:
-                    emb = load(conn, spec)  # every batch: a recreated or re-migrated embedding is seen at once
-                    broken = broken_reason(conn, spec.name)
-                    if broken is not None:  # marked by the capture's drift detection: no item is at fault
-                        raise EmbeddingUnavailable(spec.name, f"embedding {spec.name!r} is broken: {broken}")
+                    plan = self._plan(conn, spec)
+                    emb = plan.emb
                     if spec.name in self._backfill_pending:
                         self._backfill(conn, emb)
                         self._backfill_pending.discard(spec.name)
                     result = process_batch(
-                        conn, emb, self._cache, self.settings, self.batch_size, worker_id=self.id, on_lease=self._track
+                        conn, emb, self._cache, self.settings, self.batch_size, worker_id=self.id,
+                        on_lease=self._track, plan=plan,
                     )
                     # changes first; a new generation is built whenever the queue is not full
-                    if (result is None or result.claimed < self.batch_size) and advance_generation(
-                        conn, emb, self._cache, self.batch_size
+                    if (
+                        plan.building
+                        and (result is None or result.claimed < self.batch_size)
+                        and advance_generation(conn, emb, self._cache, self.batch_size)
                     ):
                         busy = True
                 except Exception as exc:
+                    self._plans.pop(spec.name, None)  # read the catalogue afresh after any embedding error
                     problem = _embedding_level(spec.name, exc)
                     if problem is None:
                         raise
@@ -811,9 +884,12 @@ class Worker:
         burst of small transactions shares one batch. Under sustained load the serve loop never
         waits at all, and batches fill from the backlog."""
         until = time.monotonic() + self.max_wait
+        # a lone change does not even wait one gap: only changes already arrived make it a burst
+        burst = seen > 1
         while seen < self.batch_size and not self.stop.is_set():
-            gap = min(BURST_GAP_SECONDS, until - time.monotonic())
-            if gap <= 0:
+            gap = min(BURST_GAP_SECONDS if burst else 0.0, until - time.monotonic())
+            burst = True
+            if gap < 0:
                 return
             ready, _, _ = select.select([listener.fileno()], [], [], gap)
             more = len(list(listener.notifies(timeout=0))) if ready else 0
