@@ -218,6 +218,32 @@ def _normalise_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix
 
 
+def _union(n: int, *positions: np.ndarray) -> np.ndarray:
+    """The sorted distinct positions (all below ``n``) of these arrays: a mark per node is O(n) and
+    several times faster than sorting or hashing the hundreds of thousands of entries a large
+    update gathers."""
+    mark = np.zeros(n, dtype=bool)
+    for array in positions:
+        mark[array] = True
+    return np.flatnonzero(mark)
+
+
+def _product(rows: sp.csr_matrix, dense: np.ndarray) -> np.ndarray:
+    """``rows @ dense`` as float32, in row blocks on threads (scipy's product releases the GIL)."""
+    blocks = _row_blocks(rows, _threads())
+    if len(blocks) == 1:
+        return np.asarray(rows @ dense, dtype=np.float32)
+    out = np.empty((rows.shape[0], dense.shape[1]), dtype=np.float32)
+
+    def block(bounds: tuple[int, int]) -> None:
+        lo, hi = bounds
+        out[lo:hi] = rows[lo:hi] @ dense
+
+    with ThreadPoolExecutor(len(blocks)) as pool:
+        list(pool.map(block, blocks))
+    return out
+
+
 def _threads() -> int:
     return max(1, min(_MAX_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
 
@@ -508,15 +534,23 @@ class IncrementalFastRP:
             self.counts = (mask @ self.counts @ mask).tocsr()
             for matrix in (self.weights, self.counts):
                 matrix.eliminate_zeros()
+        # removals and additions go in as one signed delta: each sum with the big matrix is O(edges)
+        delta_rows, delta_cols, delta_weights, delta_counts = [], [], [], []
         for edges, sign in ((removed, -1.0), (added, 1.0)):
             if edges is None or not len(edges):
                 continue
             rows, cols, data = _oriented(np.asarray(edges.src), np.asarray(edges.dst), edges.weights,
                                          self.params.orientation)
-            ones = np.ones(rows.size)
-            self.weights = self.weights + self._matrix(n, rows, cols, sign * (ones if data is None else data))
-            self.counts = self.counts + self._matrix(n, rows, cols, sign * ones)
+            ones = np.full(rows.size, sign)
+            delta_rows.append(rows)
+            delta_cols.append(cols)
+            delta_weights.append(ones if data is None else sign * np.asarray(data, dtype=np.float64))
+            delta_counts.append(ones)
             changed_rows.append(rows)
+        if delta_rows:
+            rows, cols = np.concatenate(delta_rows), np.concatenate(delta_cols)
+            self.weights = self.weights + self._matrix(n, rows, cols, np.concatenate(delta_weights))
+            self.counts = self.counts + self._matrix(n, rows, cols, np.concatenate(delta_counts))
         self.counts.eliminate_zeros()
         if (self.counts.data < 0).any():
             raise ValueError("an edge was removed that the graph does not hold; recompute the graph in full")
@@ -530,17 +564,17 @@ class IncrementalFastRP:
             self.alive[dead] = False
             for level in self.levels:
                 level[dead] = 0.0
-        rows_changed = np.unique(np.concatenate([np.asarray(r, dtype=np.int64) for r in changed_rows]))
+        rows_changed = _union(n, *changed_rows)
         moved_initial = reset[self.alive[reset]]
         if self.params.normalization_strength != 0.0:
             degree_moved = rows_changed[self._degree(rows_changed) != degree_before[rows_changed]]
-            moved_initial = np.union1d(moved_initial, degree_moved)
+            moved_initial = _union(n, moved_initial, degree_moved)
         return self._propagate(rows_changed, moved_initial, reset[self.alive[reset]])
 
     def _neighbours(self, positions: np.ndarray) -> np.ndarray:
         """Nodes whose row holds one of ``positions`` (they average over it)."""
         columns = self.counts if self.params.orientation == "undirected" else self.counts.T.tocsr()
-        return np.unique(columns[positions].indices).astype(np.int64)
+        return _union(self.size, columns[positions].indices)
 
     def _propagate(self, rows_changed: np.ndarray, moved_initial: np.ndarray, fresh: np.ndarray) -> UpdateResult:
         live = int(self.alive.sum())
@@ -552,8 +586,8 @@ class IncrementalFastRP:
         recomputed: list[int] = []
         transposed = self.counts if self.params.orientation == "undirected" else self.counts.T.tocsr()
         for iteration, weight in enumerate(self.params.iteration_weights):
-            followers = np.unique(transposed[moved].indices) if len(moved) else np.zeros(0, dtype=np.int64)
-            candidates = np.union1d(rows_changed, followers).astype(np.int64)
+            followers = transposed[moved].indices if len(moved) else np.zeros(0, dtype=np.int64)
+            candidates = _union(self.size, rows_changed, followers)
             candidates = candidates[self.alive[candidates]]
             recomputed.append(len(candidates))
             if len(candidates) > limit:
@@ -564,15 +598,14 @@ class IncrementalFastRP:
                 continue
             rows = _row_normalise(self.weights[candidates].astype(np.float32))
             if iteration == 0:
-                columns = np.unique(rows.indices)
+                columns = _union(self.size, rows.indices)
                 local = sp.csr_matrix(
                     (rows.data, np.searchsorted(columns, rows.indices), rows.indptr),
                     shape=(len(candidates), len(columns)),
                 )
-                product = local @ self._initial(columns)
+                fresh_vectors = _normalise_rows(_product(local, self._initial(columns)))
             else:
-                product = rows @ self.levels[iteration - 1]
-            fresh_vectors = _normalise_rows(np.asarray(product, dtype=np.float32))
+                fresh_vectors = _normalise_rows(_product(rows, self.levels[iteration - 1]))
             level = self.levels[iteration]
             shift = np.abs(fresh_vectors - level[candidates]).max(axis=1)
             keep = shift > PROPAGATION_TOLERANCE
@@ -580,4 +613,4 @@ class IncrementalFastRP:
             level[moved] = fresh_vectors[keep]
             if weight != 0.0:
                 written.append(moved)
-        return UpdateResult(np.unique(np.concatenate(written)).astype(np.int64), "incremental", recomputed)
+        return UpdateResult(_union(self.size, *written), "incremental", recomputed)

@@ -40,6 +40,52 @@ class _NumpyVectorDumper(Dumper):
         return struct.pack(">HH", obj.shape[0], 0) + obj.astype(">f4", copy=False).tobytes()
 
 
+#: Binary COPY framing (PostgreSQL's "COPY ... FORMAT BINARY" file layout).
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\0" + b"\0\0\0\0" + b"\0\0\0\0"
+_COPY_TRAILER = b"\xff\xff"
+_COPY_BLOCK_ROWS = 10_000
+_NULL_FIELD = b"\xff\xff\xff\xff"
+
+
+def _copy_records(
+    keys: Sequence[str], vectors: np.ndarray, model_version: int, hashes: Sequence[str | None]
+) -> bytes:
+    """Binary COPY records ``(key text, embedding vector, model_version int4, input_hash text)``.
+
+    The fixed-width middle of every record (the vector in pgvector's wire format and the model
+    version) is laid out by numpy for all rows at once; only the variable-width text fields are
+    joined per row. Writing row by row through the driver costs ~10 µs a row, most of the Python
+    time of a large graph run's write phase.
+    """
+    n, dim = vectors.shape
+    middle = np.empty(
+        n,
+        dtype=np.dtype([("vlen", ">i4"), ("dim", ">u2"), ("unused", ">u2"), ("values", ">f4", (dim,)),
+                        ("mlen", ">i4"), ("version", ">i4")]),
+    )
+    middle["vlen"] = 4 + 4 * dim
+    middle["dim"] = dim
+    middle["unused"] = 0
+    middle["values"] = vectors
+    middle["mlen"] = 4
+    middle["version"] = model_version
+    blob = middle.tobytes()
+    width = middle.dtype.itemsize
+    parts: list[bytes] = []
+    for i, (key, digest) in enumerate(zip(keys, hashes, strict=True)):
+        encoded = key.encode()
+        parts.append(struct.pack(">hi", 4, len(encoded)))
+        parts.append(encoded)
+        parts.append(blob[i * width : (i + 1) * width])
+        if digest is None:
+            parts.append(_NULL_FIELD)
+        else:
+            text = digest.encode()
+            parts.append(struct.pack(">i", len(text)))
+            parts.append(text)
+    return b"".join(parts)
+
+
 def _register_dumper(conn: psycopg.Connection) -> None:
     info = conn.adapters.types.get("vector")
     if info is None:  # connection opened before the extension existed
@@ -93,9 +139,11 @@ def upsert(
         with cur.copy(
             sql.SQL("COPY {} (key, embedding, model_version, input_hash) FROM STDIN WITH (FORMAT BINARY)").format(STAGE)
         ) as copy:
-            copy.set_types(["text", "vector", "int4", "text"])
-            for key, vector, digest in zip(keys, vectors, hashes, strict=True):
-                copy.write_row((key, vector, model_version, digest))
+            copy.write(_COPY_SIGNATURE)
+            for start in range(0, len(keys), _COPY_BLOCK_ROWS):
+                stop = start + _COPY_BLOCK_ROWS
+                copy.write(_copy_records(keys[start:stop], vectors[start:stop], model_version, hashes[start:stop]))
+            copy.write(_COPY_TRAILER)
         cur.execute(
             sql.SQL(
                 """
