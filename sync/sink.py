@@ -32,7 +32,7 @@ SMALL_WRITE = 32
 class _NumpyVectorDumper(Dumper):
     """Binary dumper for float32 rows of a matrix: pgvector's wire format (dims, unused, values as
     big-endian float4) straight from numpy, without building a ``pgvector.Vector`` per row, which
-    is most of the cost of a COPY of small vectors."""
+    is most of the cost of writing small vectors."""
 
     format = Format.BINARY
 
