@@ -19,10 +19,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from vectorsync.embedding_sql.storage import element_bytes
-from vectorsync.encoders.base import usable_cores
 from vectorsync.migrations.operations import index_statement
-from vectorsync.sync import generations, queue, sink, sources
+from vectorsync.sync import generations, indexing, queue, sink, sources
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.db import scalar, session_options
 from vectorsync.sync.models import ModelCache
@@ -31,8 +29,6 @@ from vectorsync.sync.worker import BatchResult, encode_frame
 
 #: A backfill at least this large (and at least half the table) drops the index and rebuilds it after.
 BULK_THRESHOLD = 10_000
-#: The most maintenance_work_mem an index build asks for (vectorsync cannot see the server's RAM).
-INDEX_BUILD_MEMORY_CAP = 2 << 30
 
 
 def target_rows(conn: psycopg.Connection, emb: Embedding) -> int:
@@ -47,32 +43,16 @@ def drop_index(conn: psycopg.Connection, emb: Embedding) -> None:
     conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(_index(emb)))
 
 
-def build_memory(rows: int, dim: int, m: int, storage: str = "vector") -> int:
-    """Bytes for an HNSW graph of ``rows`` vectors to stay in memory while it is built (a build
-    that spills is many times slower): each element keeps its vector as the index stores it and
-    about 2m neighbour links on layer 0 (6-byte item pointers), plus per-element overhead; with a
-    quarter to spare."""
-    per_element = element_bytes(storage, dim) + 2 * m * 6 + m * 6 + 88
-    return int(rows * per_element * 1.25)
-
-
 def create_index(conn: psycopg.Connection, emb: Embedding) -> None:
-    """Build the index in one go, as a careful DBA would: maintenance_work_mem sized to hold the
-    graph (never lowered, at most ``INDEX_BUILD_MEMORY_CAP``), a parallel maintenance worker per
-    core beside the leader (pgvector ≥ 0.6 builds in parallel), then ANALYZE for the planner."""
+    """Build the index in one go with the settings a careful DBA would use (sync.indexing), then
+    ANALYZE for the planner."""
     rows = target_rows(conn, emb)
     statement = index_statement(emb, rows=rows)
     if statement is None:
         return
     with conn.transaction():
-        current = scalar(conn, "SELECT pg_size_bytes(current_setting('maintenance_work_mem'))")
-        parallel = scalar(conn, "SELECT current_setting('max_parallel_workers')::int")
-        wanted = min(max(build_memory(rows, emb.dim, emb.m, emb.storage), current), INDEX_BUILD_MEMORY_CAP)
-        conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (f"{wanted // 1024}kB",))
-        # the server's cores are not visible over SQL; this machine's stand in for them (the embedded
-        # default runs here), minus one for the leader process that builds too
-        workers = max(1, min(parallel, usable_cores() - 1))
-        conn.execute("SELECT set_config('max_parallel_maintenance_workers', %s, true)", (str(workers),))
+        for name, value in indexing.build_settings(conn, emb, rows).items():
+            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
         conn.execute(statement)
     conn.execute(sql.SQL("ANALYZE {}").format(emb.target))
 

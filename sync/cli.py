@@ -561,7 +561,7 @@ def generations_list(
     name: Annotated[str, typer.Argument(help="Embedding.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Every generation of NAME: state, model version, dim, distance, rows; progress while building."""
+    """Every generation of NAME: state, model version, dim, distance, storage, rows; progress while building."""
     from vectorsync.sync import service
 
     state = _state(ctx)
@@ -569,7 +569,10 @@ def generations_list(
     if as_json:
         out.print_json(json.dumps(rows, default=str))
         return
-    columns = ["generation", "state", "model_version", "dim", "distance", "encoder", "rows", "progress", "seconds_left"]
+    columns = [
+        "generation", "state", "model_version", "dim", "distance", "storage", "encoder", "rows", "progress",
+        "seconds_left",
+    ]
     table = Table(title=f"generations of {name}")
     for column in columns:
         table.add_column(column)

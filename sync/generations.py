@@ -28,7 +28,7 @@ from vectorsync.embedding_sql.distance import Distance
 from vectorsync.embedding_sql.storage import Storage
 from vectorsync.errors import DatabaseError
 from vectorsync.migrations import operations
-from vectorsync.sync import queue
+from vectorsync.sync import indexing, queue
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.db import scalar
 from vectorsync.sync.models import NoModel, ensure_model, new_encoder, store
@@ -304,7 +304,14 @@ def build_index(conn: psycopg.Connection, emb: Embedding, gen: Generation) -> No
     rows = scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(gen.table))
     statement = operations.index_statement(objects, rows=rows, concurrently=True)
     if statement is not None:
-        conn.execute(statement)
+        settings = indexing.build_settings(conn, objects, rows)
+        for name, value in settings.items():  # for the session: a concurrent build runs outside a transaction
+            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        try:
+            conn.execute(statement)
+        finally:
+            for name in settings:
+                conn.execute(sql.SQL("RESET {}").format(sql.Identifier(name)))
     conn.execute(sql.SQL("ANALYZE {}").format(gen.table))
 
 
@@ -451,6 +458,7 @@ def progress(conn: psycopg.Connection, name: str) -> list[dict[str, Any]]:
             "model_version": gen.model_version,
             "dim": gen.dim,
             "distance": gen.distance,
+            "storage": gen.storage,
             "encoder": gen.encoder_type,
             "table": f"{gen.table_schema}.{gen.table_name}",
             "rows": embedded,
