@@ -14,6 +14,10 @@ import pytest
 
 from tests.pg_support import embedded_server
 from tests.test_embedding_sql import *  # noqa: F403  (collected again, against the old server)
+from tests.worker_support import scalar
+from vectorsync.errors import DatabaseError
+from vectorsync.sync import schema
+from vectorsync.sync.spec import parse_config
 
 
 @pytest.fixture(scope="module")
@@ -21,3 +25,18 @@ def pg_server() -> Iterator[str]:
     pytest.importorskip("pgserver")
     with embedded_server(old=True) as server:
         yield server.get_uri()
+
+
+def test_a_server_without_halfvec_refuses_it_in_one_line(conn, db_url):
+    conn.execute("CREATE TABLE docs (id integer PRIMARY KEY, price real)")
+    for storage in ("halfvec", "bit"):
+        config = parse_config({"embeddings": [{
+            "name": "docs", "table": "docs", "key": "id", "modality": "tabular", "dim": 8,
+            "storage": storage, "columns": ["price"],
+        }]})
+        with pytest.raises(DatabaseError) as refused:
+            schema.upgrade(db_url, config)
+        assert str(refused.value) == (
+            f"embedding 'docs': storage = {storage} needs pgvector >= 0.7; this server has 0.6.2"
+        )
+    assert scalar(conn, "SELECT to_regclass('vectorsync.generations')") is None  # nothing was made

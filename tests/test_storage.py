@@ -1,6 +1,6 @@
 """Quantized storage (``storage = "halfvec" | "bit"``): what the generation stores and indexes, that
-searches through the SQL functions and the ORM answer as ``vector`` storage does, that changing it
-is a new generation, and that a server without it refuses it in one line."""
+searches through the SQL functions and the ORM answer as ``vector`` storage does, and that changing
+it is a new generation (tests/test_compat_pg16.py: a server without it refuses it in one line)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ import pytest
 from sqlalchemy import REAL, Text, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from tests.pg_support import embedded_server
 from tests.test_embedding_sql import CATEGORIES, clustered, exact, vector_text
 from tests.worker_support import create_items, scalar
 from vectorsync.embedding_sql import attach_embedding, nearest
-from vectorsync.errors import DatabaseError
 from vectorsync.sync import catalog, schema, sink
 from vectorsync.sync.bulk import create_index, drop_index
 from vectorsync.sync.spec import parse_config
@@ -181,23 +179,6 @@ encoder = {{ type = "autoencoder", seed = 1, epochs = 2, hidden = [16] }}
 
     assert cli("rollback", "items", config=config).code == 0
     assert scalar(conn, "SELECT pg_typeof(embedding)::text FROM items_embeddings LIMIT 1") == "vector"
-
-
-def test_a_server_without_halfvec_refuses_it_in_one_line(tmp_path):
-    pytest.importorskip("pgserver")
-    with embedded_server(old=True) as server, psycopg.connect(server.get_uri(), autocommit=True) as conn:
-        conn.execute("CREATE TABLE items (id integer PRIMARY KEY, price real)")
-        for storage in ("halfvec", "bit"):
-            config = parse_config({"embeddings": [{
-                "name": "items", "table": "items", "key": "id", "modality": "tabular", "dim": 8,
-                "storage": storage, "columns": ["price"],
-            }]})
-            with pytest.raises(DatabaseError) as refused:
-                schema.upgrade(server.get_uri(), config)
-            assert str(refused.value) == (
-                f"embedding 'items': storage = {storage} needs pgvector >= 0.7; this server has 0.6.2"
-            )
-        assert scalar(conn, "SELECT to_regclass('vectorsync.generations')") is None  # nothing was made
 
 
 def test_halfvec_beyond_its_index_limit_is_refused_in_the_spec():
