@@ -160,7 +160,8 @@ def model_version(conn: psycopg.Connection, emb: Embedding, encoder_type: str, p
     ).fetchone()
     if row is None:
         return models.register_version(conn, emb, encoder_type=encoder_type, weights=b"", params=params)
-    models.make_current(conn, emb, row[0])
+    if models.current_version(conn, emb.name) != row[0]:  # a worker role may not update the catalogue
+        models.make_current(conn, emb, row[0])
     return row[0]
 
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from vectorsync.errors import DatabaseError
+from vectorsync.sync.spec import split_qualified
 
 SCHEMA = "vectorsync"
 
@@ -35,8 +37,12 @@ WORKER_CATALOGUE: tuple[tuple[tuple[str, ...], str], ...] = (
     (("SELECT", "INSERT", "UPDATE", "DELETE"), "failed"),
     (("INSERT",), "errors"),
     (("SELECT", "INSERT", "UPDATE"), "workers"),
+    # graph runs: the change log they consume, the state they leave, the run they record
+    (("SELECT", "DELETE"), "graph_changes"),
+    (("SELECT", "INSERT", "UPDATE"), "graph_state"),
+    (("SELECT", "INSERT", "UPDATE"), "runs"),
 )
-WORKER_SEQUENCES = ("queue_id_seq", "errors_id_seq")
+WORKER_SEQUENCES = ("queue_id_seq", "errors_id_seq", "runs_id_seq")
 #: What the query functions and the status view need a reader to see: the catalogue, not the queue.
 READER_CATALOGUE = ("embeddings", "generations", "status")
 TARGET_WRITES = ("SELECT", "INSERT", "UPDATE", "DELETE")
@@ -106,6 +112,9 @@ class _Embedding:
     inputs: tuple[str, ...]
     #: The generation tables behind the target view (workers write them, query functions read them).
     generations: tuple[tuple[str, str], ...] = ()
+    #: A native graph's edge table and the columns a graph run reads from it.
+    edges: tuple[str, str] | None = None
+    edge_columns: tuple[str, ...] = ()
 
     @property
     def targets(self) -> tuple[tuple[str, str], ...]:
@@ -116,13 +125,24 @@ def _embeddings(conn: psycopg.Connection) -> list[_Embedding]:
     rows = conn.execute(
         "SELECT e.name, e.source_schema, e.source_table, e.target_schema, e.target_table, e.key_column, "
         "e.input_columns, coalesce((SELECT array_agg(ARRAY[g.table_schema, g.table_name] ORDER BY g.generation) "
-        "FROM vectorsync.generations g WHERE g.embedding = e.name), '{}') "
+        "FROM vectorsync.generations g WHERE g.embedding = e.name), '{}'), e.spec -> 'graph' "
         "FROM vectorsync.embeddings e ORDER BY e.name"
     ).fetchall()
     return [
-        _Embedding(r[0], (r[1], r[2]), (r[3], r[4]), r[5], tuple(r[6]), tuple((g[0], g[1]) for g in r[7]))
+        _Embedding(r[0], (r[1], r[2]), (r[3], r[4]), r[5], tuple(r[6]), tuple((g[0], g[1]) for g in r[7]),
+                   *_edge_table(r[1], r[8]))
         for r in rows
     ]
+
+
+def _edge_table(source_schema: str, graph: dict[str, Any] | None) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
+    """The edge table of a native graph spec (in the node table's schema unless qualified) and the
+    endpoint and weight columns a run reads."""
+    if not graph or not graph.get("edges"):
+        return None, ()
+    schema, table = split_qualified(graph["edges"])
+    columns = (graph.get("source_column", "source"), graph.get("target_column", "target"), graph.get("weight_column"))
+    return (schema or source_schema, table), tuple(c for c in columns if c)
 
 
 def _exists(conn: psycopg.Connection, name: tuple[str, str]) -> bool:
@@ -135,6 +155,7 @@ def worker_rights(conn: psycopg.Connection) -> list[Right]:
     rights = [Right("SCHEMA", (SCHEMA,), ("USAGE",))]
     rights += [Right("TABLE", (SCHEMA, table), privileges) for privileges, table in WORKER_CATALOGUE]
     rights += [Right("SEQUENCE", (SCHEMA, sequence), ("USAGE",)) for sequence in WORKER_SEQUENCES]
+    rights.append(Right("TABLE", (SCHEMA, "embeddings"), ("UPDATE",), ("last_sync",)))  # a finished graph run
     for e in _embeddings(conn):
         if not (_exists(conn, e.source) and _exists(conn, e.target)):
             continue
@@ -144,6 +165,8 @@ def worker_rights(conn: psycopg.Connection) -> list[Right]:
         # batch), and PostgreSQL allows that lock only to a role that may UPDATE some column.
         rights.append(Right("TABLE", e.source, ("UPDATE",), (e.key,)))
         rights += [Right("TABLE", target, TARGET_WRITES) for target in e.targets if _exists(conn, target)]
+        if e.edges is not None and _exists(conn, e.edges):
+            rights.append(Right("TABLE", e.edges, ("SELECT",), e.edge_columns))
     return rights
 
 

@@ -246,3 +246,48 @@ def test_grant_by_a_role_that_may_not_grant_is_one_line(conn, db_url, project, n
     assert result.err.strip() == (
         f"error: vectorsync grant must run as '{owner}', the owner of schema vectorsync (connected as '{plain}')"
     )
+
+
+GRAPH_SPEC = """
+[[embeddings]]
+name = "people"
+table = "people"
+key = "id"
+modality = "graph"
+dim = 16
+index = "none"
+
+[embeddings.graph]
+edges = "knows"
+weight_column = "weight"
+"""
+
+
+def test_the_worker_role_keeps_a_native_graph_fresh(conn, db_url, tmp_path, new_role, monkeypatch):
+    from vectorsync.sync import catalog, graph
+
+    conn.execute("CREATE TABLE people (id integer PRIMARY KEY, secret text)")
+    conn.execute("INSERT INTO people SELECT i, 'private' FROM generate_series(0, 199) i")
+    conn.execute("CREATE TABLE knows (source integer, target integer, weight real, note text)")
+    conn.execute("INSERT INTO knows SELECT i, (i * 7 + 1) % 200, 1.0, 'private' FROM generate_series(0, 199) i")
+    config = tmp_path / "vectorsync.toml"
+    config.write_text(GRAPH_SPEC)
+    vectorsync(db_url, config, "migrate")
+    vectorsync(db_url, config, "sync")
+    worker = new_role("worker")
+    vectorsync(db_url, config, "grant", "worker", worker)
+    monkeypatch.setattr(graph, "_CACHE", {})  # the worker is another process: it holds no FastRP state yet
+    spec = load_config(config).embedding("people")
+    with psycopg.connect(as_role(db_url, worker), autocommit=True) as as_worker:
+        emb = catalog.load(as_worker, spec)
+        conn.execute("INSERT INTO knows VALUES (3, 150, 2.0, 'private')")
+        first = graph.sync_graph(as_worker, emb)  # reads the whole graph again
+        conn.execute("DELETE FROM knows WHERE source = 5")
+        second = graph.sync_graph(as_worker, emb)
+        modes = [as_worker.execute("SELECT details ->> 'mode' FROM vectorsync.runs WHERE id = %s", (run["run_id"],))
+                 .fetchone()[0] for run in (first, second)]
+        assert modes == ["full", "incremental"] and first["embedded"] > 0 and second["embedded"] > 0
+        assert graph.sync_graph(as_worker, emb)["embedded"] == 0
+        for statement in ("SELECT note FROM knows", "SELECT secret FROM people", "DELETE FROM knows"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                as_worker.execute(statement)
