@@ -6,13 +6,14 @@ SQLAlchemy / psycopg integration. Knows nothing of workers.
     attach_embedding(Item, "items", dim=16)              # Item.embedding_row, read-only
     session.execute(similar_to(item, k=5)).all()         # [(Item, distance), ...]
     session.execute(nearest(Item, to=vector, k=10, where=Item.in_stock)).all()
+    session.execute(hybrid(Note, "seal kit SK-2291", vector, k=10)).all()   # [(Note, score), ...]
 """
 
 from pgvector.sqlalchemy import Vector
 
 from vectorsync.embedding_sql.distance import DISTANCES, Distance, distance
 from vectorsync.embedding_sql.orm import EmbeddingInfo, attach_embedding, embedding_info
-from vectorsync.embedding_sql.query import embedding_distance, nearest, search_settings, similar_to
+from vectorsync.embedding_sql.query import embedding_distance, hybrid, nearest, search_settings, similar_to
 
 __all__ = [
     "DISTANCES",
@@ -23,6 +24,7 @@ __all__ = [
     "distance",
     "embedding_distance",
     "embedding_info",
+    "hybrid",
     "nearest",
     "search_settings",
     "similar_to",

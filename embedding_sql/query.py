@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pgvector.sqlalchemy import HALFVEC, Vector
-from sqlalchemy import Engine, Float, cast, event, func, literal, select
+from sqlalchemy import Engine, Float, Text, cast, column, event, func, literal, null, select
 from sqlalchemy.dialects.postgresql import BIT
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql import Select
@@ -119,6 +119,34 @@ def similar_to(
     return nearest(
         type(obj), obj, k, where, embedding=embedding, ef_search=ef_search, probes=probes, exact=exact
     )
+
+
+def hybrid(
+    model: type,
+    text: str,
+    to: Any,
+    k: int = 10,
+    *,
+    embedding: str | None = None,
+    vector_weight: float = 1.0,
+    text_weight: float = 1.0,
+    rrf_k: int = 60,
+    candidates: int | None = None,
+) -> Select[Any, float]:
+    """The ``k`` rows of ``model`` that best match ``text`` by keywords and ``to`` (the query's
+    vector, made by the embedding's own model; None with ``vector_weight=0``) by distance, fused
+    by ``vectorsync.hybrid``'s weighted reciprocal rank fusion: a ``Select`` of ``(obj, score)``,
+    best first. The embedding needs ``text_search`` in its spec."""
+    info = embedding_info(model, embedding)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    query = null() if to is None else _vector(to, info)
+    found = (
+        func.vectorsync.hybrid(info.name, text, query, k, vector_weight, text_weight, rrf_k, candidates)
+        .table_valued(column("key", Text), column("score", Float))
+    )
+    key = cast(found.c.key, info.model_key.type)
+    return select(model, found.c.score).join(found, info.model_key == key).order_by(found.c.score.desc(), key)
 
 
 def embedding_distance(model: type, to: Any, *, embedding: str | None = None) -> ColumnElement[float]:

@@ -106,11 +106,12 @@ def bulk_load(
         ok = [i not in failures for i in range(len(frame))]
         good = [k for k, g in zip(keys, ok, strict=True) if g]
         hashes = [h for h, g in zip(frame[sources.HASH].tolist(), ok, strict=True) if g]
+        texts = sources.search_texts(emb, frame, [i for i, g in enumerate(ok) if g])
         with conn.transaction():
             # No WAL flush per chunk: a chunk lost to a crash only leaves its rows stale, and the
             # next sync (or a starting worker) finds them again. Nothing is dequeued here.
             conn.execute("SET LOCAL synchronous_commit = off")
-            sink.upsert(conn, emb, good, vectors[ok], version, hashes, only_older=True)
+            sink.upsert(conn, emb, good, vectors[ok], version, hashes, texts=texts, only_older=True)
             if failures:  # the queue retries them and records their errors
                 queue.enqueue_keys(conn, emb.name, [keys[i] for i in failures])
         result = BatchResult(

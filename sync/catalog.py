@@ -58,6 +58,7 @@ class Embedding(EmbeddingObjects):
             edges_schema=edges_schema or source_schema if graph is not None else None,
             edges_table=edges_table,
             graph_capture=graph is not None,
+            text_search=text_search.language if (text_search := getattr(spec, "text_search", None)) else None,
             key_type=key_type,
             spec=spec,
         )

@@ -454,6 +454,39 @@ def search(
     out.print(table)
 
 
+@app.command()
+def hybrid(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Text embedding with text_search in its spec.")],
+    query: Annotated[str, typer.Argument(help="What to look for: words, \"a phrase\", -excluded, or OR.")],
+    k: Annotated[int, typer.Option("-k", help="How many rows.")] = 10,
+    vector_weight: Annotated[float, typer.Option(help="Weight of the vector ranking (0: keywords only).")] = 1.0,
+    text_weight: Annotated[float, typer.Option(help="Weight of the keyword ranking (0: vectors only).")] = 1.0,
+    rrf_k: Annotated[int, typer.Option(help="Reciprocal rank fusion constant: higher flattens the ranks.")] = 60,
+    as_json: Annotated[bool, typer.Option("--json", help="Print [{key, score, vector_rank, text_rank}, ...].")] = False,
+) -> None:
+    """The k rows that best match QUERY by keywords and by meaning (the query encoded by the
+    embedding's model), fused by reciprocal rank fusion."""
+    from vectorsync.sync import service
+
+    state = _state(ctx)
+    hits = service.hybrid(
+        state.url, state.config, name, query, k, vector_weight=vector_weight, text_weight=text_weight, rrf_k=rrf_k
+    )
+    result = [asdict(hit) for hit in hits]
+    if as_json:
+        out.print(json.dumps(result), highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"hybrid search of {name}: {query}")
+    for column in ("key", "score", "vector rank", "keyword rank"):
+        table.add_column(column)
+    for row in result:
+        table.add_row(
+            row["key"], f"{row['score']:.5f}", str(row["vector_rank"] or "-"), str(row["text_rank"] or "-")
+        )
+    out.print(table)
+
+
 class RoleKind(StrEnum):
     worker = "worker"
     reader = "reader"

@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from vectorsync.migrations.operations import SEARCH_COLUMN
 from vectorsync.sync.catalog import Embedding
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,20 @@ def schedule_retry(conn: psycopg.Connection, ids: Sequence[int], attempt: int, m
 def enqueue_keys(conn: psycopg.Connection, name: str, keys: Sequence[str]) -> None:
     """Queue ``keys`` as they are (duplicates of queued keys included); no NOTIFY."""
     conn.execute("INSERT INTO vectorsync.queue (embedding, key) SELECT %s, unnest(%s::text[])", (name, list(keys)))
+
+
+def enqueue_without_keywords(conn: psycopg.Connection, emb: Embedding, table: sql.Identifier) -> int:
+    """Queue the rows of ``emb``'s generation ``table`` whose keyword column is still empty (it was
+    just made, and their text is read from files or bytes), so the workers fill it; returns the
+    number queued."""
+    cur = conn.execute(
+        sql.SQL(
+            "INSERT INTO vectorsync.queue (embedding, key) SELECT %s, t.{key}::text FROM {tgt} t "
+            "WHERE t.{search} IS NULL"
+        ).format(key=emb.key, tgt=table, search=sql.Identifier(SEARCH_COLUMN)),
+        (emb.name,),
+    )
+    return cur.rowcount
 
 
 def not_failed(emb: Embedding, alias: str) -> sql.Composed:

@@ -13,6 +13,7 @@ from sqlalchemy.pool import NullPool
 
 from vectorsync.migrations import MIGRATIONS_DIR
 from vectorsync.migrations.operations import (
+    SEARCH_COLUMN,
     TARGET_COLUMNS,
     SchemaChangeError,
     create_embedding,
@@ -111,7 +112,9 @@ def name_clashes(spec: EmbeddingSpec) -> list[str]:
         for column in spec.input_columns
         if column in (KEY, HASH)
     ]
-    if spec.key in TARGET_COLUMNS or spec.key in (KEY, HASH):
+    if spec.key in TARGET_COLUMNS or spec.key in (KEY, HASH) or (
+        getattr(spec, "text_search", None) is not None and spec.key == SEARCH_COLUMN
+    ):
         problems.append(
             f"embedding {spec.name!r}, field 'key': key column {spec.key!r} has the name of a column of the "
             f"target table ({', '.join(TARGET_COLUMNS)}); sync a view that renames it"
@@ -216,6 +219,8 @@ def upgrade(url: str, config: Config, *, recreate: list[str] | None = None) -> M
         for spec, embedding in zip(config.embeddings, objects, strict=True):
             if create_embedding(sa_conn, embedding):
                 reconcile(raw, spec)
+            if embedding.text_search is not None:
+                sink.fill_search(raw, catalog.load(raw, spec))
         privileges.mirror_reader_grants(raw)
         privileges.refresh_worker_grants(raw)
         after = current_revision(raw)

@@ -10,20 +10,23 @@ takes the bulk path or the queue path (``_bulk_worthwhile``).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import numpy as np
+import pandas as pd
 import psycopg
 from psycopg import sql
 
-from vectorsync.errors import InputError
+from vectorsync.errors import InputError, SpecError
 from vectorsync.sync import bulk, catalog, generations, graph, models, monitor, queue, schema, sink, sources, worker
 from vectorsync.sync import train as training
 from vectorsync.sync.db import connection
 from vectorsync.sync.progress import Progress
-from vectorsync.sync.spec import Config
+from vectorsync.sync.spec import Config, TextSpec
 
 #: Rows per batch of a one-pass sync.
 SYNC_BATCH_SIZE = 2048
@@ -78,6 +81,21 @@ class SyncResult:
 class Neighbour:
     key: str
     distance: float
+
+
+@dataclass(frozen=True)
+class HybridHit:
+    """One row of a hybrid search: its fused score and its rank on each side (None: not ranked there)."""
+
+    key: str
+    score: float
+    vector_rank: int | None
+    text_rank: int | None
+
+
+#: Models that encode query texts, loaded once per process; encoders are not re-entrant across threads.
+_QUERY_MODELS = models.ModelCache()
+_QUERY_LOCK = threading.Lock()
 
 
 def migrate(url: str, config: Config, *, recreate: Sequence[str] | None = None) -> schema.MigrateReport:
@@ -278,6 +296,60 @@ def status(url: str, config: Config) -> dict[str, Any]:
     live workers."""
     with connection(url, autocommit=True) as conn:
         return monitor.status(conn, config)
+
+
+def hybrid(
+    url: str,
+    config: Config,
+    name: str,
+    text: str,
+    k: int = 10,
+    *,
+    vector_weight: float = 1.0,
+    text_weight: float = 1.0,
+    rrf_k: int = 60,
+) -> list[HybridHit]:
+    """The ``k`` rows that best match ``text`` by keywords and by meaning: ``vectorsync.hybrid``
+    with ``text`` encoded by the model of the generation in service, read in one snapshot so the
+    vector and the rows it is compared with come from the same model."""
+    spec = config.embedding(name)
+    if not isinstance(spec, TextSpec) or spec.text_search is None:
+        raise SpecError(
+            f"embedding {name!r} has no keyword search; set text_search = {{ language = \"english\" }} in its "
+            "spec (a text embedding) and run `vectorsync migrate`"
+        )
+    with connection(url) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        vector = None
+        if vector_weight > 0:
+            emb = generations.serving_target(conn, catalog.load(conn, spec))
+            vector = _encode_query(conn, emb, spec, text)
+        try:
+            rows = conn.execute(
+                "SELECT key, score, vector_rank, text_rank FROM vectorsync.hybrid(%s, %s, %s, %s, %s, %s, %s)",
+                (name, text, vector, k, vector_weight, text_weight, rrf_k),
+            ).fetchall()
+        except (
+            psycopg.errors.RaiseException,
+            psycopg.DataError,
+            psycopg.errors.InsufficientPrivilege,
+            psycopg.errors.FeatureNotSupported,
+        ) as exc:
+            # the function's own errors (bad k or weights, unknown embedding, no permission) are one line each
+            raise InputError(
+                "query", str(exc.diag.message_primary).removeprefix("vectorsync: "), hint=exc.diag.message_hint
+            ) from None
+        conn.commit()  # a pretrained encoder's model may have been registered on first use
+    return [HybridHit(*row) for row in rows]
+
+
+def _encode_query(conn: psycopg.Connection, emb: catalog.Embedding, spec: TextSpec, text: str) -> np.ndarray:
+    with _QUERY_LOCK:
+        encoder = _QUERY_MODELS.get(conn, emb, emb.current_version or 0)
+        result = encoder.encode(pd.DataFrame({spec.input_column: [text]}, dtype=object))
+    if result.failures:
+        raise InputError("query", f"cannot encode the query text {text[:80]!r}: {result.failures[0].message}")
+    return np.asarray(result.vectors[0], dtype=np.float32)
 
 
 def nearest(url: str, name: str, key: str, k: int = 10) -> list[Neighbour]:

@@ -1,7 +1,9 @@
 """The write path: binary COPY into a staging table, then one upsert into the target table (a
 few rows: one INSERT of their values).
 
-Rows whose vector, model version and input hash are unchanged are not rewritten.
+Rows whose vector, model version, input hash (and keywords) are unchanged are not rewritten. A text
+embedding with ``text_search`` gets the ``tsvector`` of each row's text in the same statement, in
+the language its generation records.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
 from vectorsync.errors import DatabaseError
+from vectorsync.migrations.operations import SEARCH_COLUMN
+from vectorsync.sync import queue
 from vectorsync.sync.catalog import Embedding
+from vectorsync.sync.db import scalar
+from vectorsync.sync.sources import SEARCH_TEXT_CHARS
+from vectorsync.sync.spec import TextSpec
 
 STAGE = sql.Identifier("vectorsync_stage")
 CHANGED = sql.SQL(
@@ -27,6 +34,7 @@ CHANGED = sql.SQL(
 ONLY_OLDER = sql.SQL("t.model_version < EXCLUDED.model_version")
 #: Up to this many rows are written with one INSERT (a lone change's path); more go through COPY.
 SMALL_WRITE = 32
+SEARCH = sql.Identifier(SEARCH_COLUMN)
 
 
 class _NumpyVectorDumper(Dumper):
@@ -47,10 +55,22 @@ _COPY_BLOCK_ROWS = 10_000
 _NULL_FIELD = b"\xff\xff\xff\xff"
 
 
+def _text_field(value: str | None) -> list[bytes]:
+    if value is None:
+        return [_NULL_FIELD]
+    encoded = value.encode()
+    return [struct.pack(">i", len(encoded)), encoded]
+
+
 def _copy_records(
-    keys: Sequence[str], vectors: np.ndarray, model_version: int, hashes: Sequence[str | None]
+    keys: Sequence[str],
+    vectors: np.ndarray,
+    model_version: int,
+    hashes: Sequence[str | None],
+    bodies: Sequence[str] | None = None,
 ) -> bytes:
-    """Binary COPY records ``(key text, embedding vector, model_version int4, input_hash text)``.
+    """Binary COPY records ``(key text, embedding vector, model_version int4, input_hash text)``,
+    and ``body text`` when ``bodies`` are given.
 
     The fixed-width middle of every record (the vector in pgvector's wire format and the model
     version) is laid out by numpy for all rows at once; only the variable-width text fields are
@@ -71,18 +91,16 @@ def _copy_records(
     middle["version"] = model_version
     blob = middle.tobytes()
     width = middle.dtype.itemsize
+    fields = 4 if bodies is None else 5
     parts: list[bytes] = []
     for i, (key, digest) in enumerate(zip(keys, hashes, strict=True)):
         encoded = key.encode()
-        parts.append(struct.pack(">hi", 4, len(encoded)))
+        parts.append(struct.pack(">hi", fields, len(encoded)))
         parts.append(encoded)
         parts.append(blob[i * width : (i + 1) * width])
-        if digest is None:
-            parts.append(_NULL_FIELD)
-        else:
-            text = digest.encode()
-            parts.append(struct.pack(">i", len(text)))
-            parts.append(text)
+        parts.extend(_text_field(digest))
+        if bodies is not None:
+            parts.extend(_text_field(bodies[i]))
     return b"".join(parts)
 
 
@@ -103,7 +121,7 @@ def _ensure_stage(conn: psycopg.Connection) -> None:
     conn.execute(
         sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS {} (key text, embedding vector, model_version integer, "
-            "input_hash text) ON COMMIT DELETE ROWS"
+            "input_hash text, body text) ON COMMIT DELETE ROWS"
         ).format(STAGE)
     )
 
@@ -116,10 +134,12 @@ def upsert(
     model_version: int,
     input_hashes: Sequence[str | None] | None = None,
     *,
+    texts: Sequence[str] | None = None,
     only_older: bool = False,
 ) -> int:
     """Write ``vectors`` for ``keys`` (text form) inside the caller's transaction; returns rows written.
 
+    ``texts`` are the rows' source texts, for an embedding with keyword search (``text_search``).
     ``only_older`` replaces a stored vector only if an older model version made it: the bulk
     backfill reads a snapshot, and a worker may meanwhile have written a vector from newer values.
     """
@@ -129,29 +149,39 @@ def upsert(
         raise ValueError(
             f"embedding {emb.name!r}: got vectors of shape {vectors.shape}, expected ({len(keys)}, {emb.spec.dim})"
         )
+    if emb.text_search is not None and texts is None:
+        raise ValueError(f"embedding {emb.name!r} keeps keyword search: pass the rows' texts")
+    bodies = texts if emb.text_search is not None else None
     hashes = input_hashes if input_hashes is not None else [None] * len(keys)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    condition = ONLY_OLDER if only_older else CHANGED
+    keywords = _Keywords(emb, only_older)
     if len(keys) <= SMALL_WRITE:
-        return _upsert_values(conn, emb, keys, vectors, model_version, hashes, condition)
+        return _upsert_values(conn, emb, keys, vectors, model_version, hashes, bodies, keywords)
     _ensure_stage(conn)
     with conn.cursor() as cur:
+        body = sql.SQL(", body") if bodies is not None else sql.SQL("")
         with cur.copy(
-            sql.SQL("COPY {} (key, embedding, model_version, input_hash) FROM STDIN WITH (FORMAT BINARY)").format(STAGE)
+            sql.SQL("COPY {} (key, embedding, model_version, input_hash{}) FROM STDIN WITH (FORMAT BINARY)").format(
+                STAGE, body
+            )
         ) as copy:
             copy.write(_COPY_SIGNATURE)
             for start in range(0, len(keys), _COPY_BLOCK_ROWS):
                 stop = start + _COPY_BLOCK_ROWS
-                copy.write(_copy_records(keys[start:stop], vectors[start:stop], model_version, hashes[start:stop]))
+                copy.write(_copy_records(
+                    keys[start:stop], vectors[start:stop], model_version, hashes[start:stop],
+                    bodies[start:stop] if bodies is not None else None,
+                ))
             copy.write(_COPY_TRAILER)
         cur.execute(
             sql.SQL(
                 """
-                INSERT INTO {target} AS t ({key}, embedding, model_version, input_hash, embedded_at)
-                SELECT CAST(s.key AS {ktype}), s.embedding, s.model_version, s.input_hash, now() FROM {stage} s
+                INSERT INTO {target} AS t ({key}, embedding, model_version, input_hash, embedded_at{columns})
+                SELECT CAST(s.key AS {ktype}), s.embedding, s.model_version, s.input_hash, now(){values}
+                FROM {stage} s
                 ON CONFLICT ({key}) DO UPDATE SET embedding = EXCLUDED.embedding,
                     model_version = EXCLUDED.model_version, input_hash = EXCLUDED.input_hash,
-                    embedded_at = EXCLUDED.embedded_at
+                    embedded_at = EXCLUDED.embedded_at{updates}
                 WHERE {condition}
                 """
             ).format(
@@ -159,7 +189,10 @@ def upsert(
                 key=emb.key,
                 ktype=emb.key_sql_type,
                 stage=STAGE,
-                condition=condition,
+                columns=keywords.column,
+                values=keywords.value(sql.SQL("s.body")),
+                updates=keywords.update,
+                condition=keywords.condition,
             )
         )
         written = cur.rowcount
@@ -174,27 +207,66 @@ def _upsert_values(
     vectors: np.ndarray,
     model_version: int,
     hashes: Sequence[str | None],
-    condition: sql.SQL,
+    bodies: Sequence[str] | None,
+    keywords: _Keywords,
 ) -> int:
     """The upsert of a few rows as one statement: no staging table to create, fill and empty."""
     _register_dumper(conn)
-    row = sql.SQL("(CAST(%s AS {ktype}), %b, CAST(%s AS integer), CAST(%s AS text), now())").format(
-        ktype=emb.key_sql_type
+    row = sql.SQL("(CAST(%s AS {ktype}), %b, CAST(%s AS integer), CAST(%s AS text), now(){keywords})").format(
+        ktype=emb.key_sql_type, keywords=keywords.value(sql.SQL("CAST(%s AS text)"))
     )
+    texts: Sequence[str | None] = bodies if bodies is not None else [None] * len(keys)
     cur = conn.execute(
         sql.SQL(
             """
-            INSERT INTO {target} AS t ({key}, embedding, model_version, input_hash, embedded_at) VALUES {rows}
+            INSERT INTO {target} AS t ({key}, embedding, model_version, input_hash, embedded_at{columns}) VALUES {rows}
             ON CONFLICT ({key}) DO UPDATE SET embedding = EXCLUDED.embedding,
                 model_version = EXCLUDED.model_version, input_hash = EXCLUDED.input_hash,
-                embedded_at = EXCLUDED.embedded_at
+                embedded_at = EXCLUDED.embedded_at{updates}
             WHERE {condition}
             """
-        ).format(target=emb.target, key=emb.key, rows=sql.SQL(", ").join([row] * len(keys)), condition=condition),
-        [value for key, vector, digest in zip(keys, vectors, hashes, strict=True)
-         for value in (key, vector, model_version, digest)],
+        ).format(
+            target=emb.target,
+            key=emb.key,
+            columns=keywords.column,
+            rows=sql.SQL(", ").join([row] * len(keys)),
+            updates=keywords.update,
+            condition=keywords.condition,
+        ),
+        [
+            value
+            for key, vector, digest, body in zip(keys, vectors, hashes, texts, strict=True)
+            for value in (key, vector, model_version, digest, *([body] if bodies is not None else []))
+        ],
     )
     return cur.rowcount
+
+
+class _Keywords:
+    """The parts of an upsert that write the keyword column of an embedding with ``text_search``
+    (all empty for one without): the ``tsvector`` of each row's text, in the language the
+    generation records, read once per statement (an InitPlan)."""
+
+    def __init__(self, emb: Embedding, only_older: bool) -> None:
+        self.condition: sql.Composable = ONLY_OLDER if only_older else CHANGED
+        self.column: sql.Composable = sql.SQL("")
+        self.update: sql.Composable = sql.SQL("")
+        self._language: sql.Composable | None = None
+        if emb.text_search is None:
+            return
+        self._language = sql.SQL(
+            "(SELECT g.text_search FROM vectorsync.generations g WHERE g.table_schema = {} AND g.table_name = {})"
+        ).format(sql.Literal(emb.target_schema), sql.Literal(emb.target_table))
+        self.column = sql.SQL(", {}").format(SEARCH)
+        self.update = sql.SQL(", {0} = EXCLUDED.{0}").format(SEARCH)
+        if not only_older:
+            self.condition = sql.SQL("{} OR t.{} IS DISTINCT FROM EXCLUDED.{}").format(CHANGED, SEARCH, SEARCH)
+
+    def value(self, text: sql.Composable) -> sql.Composable:
+        """``, to_tsvector(<language>, text)``, or nothing."""
+        if self._language is None:
+            return sql.SQL("")
+        return sql.SQL(", to_tsvector({}, {})").format(self._language, text)
 
 
 def delete_keys(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> int:
@@ -215,3 +287,47 @@ def delete_orphans(conn: psycopg.Connection, emb: Embedding) -> int:
         )
     )
     return cur.rowcount
+
+
+def fill_search(conn: psycopg.Connection, emb: Embedding) -> int:
+    """Fill the keyword column of ``emb``'s generations where ``migrate`` just made it (empty): from
+    a text column of the source in one statement, or, for text read from files or bytes, by
+    queueing the rows so the workers read it again. Returns the rows filled or queued."""
+    spec = emb.spec
+    if emb.text_search is None or not isinstance(spec, TextSpec):
+        return 0
+    column = spec.column
+    in_column = column is not None and bool(scalar(
+        conn,
+        "SELECT t.typcategory = 'S' FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+        "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND NOT a.attisdropped",
+        (emb.source.as_string(conn), column),
+    ))
+    done = queued = 0
+    for schema, table, state in conn.execute(
+        "SELECT table_schema, table_name, state FROM vectorsync.generations "
+        "WHERE embedding = %s AND text_search IS NOT NULL ORDER BY generation",
+        (emb.name,),
+    ).fetchall():
+        generation = sql.Identifier(schema, table)
+        if in_column and column is not None:
+            done += conn.execute(
+                sql.SQL(
+                    "UPDATE {gen} t SET {search} = to_tsvector(g.text_search, left(coalesce(s.{col}, ''), {chars})) "
+                    "FROM {src} s, vectorsync.generations g WHERE g.table_schema = %s AND g.table_name = %s "
+                    "AND s.{key} = t.{key} AND t.{search} IS NULL"
+                ).format(
+                    gen=generation,
+                    search=SEARCH,
+                    col=sql.Identifier(column),
+                    chars=sql.Literal(SEARCH_TEXT_CHARS),
+                    src=emb.source,
+                    key=emb.key,
+                ),
+                (schema, table),
+            ).rowcount
+        elif state != "retired":  # the workers write the live generations only
+            queued += queue.enqueue_without_keywords(conn, emb, generation)
+    if queued:
+        queue.notify(conn, emb.name)
+    return done + queued

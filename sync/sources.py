@@ -28,6 +28,9 @@ from vectorsync.sync.spec import MediaSpec, SpecError, TextSpec
 
 KEY = "__key__"
 HASH = "__input_hash__"
+#: Keyword search keeps the words of a text's first this many characters: a ``tsvector`` holds at
+#: most 1 MB, and a text's vector is made from its beginning too.
+SEARCH_TEXT_CHARS = 100_000
 
 
 def _select_columns(emb: Embedding, extra: Sequence[str] = ()) -> sql.Composed:
@@ -217,6 +220,21 @@ def resolve_references(emb: Embedding, frame: pd.DataFrame) -> dict[int, InputEr
             values.append(None)
     frame[column] = pd.Series(values, index=frame.index, dtype=object)
     return failures
+
+
+def search_texts(emb: Embedding, frame: pd.DataFrame, rows: Sequence[int]) -> list[str] | None:
+    """The texts of ``frame``'s ``rows`` (file contents once references are resolved) for the
+    keyword column of an embedding with ``text_search``; None for an embedding without it."""
+    spec = emb.spec
+    if emb.text_search is None or not isinstance(spec, TextSpec):
+        return None
+    texts = []
+    for value in frame[spec.input_column].iloc[list(rows)].tolist():
+        if isinstance(value, bytes | memoryview):  # a bytea column: decoded as the encoder decodes it
+            value = bytes(value).decode(spec.encoding, errors="replace")
+        text = "" if value is None else str(value)
+        texts.append(text[:SEARCH_TEXT_CHARS].replace("\x00", ""))  # PostgreSQL text holds no NUL
+    return texts
 
 
 #: Reads referenced files off the worker's thread, so a read that never returns cannot hold it.

@@ -250,6 +250,14 @@ class FaceSpec(ImageSpec):
         return self
 
 
+class TextSearchSpec(_Strict):
+    """Keyword search over a text embedding's source text (``vectorsync.hybrid``): a ``tsvector`` of
+    the text in each generation's table, with a GIN index."""
+
+    #: A text search configuration of the server (``SELECT cfgname FROM pg_ts_config``).
+    language: str = Field("english", min_length=1, max_length=127)
+
+
 class TextSpec(MediaSpec):
     modality: Literal["text"]
     encoder: TextEncoder = Field(default_factory=LSTMParams)
@@ -257,6 +265,17 @@ class TextSpec(MediaSpec):
     encoding: str = "utf-8"
     max_tokens: int = Field(256, ge=1)
     long_text: Literal["truncate", "chunk"] = "truncate"
+    text_search: TextSearchSpec | None = None
+
+    @field_validator("text_search", mode="before")
+    @classmethod
+    def _text_search_shorthand(cls, value: Any) -> Any:
+        """``text_search = true`` (English) or ``text_search = "simple"`` (a language) as shorthands."""
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return {"language": value} if isinstance(value, str) else value
 
     @property
     def input_columns(self) -> list[str]:

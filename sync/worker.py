@@ -30,6 +30,7 @@ from psycopg import sql
 
 from vectorsync.encoders.base import Encoder, InputError, check_finite
 from vectorsync.errors import VectorsyncError
+from vectorsync.migrations.operations import SEARCH_COLUMN
 from vectorsync.sync import generations, queue, sink, sources
 from vectorsync.sync.catalog import Embedding, NotMigrated, broken_reason, fingerprint, load
 from vectorsync.sync.db import DatabaseError, connect
@@ -287,7 +288,8 @@ def _embed(
             frame_keys = frame[sources.KEY].tolist()
             rows = [i for i, k in enumerate(frame_keys) if k in writable and i not in failures]
             good = [frame_keys[i] for i in rows]
-            sink.upsert(conn, target, good, vectors[rows], version, [hashes[k] for k in good])
+            texts = sources.search_texts(target, frame, rows)
+            sink.upsert(conn, target, good, vectors[rows], version, [hashes[k] for k in good], texts=texts)
             if position == 0:  # what the generation in service got is what the batch reports
                 result.deleted += deleted
                 result.unchanged += len([k for k in unchanged if k in writable])
@@ -409,6 +411,7 @@ def backfill_generation(conn: psycopg.Connection, emb: Embedding, cache: ModelCa
                 vectors[rows],
                 gen.model_version,
                 [frame_hashes[i] for i in rows],
+                texts=sources.search_texts(target, frame, rows),
                 only_older=True,
             )
             if failures:
@@ -461,12 +464,14 @@ def _without_unchanged(
     """
     if getattr(emb.spec, "path_column", None) is not None or emb.spec.modality == "graph" or frame.empty:
         return frame, []
+    # a row whose keyword column migrate just made is embedded again: that fills it
+    keywords = sql.SQL(" AND {} IS NOT NULL").format(sql.Identifier(SEARCH_COLUMN)) if emb.text_search else sql.SQL("")
     stored: dict[str, str] = dict(
         conn.execute(
             sql.SQL(
                 "SELECT {key}::text, input_hash FROM {tgt} WHERE {key} = ANY(CAST(%s AS {karr})) "
-                "AND model_version = %s AND input_hash IS NOT NULL"
-            ).format(key=emb.key, tgt=emb.target, karr=emb.key_array_type),
+                "AND model_version = %s AND input_hash IS NOT NULL{keywords}"
+            ).format(key=emb.key, tgt=emb.target, karr=emb.key_array_type, keywords=keywords),
             (frame[sources.KEY].tolist(), version),
         ).fetchall()
     )

@@ -582,3 +582,91 @@ def test_alembic_autogenerate_leaves_a_mapped_target_view_alone(db_url, items, e
     # the target is vectorsync's view over its generation in service: neither created nor diffed
     assert diff(item_model()) == []
     assert diff(item_model(dim=17)) == []
+
+
+# --- hybrid search (keywords + vectors) ----------------------------------------------------------
+
+NOTES = ["the pump housing is cracked", "replace the seal kit SK-2291", "pumps running hot again",
+         "gasket for valve V-17", "nothing to report"]
+
+
+def make_notes(conn: psycopg.Connection, url: str, vectors: np.ndarray, *, language: str = "english"):
+    """Text embedding ``notes`` (text_search in ``language``) holding known vectors and texts."""
+    conn.execute("CREATE TABLE notes (id integer PRIMARY KEY, body text)")
+    conn.cursor().executemany("INSERT INTO notes VALUES (%s, %s)", list(enumerate(NOTES)))
+    spec = {"name": "notes", "table": "notes", "key": "id", "modality": "text", "dim": vectors.shape[1],
+            "column": "body", "text_search": {"language": language}}
+    config = parse_config({"embeddings": [spec]})
+    schema.upgrade(url, config)
+    emb = catalog.load(conn, config.embeddings[0])
+    with conn.transaction():
+        sink.upsert(conn, emb, [str(i) for i in range(len(NOTES))], vectors, 1, texts=NOTES)
+    conn.execute("DELETE FROM vectorsync.queue")
+    return config
+
+
+def hybrid(conn: psycopg.Connection, text: str, vector: np.ndarray | None, k: int = 10, **weights: float) -> list:
+    named = "".join(f", {name} => %({name})s" for name in weights)
+    return conn.execute(
+        f"SELECT key, score, vector_rank, text_rank FROM vectorsync.hybrid('notes', %(text)s, %(vector)s::vector, "
+        f"%(k)s{named})",
+        {"text": text, "vector": None if vector is None else vector_text(vector), "k": k, **weights},
+    ).fetchall()
+
+
+def test_hybrid_fuses_keyword_and_vector_ranks_by_reciprocal_rank(conn, db_url):
+    vectors = np.eye(5, 8, dtype=np.float32) + 0.01
+    make_notes(conn, db_url, vectors)
+    got = hybrid(conn, "SK-2291", vectors[0], k=5)
+    ranks = {key: (v, t) for key, _, v, t in got}
+    assert ranks["1"][1] == 1 and ranks["0"][0] == 1  # the code by keywords, row 0 by its vector
+    assert [key for key, *_ in got][:2] in (["0", "1"], ["1", "0"])
+    for _, score, v, t in got:
+        assert score == pytest.approx((1 / (60 + v) if v else 0) + (1 / (60 + t) if t else 0))
+    # english stems: "pump" finds "pump" and "pumps"
+    keywords_only = hybrid(conn, "pump", None, vector_weight=0)
+    assert sorted(key for key, *_ in keywords_only) == ["0", "2"]
+    assert hybrid(conn, "SK-2291", vectors[3], k=1, text_weight=3.0)[0][0] == "1"
+
+
+def test_hybrid_keywords_follow_changes_and_language(conn, db_url):
+    vectors = np.eye(5, 8, dtype=np.float32) + 0.01
+    config = make_notes(conn, db_url, vectors, language="simple")
+    assert hybrid(conn, "pump", None, vector_weight=0) == [("0", pytest.approx(1 / 61), None, 1)]
+    spec = config.embeddings[0].model_copy(update={"text_search": config.embeddings[0].text_search.model_copy(
+        update={"language": "english"})})
+    schema.upgrade(db_url, config.model_copy(update={"embeddings": [spec]}))  # refills in the new language
+    assert sorted(key for key, *_ in hybrid(conn, "pump", None, vector_weight=0)) == ["0", "2"]
+    conn.execute("DELETE FROM notes WHERE id = 0")  # the capture trigger drops its row, keywords too
+    assert [key for key, *_ in hybrid(conn, "pump", None, vector_weight=0)] == ["2"]
+
+
+def test_hybrid_refuses_an_embedding_without_keywords_and_bad_weights(conn, items):
+    _, vectors = items
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="no keyword search"):
+        conn.execute("SELECT * FROM vectorsync.hybrid('items', 'x', %s::vector)", (vector_text(vectors[0]),))
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="weights"):
+        conn.execute("SELECT * FROM vectorsync.hybrid('items', 'x', %s::vector, 10, 0, 0)", (vector_text(vectors[0]),))
+
+
+def test_orm_hybrid_returns_objects_and_scores_like_the_sql_function(conn, db_url, engine):
+    from vectorsync.embedding_sql import hybrid as orm_hybrid
+
+    vectors = np.eye(5, 8, dtype=np.float32) + 0.01
+    make_notes(conn, db_url, vectors)
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Note(Base):
+        __tablename__ = "notes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        body: Mapped[str] = mapped_column(Text)
+
+    attach_embedding(Note, "notes", dim=8)
+    with Session(engine) as session:
+        got = session.execute(orm_hybrid(Note, "valve V-17", vectors[4], k=3)).all()
+        only_words = session.execute(orm_hybrid(Note, "pump", None, vector_weight=0)).all()
+    expected = hybrid(conn, "valve V-17", vectors[4], k=3)
+    assert [(str(note.id), score) for note, score in got] == [(key, pytest.approx(s)) for key, s, *_ in expected]
+    assert {note.body for note, _ in only_words} == {NOTES[0], NOTES[2]}

@@ -25,6 +25,7 @@ TABLES: dict[str, tuple[type[BaseModel], type[BaseModel] | None]] = {
     "`image`": (spec.ImageSpec, spec.MediaSpec),
     "`face`": (spec.FaceSpec, spec.ImageSpec),
     "`text`": (spec.TextSpec, spec.MediaSpec),
+    "`[embeddings.text_search]`": (spec.TextSearchSpec, None),
     "`graph`": (spec.GraphEmbeddingSpec, spec.EmbeddingSpec),
     "`[embeddings.graph]`": (spec.GraphSpec, None),
     "`[embeddings.neo4j]`": (spec.Neo4jSpec, None),
