@@ -15,8 +15,8 @@ is not searched (a NULL query vector is then allowed: keywords only)::
 
     SELECT * FROM vectorsync.hybrid('articles', 'part ZX-4471 gasket', '[0.1, ...]', 10);
 
-Revision ID: 0018_hybrid_search
-Revises: 0017_quantized_storage
+Revision ID: 0019_hybrid_search
+Revises: 0018_selective_filters
 """
 
 from alembic import op
@@ -24,8 +24,8 @@ from alembic import op
 from vectorsync.migrations.operations import execute_script
 from vectorsync.migrations.replaceable import Function, create, drop
 
-revision = "0018_hybrid_search"
-down_revision = "0017_quantized_storage"
+revision = "0019_hybrid_search"
+down_revision = "0018_selective_filters"
 branch_labels = None
 depends_on = None
 
