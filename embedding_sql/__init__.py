@@ -9,11 +9,39 @@ SQLAlchemy / psycopg integration. Knows nothing of workers.
     session.execute(hybrid(Note, "seal kit SK-2291", vector, k=10)).all()   # [(Note, score), ...]
 """
 
-from pgvector.sqlalchemy import Vector
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from vectorsync.embedding_sql.distance import DISTANCES, Distance, distance
-from vectorsync.embedding_sql.orm import EmbeddingInfo, attach_embedding, embedding_info
-from vectorsync.embedding_sql.query import embedding_distance, hybrid, nearest, search_settings, similar_to
+
+if TYPE_CHECKING:
+    from pgvector.sqlalchemy import Vector
+
+    from vectorsync.embedding_sql.orm import EmbeddingInfo, attach_embedding, embedding_info
+    from vectorsync.embedding_sql.query import embedding_distance, hybrid, nearest, search_settings, similar_to
+
+#: The ORM names load SQLAlchemy on first use: a worker, which imports the distance vocabulary and
+#: the index defaults from this package, never pays for it.
+_LAZY = {
+    "Vector": "pgvector.sqlalchemy",
+    "EmbeddingInfo": "vectorsync.embedding_sql.orm",
+    "attach_embedding": "vectorsync.embedding_sql.orm",
+    "embedding_info": "vectorsync.embedding_sql.orm",
+    "embedding_distance": "vectorsync.embedding_sql.query",
+    "hybrid": "vectorsync.embedding_sql.query",
+    "nearest": "vectorsync.embedding_sql.query",
+    "search_settings": "vectorsync.embedding_sql.query",
+    "similar_to": "vectorsync.embedding_sql.query",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DISTANCES",

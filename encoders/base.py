@@ -112,6 +112,11 @@ class Encoder(ABC):
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore what ``get_state`` returned."""
 
+    def warm_up(self) -> None:
+        """Load what the first ``encode`` would load (a pretrained model's files and libraries), so
+        a caller can do it in the background while it reads the first batch; a no-op by default."""
+        return
+
     @property
     def device(self) -> str:
         """Where to train and encode: the ``device`` parameter resolved (``resolve_device``)."""

@@ -168,6 +168,9 @@ class SentenceTransformerFolder(Encoder):
             self._model = model
         return self._model
 
+    def warm_up(self) -> None:
+        self.model  # noqa: B018  (the property loads sentence-transformers and the weights)
+
     def fit(
         self,
         train: Batches,

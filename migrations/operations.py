@@ -8,7 +8,7 @@ query is a view over the generation in service, so a new generation swaps in by 
 ``create_embedding`` is idempotent: running it twice changes nothing. Users with their own Alembic
 history can call the registered operations::
 
-    from vectorsync.migrations.operations import EmbeddingObjects  # registers the operations
+    from vectorsync.migrations.operations import EmbeddingObjects  # in a revision: registers the operations
     op.create_vectorsync_embedding(EmbeddingObjects(name="items", source_table="items", ...))
 
 Every identifier is composed with ``psycopg.sql.Identifier``.
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any, cast
 
 import psycopg
-from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
 
 from vectorsync.embedding_sql import index as vector_index
@@ -629,38 +629,7 @@ def drop_embedding(connection: Any, name: str) -> bool:
     return True
 
 
-@Operations.register_operation("create_vectorsync_embedding")
-class CreateEmbeddingOp(MigrateOperation):
-    """``op.create_vectorsync_embedding(EmbeddingObjects(...))``."""
-
-    def __init__(self, objects: EmbeddingObjects) -> None:
-        self.objects = objects
-
-    @classmethod
-    def create_vectorsync_embedding(cls, operations: Operations, objects: EmbeddingObjects) -> None:
-        return operations.invoke(cls(objects))
-
-    def reverse(self) -> DropEmbeddingOp:
-        return DropEmbeddingOp(self.objects.name)
-
-
-@Operations.register_operation("drop_vectorsync_embedding")
-class DropEmbeddingOp(MigrateOperation):
-    """``op.drop_vectorsync_embedding("items")``."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    @classmethod
-    def drop_vectorsync_embedding(cls, operations: Operations, name: str) -> None:
-        return operations.invoke(cls(name))
-
-
-@Operations.implementation_for(CreateEmbeddingOp)
-def _create(operations: Operations, operation: CreateEmbeddingOp) -> None:
-    create_embedding(operations.get_bind(), operation.objects)
-
-
-@Operations.implementation_for(DropEmbeddingOp)
-def _drop(operations: Operations, operation: DropEmbeddingOp) -> None:
-    drop_embedding(operations.get_bind(), operation.name)
+# Alembic takes seconds to import and a worker needs none of it. Inside an Alembic run (its env.py,
+# a user's revision) it is loaded already, so importing this module still registers the operations.
+if "alembic" in sys.modules:
+    from vectorsync.migrations import alembic_ops  # noqa: F401  (registers op.*_vectorsync_embedding)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import threading
 from typing import Any
 
 import psycopg
@@ -19,6 +21,8 @@ from vectorsync.encoders.registry import encoder_class
 from vectorsync.errors import ModelError
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.spec import EmbeddingSpec, SpecError
+
+log = logging.getLogger(__name__)
 
 
 class NoModel(ModelError):
@@ -202,9 +206,20 @@ def load_model(conn: psycopg.Connection, emb: Embedding, version: int) -> Encode
     check_device(emb.spec)
     configure_torch()
     try:
-        return load_encoder(blob, runtime=encoder_params(emb.spec).model_dump(exclude_unset=True))
+        encoder = load_encoder(blob, runtime=encoder_params(emb.spec).model_dump(exclude_unset=True))
     except ModelFormatError as exc:
         raise UnusableModel(f"{where} was refused: {exc}; {retrain}") from None
+    # A pretrained text model takes seconds to import and load: do it while the caller claims and
+    # reads its first batch. Its errors are left to the first encode, which reports them.
+    threading.Thread(target=_warm_up, args=(encoder, where), name="vectorsync-warm-up", daemon=True).start()
+    return encoder
+
+
+def _warm_up(encoder: Encoder, where: str) -> None:
+    try:
+        encoder.warm_up()
+    except Exception as exc:
+        log.debug("warming up %s failed (the first encode will report it): %s", where, exc)
 
 
 def ensure_model(conn: psycopg.Connection, emb: Embedding) -> int:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -22,11 +22,14 @@ import psycopg
 from psycopg import sql
 
 from vectorsync.errors import InputError, SpecError
-from vectorsync.sync import bulk, catalog, generations, graph, models, monitor, queue, schema, sink, sources, worker
+from vectorsync.sync import bulk, catalog, generations, graph, models, monitor, queue, sink, sources, worker
 from vectorsync.sync import train as training
 from vectorsync.sync.db import connection
 from vectorsync.sync.progress import Progress
 from vectorsync.sync.spec import Config, TextSpec
+
+if TYPE_CHECKING:
+    from vectorsync.sync import schema
 
 #: Rows per batch of a one-pass sync.
 SYNC_BATCH_SIZE = 2048
@@ -100,11 +103,15 @@ _QUERY_LOCK = threading.Lock()
 
 def migrate(url: str, config: Config, *, recreate: Sequence[str] | None = None) -> schema.MigrateReport:
     """Create or update vectorsync's schema and every embedding's table, index and triggers."""
+    from vectorsync.sync import schema  # Alembic: seconds of imports that sync and the worker never need
+
     return schema.upgrade(url, config, recreate=list(recreate) if recreate else None)
 
 
 def remove(url: str) -> list[str]:
     """Remove everything vectorsync made (the user's tables stay); returns the embeddings dropped."""
+    from vectorsync.sync import schema
+
     return schema.downgrade(url)
 
 

@@ -1,5 +1,7 @@
 """Start-up: the pretrained weights' SHA-256 is computed once per file version and then taken from
-a small cache keyed by the file's size, inode and times; any rewrite of the file is hashed again."""
+a small cache keyed by the file's size, inode and times; any rewrite of the file is hashed again.
+Commands import the heavy libraries (Alembic, SQLAlchemy, torch, sentence-transformers) only when
+they use them."""
 
 from __future__ import annotations
 
@@ -75,3 +77,39 @@ def test_sync_and_worker_report_the_time_to_their_first_batch(conn, db_url, tmp_
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"first batch written \d+\.\ds after the command started", done.stdout + done.stderr)
     assert drained(conn, 500)
+
+
+#: Libraries that cost a second or more to import, and the commands that need none of them.
+HEAVY = ("alembic", "sqlalchemy", "torch", "sentence_transformers", "transformers")
+
+
+def _imported_after(code: str) -> set[str]:
+    """The heavy libraries a fresh interpreter holds after running ``code``."""
+    probe = f"import sys\n{code}\nprint('imported:', *[m for m in {HEAVY!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.splitlines()[-1].split()[1:])
+
+
+def test_help_of_the_worker_and_sync_commands_imports_no_heavy_library():
+    code = (
+        "from vectorsync.sync.cli import main_entry\n"
+        "assert main_entry(['worker', '--help']) == 0 and main_entry(['sync', '--help']) == 0"
+    )
+    assert _imported_after(code) == set()
+
+
+def test_the_worker_and_sync_code_paths_import_neither_alembic_nor_sqlalchemy_nor_a_model_library():
+    # torch and sentence-transformers come with the first model a batch loads, Alembic with `migrate`
+    code = "import vectorsync.sync.daemon, vectorsync.sync.service, vectorsync.sync.worker, vectorsync.sync.bulk"
+    assert _imported_after(code) == set()
+
+
+def test_the_alembic_operations_are_registered_inside_an_alembic_run():
+    code = (
+        "import alembic.op\n"
+        "from alembic.operations import Operations\n"
+        "import vectorsync.migrations.operations\n"
+        "assert hasattr(Operations, 'create_vectorsync_embedding')"
+    )
+    assert "alembic" in _imported_after(code)
