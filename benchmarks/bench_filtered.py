@@ -47,7 +47,7 @@ def load(url: str, rows: int, data: np.ndarray) -> float:
         conn.execute("INSERT INTO docs SELECT g, g %% 2, g %% 10, g %% 100 FROM generate_series(0, %s) g",
                      (rows - 1,))
         schema.upgrade(url, config)
-        conn.execute("DELETE FROM vectorsync.queue")
+        conn.execute("TRUNCATE vectorsync.queue, vectorsync.changes")
         emb = catalog.load(conn, config.embeddings[0])
         drop_index(conn, emb)
         with conn.transaction():

@@ -113,7 +113,7 @@ def _throughput(url: str, seconds: float, rows_per_tx: int, pause: float, first_
     def sample() -> None:
         with psycopg.connect(url, autocommit=True) as conn:
             while not stop.is_set():
-                query = "SELECT extract(epoch FROM now() - min(enqueued_at)) FROM vectorsync.queue"
+                query = "SELECT extract(epoch FROM now() - min(enqueued_at)) FROM vectorsync.pending"
                 lag = conn.execute(query).fetchone()[0]
                 lags.append(float(lag or 0.0))
                 stop.wait(0.2)
@@ -131,7 +131,7 @@ def _throughput(url: str, seconds: float, rows_per_tx: int, pause: float, first_
             time.sleep(pause)
         writing = time.perf_counter() - started
         during = conn.execute("SELECT count(*) FROM events_embeddings").fetchone()[0] - before
-        while conn.execute("SELECT count(*) FROM vectorsync.queue").fetchone()[0]:
+        while conn.execute("SELECT count(*) FROM vectorsync.pending").fetchone()[0]:
             time.sleep(0.05)
         drained = time.perf_counter() - started
         stop.set()

@@ -69,7 +69,7 @@ def load(url: str, rows: int, data: np.ndarray) -> tuple[float, float]:
         conn.execute("CREATE TABLE docs (id integer PRIMARY KEY, category text NOT NULL)")
         conn.execute("INSERT INTO docs SELECT g, 'c' || (g %% 10) FROM generate_series(0, %s) g", (rows - 1,))
         schema.upgrade(url, config)
-        conn.execute("DELETE FROM vectorsync.queue")
+        conn.execute("TRUNCATE vectorsync.queue, vectorsync.changes")
         emb = catalog.load(conn, config.embeddings[0])
         drop_index(conn, emb)
         with timer() as copy_time, conn.transaction():

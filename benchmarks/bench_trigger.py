@@ -59,13 +59,21 @@ def _reset(conn: psycopg.Connection, rows: int, *, embedded: bool) -> None:
     for table in ("plain", "synced"):
         conn.execute(f"TRUNCATE {table}")
         conn.execute(f"INSERT INTO {table} " + ROWS.format(rows=rows))
-    conn.execute("TRUNCATE vectorsync.queue")
+    conn.execute("TRUNCATE vectorsync.queue, vectorsync.changes")
+    # the target is a view over the generation in service, whose vector column is typed by dim
+    row = conn.execute(
+        "SELECT format('%I.%I', table_schema, table_name) FROM vectorsync.generations "
+        "WHERE embedding = 'synced' AND state = 'serving'"
+    ).fetchone()
+    assert row is not None, "migrate puts a generation in service"
+    generation = row[0]
+    conn.execute(f"TRUNCATE {generation}")
     if embedded:
         conn.execute(
-            "INSERT INTO synced_embeddings (id, embedding, model_version, input_hash) "
+            f"INSERT INTO {generation} (id, embedding, model_version, input_hash) "
             "SELECT id, array_fill(0.5, ARRAY[16])::vector, 1, 'x' FROM synced"
         )
-    for table in ("plain", "synced", "synced_embeddings", "vectorsync.queue"):
+    for table in ("plain", "synced", generation, "vectorsync.queue", "vectorsync.changes"):
         conn.execute(f"VACUUM ANALYZE {table}")
 
 

@@ -374,7 +374,9 @@ def status(
             console.print(f"{row['name']} is broken: {row['broken']}", highlight=False, soft_wrap=True)
         if row.get("building"):
             out.print(f"{row['name']}: building generation {row['building']}", highlight=False, soft_wrap=True)
-    if report["workers"]:
+    if report["workers"] is None:
+        out.print("live workers: not shown, this role may not read vectorsync.workers")
+    elif report["workers"]:
         out.print(_workers_table(report["workers"]))
     else:
         out.print("no live workers")

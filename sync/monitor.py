@@ -16,7 +16,8 @@ LIVE_SECONDS = 30
 
 
 def status(conn: psycopg.Connection, config: Config) -> dict[str, Any]:
-    """The counts of ``vectorsync.embedding_status()`` plus recent throughput, and the live workers."""
+    """The counts of ``vectorsync.embedding_status()`` plus recent throughput, and the live workers
+    (``workers`` is None when the role may not read them)."""
     if not scalar(conn, "SELECT to_regclass('vectorsync.embeddings') IS NOT NULL"):
         return {"migrated": False, "embeddings": [], "workers": []}
     declared = {s.name for s in config.embeddings}
@@ -37,7 +38,15 @@ def status(conn: psycopg.Connection, config: Config) -> dict[str, Any]:
         row.update(_generations(conn, row["name"]))
         row["lag_seconds"] = round(float(row["lag_seconds"]), 3)
         row["per_second_1m"] = round(recent / 60.0, 2)
-    workers = [
+    return {"migrated": True, "embeddings": rows, "workers": _live_workers(conn)}
+
+
+def _live_workers(conn: psycopg.Connection) -> list[dict[str, Any]] | None:
+    """The workers that beat recently; None for a role that may not see them (a reader is granted
+    the embeddings it may read, not the hosts and processes that serve them)."""
+    if not scalar(conn, "SELECT has_table_privilege('vectorsync.workers', 'SELECT')"):
+        return None
+    return [
         {"id": r[0], "embeddings": r[1], "embedded": r[2], "failed": r[3], "heartbeat_age_s": float(r[4])}
         for r in conn.execute(
             "SELECT id, embeddings, embedded, failed, extract(epoch FROM now() - heartbeat_at) FROM vectorsync.workers "
@@ -45,7 +54,6 @@ def status(conn: psycopg.Connection, config: Config) -> dict[str, Any]:
             (LIVE_SECONDS,),
         ).fetchall()
     ]
-    return {"migrated": True, "embeddings": rows, "workers": workers}
 
 
 def _generations(conn: psycopg.Connection, name: str) -> dict[str, Any]:

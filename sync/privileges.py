@@ -34,6 +34,7 @@ WORKER_CATALOGUE: tuple[tuple[tuple[str, ...], str], ...] = (
     (("SELECT",), "models"),
     (("SELECT",), "generations"),
     (("SELECT", "INSERT", "UPDATE", "DELETE"), "queue"),
+    (("SELECT", "UPDATE", "DELETE"), "changes"),  # UPDATE: a spread locks the rows it takes
     (("SELECT", "INSERT", "UPDATE", "DELETE"), "failed"),
     (("INSERT",), "errors"),
     (("SELECT", "INSERT", "UPDATE"), "workers"),

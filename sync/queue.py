@@ -1,5 +1,9 @@
-"""Every statement on ``vectorsync.queue``, ``vectorsync.failed``, ``vectorsync.errors`` and
-``vectorsync.runs``, and the one NOTIFY channel.
+"""Every statement on ``vectorsync.queue``, ``vectorsync.changes``, ``vectorsync.failed``,
+``vectorsync.errors`` and ``vectorsync.runs``, and the one NOTIFY channel.
+
+Capture triggers write one ``vectorsync.changes`` row per statement (its keys as an array), which
+costs the application's statement little; ``lease`` spreads those rows into the queue, one row per
+key, in its own transaction, so each captured key reaches the queue exactly once.
 
 Workers, the one-pass sync, training, graph runs and the CLI call these small functions instead of
 writing queue SQL of their own, so the queue's rules (claim order, leases, backoff, what counts as
@@ -35,6 +39,23 @@ FOR UPDATE SKIP LOCKED
 """
 
 
+#: Change rows (one per captured statement) one lease spreads into the queue at most.
+SPREAD_ROWS = 1000
+
+#: Moves captured keys into the queue, oldest statement first, keeping each key's capture time.
+_SPREAD = """
+WITH taken AS (
+    DELETE FROM vectorsync.changes c
+     WHERE c.id IN (SELECT id FROM vectorsync.changes WHERE embedding = %(name)s ORDER BY id LIMIT %(limit)s
+                    FOR UPDATE SKIP LOCKED)
+    RETURNING c.id, c.keys, c.enqueued_at
+)
+INSERT INTO vectorsync.queue (embedding, key, enqueued_at)
+SELECT %(name)s, k.key, t.enqueued_at FROM taken t, unnest(t.keys) WITH ORDINALITY AS k (key, n)
+ORDER BY t.id, k.n
+"""
+
+
 def notify(conn: psycopg.Connection, name: str) -> None:
     """Wake the workers serving embedding ``name``."""
     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
@@ -54,6 +75,7 @@ def lease(conn: psycopg.Connection, name: str, limit: int, seconds: float) -> li
     and a key with a live lease on another of its queue rows is left for later, so a key queued
     twice is encoded once per input values. The lease's end is its token (``confirm_lease``).
     """
+    spread(conn, name)
     candidates = conn.execute(_CANDIDATES, {"name": name, "limit": limit}).fetchall()
     if not candidates:
         return []
@@ -82,6 +104,13 @@ def lease(conn: psycopg.Connection, name: str, limit: int, seconds: float) -> li
         "WHERE id = ANY(%s) RETURNING id, key, attempts, leased_until",
         (seconds, ids),
     ).fetchall()
+
+
+def spread(conn: psycopg.Connection, name: str, limit: int | None = SPREAD_ROWS) -> int:
+    """Move up to ``limit`` captured statements' keys of ``name`` (all with None) from
+    ``vectorsync.changes`` into the queue; returns the number of keys queued. Rows another
+    transaction is spreading are skipped, not waited for."""
+    return conn.execute(_SPREAD, {"name": name, "limit": limit}).rowcount
 
 
 def confirm_lease(conn: psycopg.Connection, ids: Sequence[int], token: datetime) -> set[int]:
@@ -122,14 +151,15 @@ def delete_claimed(conn: psycopg.Connection, ids: Sequence[int]) -> None:
 def finish_batch(
     conn: psycopg.Connection,
     name: str,
-    embedded_keys: Sequence[str],
+    settled_keys: Sequence[str],
     done_ids: Sequence[int],
     worker_id: str | None = None,
     embedded: int = 0,
     failed: int = 0,
 ) -> None:
-    """The end of a batch's write, in one round trip: forget the failed items of keys that now
-    embedded, delete the done queue items, and move worker ``worker_id``'s counters."""
+    """The end of a batch's write, in one round trip: forget the failed items of ``settled_keys``
+    (rows that now embedded, or are gone), delete the done queue items, and move worker
+    ``worker_id``'s counters."""
     conn.execute(
         """
         WITH forgotten AS (
@@ -140,7 +170,7 @@ def finish_batch(
         )
         DELETE FROM vectorsync.queue WHERE id = ANY(%(ids)s)
         """,
-        {"name": name, "keys": list(embedded_keys), "ids": list(done_ids), "worker": worker_id,
+        {"name": name, "keys": list(settled_keys), "ids": list(done_ids), "worker": worker_id,
          "embedded": embedded, "failed": failed},
     )
 
@@ -257,16 +287,24 @@ def failed_items(conn: psycopg.Connection, *, limit: int = 100) -> list[dict[str
 
 
 def queue_depth(conn: psycopg.Connection, name: str, *, ready_only: bool = False) -> int:
+    """Queued items of ``name``, captured keys not yet spread included (those are always ready)."""
     condition = " AND not_before <= now() AND (leased_until IS NULL OR leased_until <= now())" if ready_only else ""
-    row = conn.execute("SELECT count(*) FROM vectorsync.queue WHERE embedding = %s" + condition, (name,)).fetchone()
-    assert row is not None  # an aggregate always returns one row
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM vectorsync.queue WHERE embedding = %(name)s" + condition + ") + "
+        "(SELECT coalesce(sum(cardinality(keys)), 0) FROM vectorsync.changes WHERE embedding = %(name)s)",
+        {"name": name},
+    ).fetchone()
+    assert row is not None  # a SELECT of one expression returns one row
     return int(row[0])
 
 
 def seconds_until_ready(conn: psycopg.Connection, name: str) -> float | None:
     """Seconds until the embedding's next queued item is claimable (negative: already); None if empty."""
     row = conn.execute(
-        "SELECT min(greatest(not_before, leased_until)) - now() FROM vectorsync.queue WHERE embedding = %s", (name,)
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM vectorsync.changes WHERE embedding = %(name)s) THEN interval '0' "
+        "ELSE (SELECT min(greatest(not_before, leased_until)) - now() FROM vectorsync.queue "
+        "WHERE embedding = %(name)s) END",
+        {"name": name},
     ).fetchone()
     return None if row is None or row[0] is None else row[0].total_seconds()
 

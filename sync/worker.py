@@ -311,7 +311,10 @@ def _embed(
         result.failed += failed_now
         done = [i for k in mine if k in writable and k not in charged for i in lease.claims[k].ids]
         done += [i for k in gone for i in lease.claims[k].ids]
-        queue.finish_batch(conn, emb.name, good, [i for i in done if i in held], worker_id, embedded_now, failed_now)
+        # a row that embedded, or is gone, is no failed item any more
+        queue.finish_batch(
+            conn, emb.name, [*good, *gone], [i for i in done if i in held], worker_id, embedded_now, failed_now
+        )
 
 
 def _count_work(conn: psycopg.Connection, worker_id: str | None, embedded: int, failed: int) -> None:

@@ -105,7 +105,7 @@ def test_an_application_role_with_table_rights_only_writes_and_vectors_follow(co
         writer.execute("INSERT INTO items (id, a, b) VALUES (1000, 1, 2)")
         writer.execute("UPDATE items SET a = a + 1 WHERE id <= 5")
         writer.execute("DELETE FROM items WHERE id = 7")
-    assert conn.execute("SELECT count(*) FROM vectorsync.queue").fetchone()[0] == 6
+    assert conn.execute("SELECT count(*) FROM vectorsync.pending").fetchone()[0] == 6
     assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id = 7").fetchone()[0] == 0
     vectorsync(db_url, items, "sync")
     assert vectors_match_source(conn)
@@ -149,7 +149,7 @@ def test_a_callers_search_path_cannot_make_the_trigger_run_its_objects(conn, db_
         attacker.execute("DELETE FROM public.items WHERE id OPERATOR(pg_catalog.=) 3")
         assert attacker.execute("SELECT count(*) FROM evil.calls").fetchone()[0] == 0
         assert attacker.execute("SELECT count(*) FROM evil.queue").fetchone()[0] == 0
-    assert sorted(r[0] for r in conn.execute("SELECT key FROM vectorsync.queue")) == ["1", "2"]
+    assert sorted(r[0] for r in conn.execute("SELECT key FROM vectorsync.pending")) == ["1", "2"]
     assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id = 3").fetchone()[0] == 0
 
 
@@ -186,17 +186,17 @@ def test_dropping_an_input_column_keeps_writes_working_and_migrate_repairs(conn,
     vectorsync(db_url, items, "sync")
     assert vectors_match_source(conn)
     conn.execute("UPDATE items SET a = a + 1 WHERE id = 10")
-    assert conn.execute("SELECT key FROM vectorsync.queue").fetchall() == [("10",)]
+    assert conn.execute("SELECT key FROM vectorsync.pending").fetchall() == [("10",)]
 
 
 def test_renaming_an_input_column_keeps_capture_by_attribute_number(conn, db_url, items):
     conn.execute("ALTER TABLE items RENAME COLUMN b TO bee")
     user_statements_succeed(conn)
     assert "input column b was renamed to bee" in broken(conn)
-    conn.execute("DELETE FROM vectorsync.queue")
+    conn.execute("TRUNCATE vectorsync.queue, vectorsync.changes")
     conn.execute("UPDATE items SET bee = bee + 1 WHERE id = 20")
     conn.execute("UPDATE items SET note = 'unrelated' WHERE id = 21")
-    assert conn.execute("SELECT key FROM vectorsync.queue").fetchall() == [("20",)]
+    assert conn.execute("SELECT key FROM vectorsync.pending").fetchall() == [("20",)]
     spec(items, columns=("a", "bee"))
     vectorsync(db_url, items, "migrate")
     assert broken(conn) is None
@@ -225,7 +225,7 @@ def test_renaming_the_source_table_is_reported_and_capture_goes_on(conn, db_url,
     conn.execute("UPDATE goods SET a = a + 1 WHERE id = 3")
     conn.execute("DELETE FROM goods WHERE id = 4")
     assert "source table public.items was renamed to public.goods" in broken(conn)
-    assert sorted(r[0] for r in conn.execute("SELECT key FROM vectorsync.queue")) == ["1000", "3"]
+    assert sorted(r[0] for r in conn.execute("SELECT key FROM vectorsync.pending")) == ["1000", "3"]
     spec(items, table="goods")
     vectorsync(db_url, items, "migrate")
     assert broken(conn) is None
@@ -280,13 +280,13 @@ def test_keys_written_under_other_session_settings_embed_the_right_row(conn, db_
     ) as writer:
         writer.execute("UPDATE items SET a = a + 100 WHERE id = (SELECT id FROM items ORDER BY id OFFSET 12 LIMIT 1)")
     (expected,) = canonical.execute("SELECT id::text FROM items ORDER BY items.id OFFSET 12 LIMIT 1").fetchone()
-    assert conn.execute("SELECT key FROM vectorsync.queue").fetchall() == [(expected,)]
+    assert conn.execute("SELECT key FROM vectorsync.pending").fetchall() == [(expected,)]
     vectorsync(db_url, config, "sync")
     after = dict(canonical.execute(snapshot).fetchall())
     canonical.close()
     assert after.keys() == before.keys()
     assert [k for k in after if after[k] != before[k]] == [expected]
-    assert conn.execute("SELECT count(*) FROM vectorsync.queue").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM vectorsync.pending").fetchone()[0] == 0
 
 
 def test_migrate_requires_a_unique_not_null_key(conn, db_url, tmp_path, cli):
@@ -336,9 +336,57 @@ def test_long_embedding_names_get_distinct_index_and_trigger_names(conn, db_url,
     triggers = conn.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = 'items'::regclass").fetchall()
     assert len(triggers) == 8 and all(len(name.encode()) <= 63 for (name,) in triggers)
     conn.execute("UPDATE items SET a = a + 1 WHERE id = 1")
-    assert sorted(conn.execute("SELECT embedding FROM vectorsync.queue").fetchall()) == [
+    assert sorted(conn.execute("SELECT embedding FROM vectorsync.pending").fetchall()) == [
         (long + "one",), (long + "two",)
     ]
+
+
+# --- one change row per statement ------------------------------------------------------------
+
+
+def change_rows(conn: psycopg.Connection) -> list[int]:
+    """The number of keys in each ``vectorsync.changes`` row, oldest first."""
+    return [r[0] for r in conn.execute("SELECT cardinality(keys) FROM vectorsync.changes ORDER BY id")]
+
+
+def test_each_statement_writes_one_change_row_with_its_keys(conn, items):
+    conn.execute("INSERT INTO items (id, a, b) SELECT g, 1, 2 FROM generate_series(100, 2099) g")
+    conn.execute("UPDATE items SET a = a + 1 WHERE id BETWEEN 100 AND 599")
+    conn.execute("UPDATE items SET note = 'not an input' WHERE id >= 100")  # no input changed: nothing
+    conn.execute("UPDATE items SET a = a WHERE id >= 100")  # same values: nothing
+    assert change_rows(conn) == [2000, 500]
+    assert not conn.execute("SELECT count(*) FROM vectorsync.queue").fetchone()[0]
+    assert conn.execute("SELECT count(DISTINCT key) FROM vectorsync.pending").fetchone()[0] == 2000
+
+
+def test_a_lease_spreads_captured_keys_into_the_queue_once(conn, db_url, items):
+    from vectorsync.sync import queue
+
+    conn.execute("INSERT INTO items (id, a, b) SELECT g, 1, 2 FROM generate_series(100, 399) g")
+    with psycopg.connect(db_url) as first, psycopg.connect(db_url) as second:
+        assert queue.spread(first, "items") == 300
+        assert queue.spread(second, "items") == 0  # skipped while the first transaction holds it
+        first.commit()
+        second.commit()
+    assert change_rows(conn) == []
+    assert conn.execute("SELECT count(*), count(DISTINCT key) FROM vectorsync.queue").fetchone() == (300, 300)
+    assert conn.execute("SELECT count(*) FROM vectorsync.pending").fetchone()[0] == 300
+
+
+def test_a_large_delete_leaves_the_vectors_to_the_worker(conn, db_url, items):
+    conn.execute("INSERT INTO items (id, a, b) SELECT g, 1, 2 FROM generate_series(100, 1599) g")
+    vectorsync(db_url, items, "sync")
+    conn.execute("INSERT INTO vectorsync.failed (embedding, key, error, attempts) VALUES ('items', '1500', 'x', 3)")
+    conn.execute("DELETE FROM items WHERE id >= 100")  # 1,500 rows: queued, not deleted in the statement
+    assert change_rows(conn) == [1500]
+    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id >= 100").fetchone()[0] == 1500
+    vectorsync(db_url, items, "sync")
+    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id >= 100").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM vectorsync.failed").fetchone()[0] == 0
+    assert vectors_match_source(conn)
+    conn.execute("DELETE FROM items WHERE id <= 3")  # a small delete removes its vectors at once
+    assert change_rows(conn) == []
+    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id <= 3").fetchone()[0] == 0
 
 
 # --- partitions --------------------------------------------------------------------------------
@@ -357,9 +405,10 @@ def test_partitioned_sources_capture_the_parent_each_partition_and_new_partition
     vectorsync(db_url, config, "train", "items")
     vectorsync(db_url, config, "sync")
 
-    def queued() -> list[str]:
-        keys = sorted((r[0] for r in conn.execute("SELECT key FROM vectorsync.queue")), key=int)
-        conn.execute("DELETE FROM vectorsync.queue")
+    def queued(*, keep: bool = False) -> list[str]:
+        keys = sorted((r[0] for r in conn.execute("SELECT key FROM vectorsync.pending")), key=int)
+        if not keep:
+            conn.execute("TRUNCATE vectorsync.queue, vectorsync.changes")
         return keys
 
     conn.execute("INSERT INTO items (id, a) VALUES (199, 1)")  # through the parent
@@ -368,19 +417,21 @@ def test_partitioned_sources_capture_the_parent_each_partition_and_new_partition
     conn.execute("UPDATE items_high SET a = a + 1 WHERE id = 120")
     conn.execute("UPDATE items SET a = a + 1 WHERE id = 5")
     conn.execute("UPDATE items SET id = 160 WHERE id = 6")  # moves to the other partition
-    assert queued() == ["5", "120", "160"]
+    assert queued(keep=True) == ["5", "6", "120", "160"]  # 6 vanished: the worker deletes its vector
+    vectorsync(db_url, config, "sync")
+    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id = 6").fetchone()[0] == 0
     conn.execute("CREATE TABLE items_top PARTITION OF items FOR VALUES FROM (200) TO (300)")
     conn.execute("CREATE TABLE items_more (LIKE items)")
     conn.execute("ALTER TABLE items ATTACH PARTITION items_more FOR VALUES FROM (300) TO (400)")
     conn.execute("INSERT INTO items_top (id, a) VALUES (250, 1)")
     conn.execute("INSERT INTO items_more (id, a) VALUES (350, 1)")
     assert queued() == ["250", "350"]
-    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id = 6").fetchone()[0] == 0
     conn.execute("DELETE FROM items_low WHERE id = 7")
     assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id = 7").fetchone()[0] == 0
     conn.execute("TRUNCATE items_low")
     assert conn.execute("SELECT min(id) FROM items_embeddings").fetchone()[0] >= 100
-    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id >= 100").fetchone()[0] == 51
+    # 100..150, and 160 and 199 that the sync above embedded
+    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id >= 100").fetchone()[0] == 53
 
 
 def test_status_says_why_an_embedding_is_broken_and_what_to_run(conn, items, cli):

@@ -62,7 +62,7 @@ def make_embedding(
         sink.upsert(conn, emb, [str(i) for i in range(n)], vectors, 1)
     create_index(conn, emb)
     conn.execute("ANALYZE items, items_embeddings")  # planner statistics, as autovacuum would gather
-    conn.execute("DELETE FROM vectorsync.queue")
+    conn.execute("TRUNCATE vectorsync.queue, vectorsync.changes")
     conn.execute("UPDATE vectorsync.embeddings SET current_version = 1")
     return emb, vectors
 

@@ -286,7 +286,7 @@ def test_second_sync_does_nothing(conn, digits_project, cli):
 def test_updating_an_input_column_reembeds_only_that_row(conn, digits_project, cli):
     stamps = embedded_at(conn)
     conn.execute('UPDATE digits SET "p10" = "p10" + 5 WHERE id = 42')
-    assert conn.execute("SELECT key FROM vectorsync.queue").fetchall() == [("42",)]
+    assert conn.execute("SELECT key FROM vectorsync.pending").fetchall() == [("42",)]
     assert cli("sync", config=digits_project).code == 0
     after = embedded_at(conn)
     assert [k for k in stamps if after[k] != stamps[k]] == [42]
@@ -296,7 +296,7 @@ def test_updating_other_columns_or_same_values_enqueues_nothing(conn, digits_pro
     stamps = embedded_at(conn)
     conn.execute("UPDATE digits SET note = 'seen', label = label WHERE id < 100")
     conn.execute('UPDATE digits SET "p5" = "p5" WHERE id < 100')
-    assert conn.execute("SELECT count(*) FROM vectorsync.queue").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM vectorsync.pending").fetchone()[0] == 0
     assert embedded_at(conn) == stamps
 
 
@@ -354,7 +354,7 @@ def test_names_with_spaces_quotes_and_capitals_work_end_to_end(conn, write_confi
     assert cli("sync", config=config).code == 0
     assert conn.execute('SELECT count(*) FROM "My Schema"."Vectors of ""odd"""').fetchone()[0] == 60
     conn.execute('UPDATE "My Schema"."Odd ""Table""" SET "Price $" = 100 WHERE "Key Col" = %s', ("k'5",))
-    assert conn.execute("SELECT key FROM vectorsync.queue").fetchall() == [("k'5",)]
+    assert conn.execute("SELECT key FROM vectorsync.pending").fetchall() == [("k'5",)]
     result = cli("search", "odd", "k'5", "-k", "3", "--json", config=config)
     assert result.code == 0 and len(json.loads(result.out)) == 3
 

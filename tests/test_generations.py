@@ -156,7 +156,7 @@ def test_queries_during_a_reembed_come_from_one_model_and_swap_atomically(conn, 
         finally:
             stop.set()
             writer.join()
-        wait_until(lambda: scalar(conn, "SELECT count(*) FROM vectorsync.queue") == 0, 120, "the queue to drain")
+        wait_until(lambda: scalar(conn, "SELECT count(*) FROM vectorsync.pending") == 0, 120, "the queue to drain")
         _vectors_match_source(conn, config, 2)  # nothing left on the old model, nothing stale
 
         during = sum(verdicts.values())
@@ -174,7 +174,7 @@ def test_queries_during_a_reembed_come_from_one_model_and_swap_atomically(conn, 
 
         vectorsync(db_url, config, "rollback", "items")
         assert _serving(conn) == (1, 1)
-        wait_until(lambda: scalar(conn, "SELECT count(*) FROM vectorsync.queue") == 0, 120, "the queue to drain")
+        wait_until(lambda: scalar(conn, "SELECT count(*) FROM vectorsync.pending") == 0, 120, "the queue to drain")
         _vectors_match_source(conn, config, 1)
         after = {k: _neighbours(conn, k) for k in probe}
         overlap = np.mean([len(set(before[k]) & set(after[k])) / K for k in probe])

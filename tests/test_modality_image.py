@@ -143,7 +143,7 @@ def test_bad_images_in_bytea_fail_with_key_column_and_reason_while_the_rest_embe
         assert (column, attempts) == ("png", 1)
         assert reason in error, error
     assert set(vectors(conn, "pictures_embeddings")) == set(range(len(images)))
-    assert conn.execute("SELECT count(*) FROM vectorsync.queue").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM vectorsync.pending").fetchone()[0] == 0
 
 
 # --- references ---------------------------------------------------------------------------------

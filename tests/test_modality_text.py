@@ -174,4 +174,4 @@ def test_text_files_are_read_with_the_spec_encoding_and_bad_files_fail_with_reas
             column, error, attempts = failed[str(key)]
             assert (column, attempts) == ("path", 1)
             assert reason in error, error
-    assert conn.execute("SELECT count(*) FROM vectorsync.queue").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM vectorsync.pending").fetchone()[0] == 0

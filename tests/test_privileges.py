@@ -291,3 +291,13 @@ def test_the_worker_role_keeps_a_native_graph_fresh(conn, db_url, tmp_path, new_
         for statement in ("SELECT note FROM knows", "SELECT secret FROM people", "DELETE FROM knows"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 as_worker.execute(statement)
+
+
+def test_status_as_a_reader_reports_its_embeddings_without_the_workers(conn, db_url, project, new_role, cli):
+    reader = new_role("reader")
+    conn.execute(sql.SQL("GRANT SELECT ON items TO {}").format(sql.Identifier(reader)))
+    assert cli("grant", "reader", reader, config=project).code == 0
+    result = cli("--database-url", as_role(db_url, reader), "status", config=project)
+    assert result.code == 0, result.err
+    assert "items" in result.out
+    assert "live workers: not shown, this role may not read vectorsync.workers" in " ".join(result.out.split())

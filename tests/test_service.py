@@ -88,5 +88,5 @@ def test_retry_moves_failed_items_back_to_the_queue(conn: psycopg.Connection, db
         "VALUES ('points', '7', 'x', 'not finite', 3)"
     )
     assert service.retry(db_url, points, ["points"]) == 1
-    assert ("points", "7") in conn.execute("SELECT embedding, key FROM vectorsync.queue").fetchall()
+    assert ("points", "7") in conn.execute("SELECT embedding, key FROM vectorsync.pending").fetchall()
     assert conn.execute("SELECT count(*) FROM vectorsync.failed").fetchone()[0] == 0

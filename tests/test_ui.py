@@ -297,7 +297,7 @@ def test_retry_button_only_with_allow_retry(explorer, db_url, tmp_path):
         with urllib.request.urlopen(request) as response:  # redirected back to Status
             assert response.status == 200
     assert conn.execute("SELECT count(*) FROM vectorsync.failed").fetchone()[0] == 0
-    queued = conn.execute("SELECT key FROM vectorsync.queue WHERE embedding = 'digits'").fetchall()
+    queued = conn.execute("SELECT key FROM vectorsync.pending WHERE embedding = 'digits'").fetchall()
     assert (str(explorer_data.DIGITS),) in queued
 
 

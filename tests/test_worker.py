@@ -39,14 +39,14 @@ def test_four_worker_processes_embed_every_change_exactly_once(conn, db_url, tmp
         insert_items(conn, start, 100)
         conn.execute("UPDATE items SET a = a + 1, kind = 'updated' WHERE id >= %s AND id < %s AND id %% 2 = 0",
                      (start, start + 100))
-    assert scalar(conn, "SELECT count(*) FROM vectorsync.queue") == 30_000
+    assert scalar(conn, "SELECT count(*) FROM vectorsync.pending") == 30_000
 
     workers = [WorkerProcess(db_url, config, tmp_path / f"worker{i}.log") for i in range(4)]
     try:
         wait_until(lambda: drained(conn, 22_000), 240, "4 workers to drain 30k queued changes")
         # A second wave while all four run: one update of each of 3143 distinct keys.
         updated = conn.execute("UPDATE items SET b = b + 1 WHERE id % 7 = 0").rowcount
-        wait_until(lambda: scalar(conn, "SELECT count(*) FROM vectorsync.queue") == 0, 120, "the second wave")
+        wait_until(lambda: scalar(conn, "SELECT count(*) FROM vectorsync.pending") == 0, 120, "the second wave")
     finally:
         codes = [w.terminate() for w in workers]
     assert codes == [0, 0, 0, 0], "\n".join(w.output() for w in workers)
@@ -129,7 +129,7 @@ def test_sigterm_mid_batch_stops_within_the_bound_and_releases_the_batch(conn, d
     assert scalar(conn, "SELECT array_agg(DISTINCT status) FROM vectorsync.workers") == ["stopped"]
     # Nothing claimed was lost: what is not embedded is still queued, and a new worker finishes it.
     embedded_keys = scalar(conn, "SELECT count(*) FROM items_embeddings")
-    queued_keys = scalar(conn, "SELECT count(DISTINCT key) FROM vectorsync.queue")
+    queued_keys = scalar(conn, "SELECT count(DISTINCT key) FROM vectorsync.pending")
     assert embedded_keys + queued_keys == 3000
     conn.execute("DROP TRIGGER slow_write ON vectorsync.items_g1")
     with WorkerProcess(db_url, config, tmp_path / "again.log") as again:

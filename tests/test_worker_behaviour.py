@@ -98,7 +98,7 @@ def test_non_input_and_same_value_updates_reembed_nothing(conn, db_url, items):
         before, (work_before, _) = stamps(conn), worker_totals(conn)
         conn.execute("UPDATE items SET note = 'seen' WHERE id < 500")
         conn.execute("UPDATE items SET a = a, kind = kind WHERE id >= 500")
-        assert scalar(conn, "SELECT count(*) FROM vectorsync.queue") == 0
+        assert scalar(conn, "SELECT count(*) FROM vectorsync.pending") == 0
         # A later input change: once the worker has embedded it, it has seen everything before it.
         conn.execute("UPDATE items SET c = c + 1 WHERE id = 7")
         wanted = input_hash(conn, 7)
@@ -142,7 +142,7 @@ def test_poison_rows_fail_alone_with_backoff_and_retry_embeds_them_once_fixed(co
         with conn.transaction():
             conn.execute("SET LOCAL session_replication_role = replica")
             conn.execute("UPDATE items SET a = 1, b = 0.5 WHERE id IN (10, 20)")
-        assert scalar(conn, "SELECT count(*) FROM vectorsync.queue") == 0
+        assert scalar(conn, "SELECT count(*) FROM vectorsync.pending") == 0
         result = cli("retry", config=items)
         # retry's own sync races the running worker for the re-queued items: it exits 1 when it is the one
         # that meets the still-bad rows 30 and 40, 0 when the worker took them
@@ -163,7 +163,7 @@ def test_truncate_under_a_running_worker_clears_vectors_queue_and_failures(conn,
         wait_until(lambda: drained(conn, 999) and failed_items(conn), 60, "the initial rows")
         conn.execute("TRUNCATE items")
         assert scalar(conn, "SELECT count(*) FROM items_embeddings") == 0
-        assert scalar(conn, "SELECT count(*) FROM vectorsync.queue") == 0
+        assert scalar(conn, "SELECT count(*) FROM vectorsync.pending") == 0
         assert failed_items(conn) == {}
         insert_items(conn, 5000, 10)
         wait_until(lambda: drained(conn, 10), 30, "rows inserted after the TRUNCATE")
@@ -177,7 +177,7 @@ def test_backfill_is_one_set_based_statement_and_a_new_model_queues_nothing(conn
     assert scalar(conn, "SELECT count(DISTINCT (xmin::text, cmin::text)) FROM vectorsync.queue") == 1
     vectorsync(db_url, items, "sync")
     vectorsync(db_url, items, "train", "items")  # a new model version gets a generation of its own
-    assert scalar(conn, "SELECT count(*) FROM vectorsync.queue") == 0
+    assert scalar(conn, "SELECT count(*) FROM vectorsync.pending") == 0
     assert scalar(conn, "SELECT state FROM vectorsync.generations WHERE model_version = 2") == "building"
 
 

@@ -261,7 +261,7 @@ def test_a_row_the_application_holds_locked_is_requeued_not_waited_for(conn, db_
         for _ in range(10):
             probe.row()
         assert scalar(conn, "SELECT count(*) FROM items_embeddings WHERE id = 5") == 0
-        assert scalar(conn, "SELECT count(*) FROM vectorsync.queue WHERE key = '5'") >= 1
+        assert scalar(conn, "SELECT count(*) FROM vectorsync.pending WHERE key = '5'") >= 1
         app.commit()  # the application lets go: the row is embedded soon after
         wait_until(lambda: scalar(conn, "SELECT count(*) FROM items_embeddings WHERE id = 5"), 30, "the locked row")
     print("\n" + probe.report("a source row held FOR UPDATE by the application"))
@@ -285,7 +285,7 @@ def test_a_recreated_and_retrained_model_is_used_by_a_running_worker(conn, db_ur
         assert scalar(conn, "SELECT sha256 FROM vectorsync.models WHERE embedding = 'items'") != first
         conn.execute("UPDATE items SET b = b + 1")  # every row queued again
         wait_until(lambda: scalar(conn, "SELECT count(*) FROM items_embeddings") == 300, 60, "the new vectors")
-        wait_until(lambda: not scalar(conn, "SELECT count(*) FROM vectorsync.queue"), 60, "the queue to drain")
+        wait_until(lambda: not scalar(conn, "SELECT count(*) FROM vectorsync.pending"), 60, "the queue to drain")
     # Every stored vector is what the new model (loaded afresh) computes: no stale cached weights.
     assert assert_vectors_match_rows(conn, config) == 300
 

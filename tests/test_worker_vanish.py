@@ -134,7 +134,7 @@ def test_a_frozen_worker_loses_its_batch_to_another_and_recovers_when_thawed(con
                     "SELECT count(*) FROM items_embeddings WHERE id::text = ANY(%s)",
                     (leased,),
                 ) == len(leased)
-                and not scalar(conn, "SELECT count(*) FROM vectorsync.queue WHERE key = ANY(%s)", (leased,)),
+                and not scalar(conn, "SELECT count(*) FROM vectorsync.pending WHERE key = ANY(%s)", (leased,)),
                 30,
                 "another worker to embed the frozen worker's batch",
             )

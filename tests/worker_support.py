@@ -139,7 +139,7 @@ def scalar(conn: psycopg.Connection, query: str, params: Sequence[Any] | None = 
 
 def drained(conn: psycopg.Connection, expected_rows: int) -> bool:
     return (
-        scalar(conn, "SELECT count(*) FROM vectorsync.queue") == 0
+        scalar(conn, "SELECT count(*) FROM vectorsync.pending") == 0
         and scalar(conn, "SELECT count(*) FROM items_embeddings") == expected_rows
     )
 
