@@ -235,7 +235,8 @@ def not_failed(emb: Embedding, alias: str) -> sql.Composed:
 
 def enqueue_backfill(conn: psycopg.Connection, emb: Embedding, version: int | None) -> int:
     """Queue, in one statement, every row with no vector, an older model version, or changed
-    inputs, unless it is already queued or failed. Returns the number queued."""
+    inputs, unless it is already queued (or captured) or failed. Returns the number queued."""
+    spread(conn, emb.name, None)  # captured keys first, so that they are not queued twice
     stale = sql.SQL("t.{key} IS NULL OR t.input_hash IS DISTINCT FROM {hash}").format(
         key=emb.key, hash=emb.input_hash_expr("s")
     )
