@@ -21,8 +21,8 @@ btree entries, a sequence value), and a DELETE removed as many target rows as it
 it). Spreading happens in the worker's lease transaction, so a change is moved exactly once; a
 killed worker's spread rolls back with its transaction.
 
-Revision ID: 0017_capture_per_statement
-Revises: 0016_graphsage_capture
+Revision ID: 0019_capture_per_statement
+Revises: 0018_selective_filters
 """
 
 from alembic import op
@@ -30,8 +30,8 @@ from alembic import op
 from vectorsync.migrations.operations import execute_script
 from vectorsync.migrations.replaceable import Function, View, create, drop, replace
 
-revision = "0017_capture_per_statement"
-down_revision = "0016_graphsage_capture"
+revision = "0019_capture_per_statement"
+down_revision = "0018_selective_filters"
 branch_labels = None
 depends_on = None
 
