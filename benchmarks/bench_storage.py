@@ -56,7 +56,7 @@ def load(url: str, data: np.ndarray) -> dict[str, float]:
         conn.execute("CREATE TABLE docs (id integer PRIMARY KEY, topic integer)")
         conn.execute("INSERT INTO docs SELECT g, g %% 100 FROM generate_series(0, %s) g", (rows - 1,))
         schema.upgrade(url, config)
-        conn.execute("DELETE FROM vectorsync.queue")
+        conn.execute("TRUNCATE vectorsync.queue, vectorsync.changes")
         for spec in config.embeddings:
             emb = catalog.load(conn, spec)
             drop_index(conn, emb)

@@ -42,7 +42,7 @@ def stored(conn: psycopg.Connection, url: str, storage: str, *, rows: int = ROWS
         sink.upsert(conn, emb, [str(i) for i in range(rows)], vectors, 1)
     create_index(conn, emb)
     conn.execute("ANALYZE items, vectorsync.items_g1")
-    conn.execute("DELETE FROM vectorsync.queue")
+    conn.execute("TRUNCATE vectorsync.queue, vectorsync.changes")
     conn.execute("UPDATE vectorsync.embeddings SET current_version = 1")
     return vectors
 
