@@ -237,6 +237,9 @@ def search_texts(emb: Embedding, frame: pd.DataFrame, rows: Sequence[int]) -> li
     return texts
 
 
+#: Bytes asked for per read of a file that reports no size (``/proc``).
+_UNSIZED_READ = 64 * 2**10
+
 #: Reads referenced files off the worker's thread, so a read that never returns cannot hold it.
 _READERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vectorsync-read")
 
@@ -307,9 +310,12 @@ def _read_reference(reference: object, spec: MediaSpec) -> bytes:
         raise
     chunks: list[bytes] = []
     size = 0
+    # a read allocates what it asks for: ask for the file's size (one byte more to see it grew),
+    # not for max_file_bytes, or every small file would cost the whole limit in memory
+    step = info.st_size + 1 if info.st_size else _UNSIZED_READ
     with handle:
         try:
-            while size <= limit and (chunk := handle.read(limit + 1 - size)):
+            while size <= limit and (chunk := handle.read(min(limit + 1 - size, step))):
                 chunks.append(chunk)
                 size += len(chunk)
         except OSError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import psycopg
 import pytest
 from PIL import Image
 
-from tests.worker_support import create_items, scalar, vectorsync, wait_until
+from tests.worker_support import WorkerProcess, create_items, scalar, vectorsync, wait_until
 from vectorsync.encoders.base import EncodeResult, InputError
 from vectorsync.encoders.tabular import TabularAutoencoder
 from vectorsync.sync.spec import load_config, parse_config
@@ -246,6 +247,64 @@ def test_an_encoder_memory_error_fails_only_the_row_that_caused_it():
     assert set(failures) == {2}
     assert "MemoryError: cannot allocate 64 GiB" in failures[2].message
     assert (vectors[[1, 3, 4, 5, 6]] == 1).all() and (vectors[[0, 2]] == 0).all()
+
+
+def _address_space(pid: int) -> int:
+    """Bytes of virtual memory process ``pid`` has mapped now (VmSize)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmSize for process {pid}")
+
+
+def test_a_memory_error_in_a_real_worker_process_fails_only_its_row(conn, db_url, tmp_path):
+    base = tmp_path / "scans"
+    base.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        (base / f"{i}.png").write_bytes(png(Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8))))
+    with open(base / "huge.png", "wb") as handle:
+        handle.truncate(1536 * 2**20)  # sparse: no disk, but reading it needs 1.5 GiB more than the worker may map
+    conn.execute("CREATE TABLE scans (id int PRIMARY KEY, path text)")
+    conn.execute("INSERT INTO scans SELECT g, g || '.png' FROM generate_series(0, 39) g")
+    config = tmp_path / "vectorsync.toml"
+    config.write_text(
+        HEADER.split("[[embeddings]]")[0]
+        + f"""
+[[embeddings]]
+name = "scans"
+table = "scans"
+key = "id"
+modality = "image"
+dim = 4
+index = "none"
+path_column = "path"
+base_dir = "{base}"
+max_file_bytes = {2 * 2**30}
+image_size = 16
+encoder = {{ type = "conv_autoencoder", epochs = 1, width = 8 }}
+"""
+    )
+    vectorsync(db_url, config, "migrate")
+    vectorsync(db_url, config, "train", "scans")
+    with WorkerProcess(db_url, config, tmp_path / "worker.log") as worker:
+        first = "SELECT count(*) FROM scans_embeddings"
+        wait_until(lambda: scalar(conn, first) == 40 or worker.proc.poll() is not None, 120, "the first scans")
+        assert worker.proc.poll() is None, worker.output()
+        # a real allocation failure: the worker may map 512 MiB more than it does now, not 1.5 GiB
+        limit = _address_space(worker.pid) + 512 * 2**20
+        resource.prlimit(worker.pid, resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+        conn.execute("INSERT INTO scans VALUES (1000, 'huge.png'), (1001, '3.png'), (1002, '4.png')")  # one batch
+        wait_until(lambda: "1000" in failed_of(conn, "scans") or worker.proc.poll() is not None, 120,
+                   "the huge row to fail")
+        assert worker.proc.poll() is None, worker.output()
+        wait_until(lambda: scalar(conn, "SELECT count(*) FROM scans_embeddings WHERE id > 1000") == 2, 30,
+                   "the other rows of its batch")
+        conn.execute("INSERT INTO scans VALUES (1003, '5.png')")  # and the worker goes on
+        wait_until(lambda: scalar(conn, "SELECT count(*) FROM scans_embeddings WHERE id = 1003"), 30, "a later row")
+        assert worker.terminate() == 0, worker.output()
+    assert "MemoryError" in failed_of(conn, "scans")["1000"]
+    assert list(failed_of(conn, "scans")) == ["1000"]
 
 
 def test_a_row_the_application_holds_locked_is_requeued_not_waited_for(conn, db_url, tmp_path, items):
