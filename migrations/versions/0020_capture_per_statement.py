@@ -21,8 +21,8 @@ btree entries, a sequence value), and a DELETE removed as many target rows as it
 it). Spreading happens in the worker's lease transaction, so a change is moved exactly once; a
 killed worker's spread rolls back with its transaction.
 
-Revision ID: 0019_capture_per_statement
-Revises: 0018_selective_filters
+Revision ID: 0020_capture_per_statement
+Revises: 0019_hybrid_search
 """
 
 from alembic import op
@@ -30,8 +30,8 @@ from alembic import op
 from vectorsync.migrations.operations import execute_script
 from vectorsync.migrations.replaceable import Function, View, create, drop, replace
 
-revision = "0019_capture_per_statement"
-down_revision = "0018_selective_filters"
+revision = "0020_capture_per_statement"
+down_revision = "0019_hybrid_search"
 branch_labels = None
 depends_on = None
 
