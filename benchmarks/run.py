@@ -26,6 +26,7 @@ BENCHMARKS = {
     "trigger": "benchmarks.bench_trigger",
     "ui": "benchmarks.bench_ui",
     "filtered": "benchmarks.bench_filtered",
+    "hybrid": "benchmarks.bench_hybrid",
     "storage": "benchmarks.bench_storage",
 }
 
