@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -19,8 +20,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vectorsync.encoders.base import Batches, Encoder, EncodeResult, Progress, check_finite
-from vectorsync.encoders.params import MINILM_DIM, EncoderParams, SentenceModelParams, SentenceTransformerParams
+from vectorsync.encoders.base import Batches, Encoder, EncodeResult, Progress, check_finite, thread_count
+from vectorsync.encoders.onnx_text import OnnxSentenceModel, converted_model
+from vectorsync.encoders.params import (
+    MINILM_DIM,
+    EncoderParams,
+    MiniLMParams,
+    SentenceModelParams,
+    SentenceTransformerParams,
+)
 from vectorsync.encoders.text import pool_pieces, texts_of
 from vectorsync.errors import MissingExtraError, ModelFileError, SpecError
 
@@ -141,21 +149,26 @@ class SentenceTransformerFolder(Encoder):
         assert isinstance(self.options, SentenceTransformerParams)
         return Path(self.options.path).expanduser()
 
+    def checked_folder(self) -> Path:
+        """The model folder, once its weights match the pinned SHA-256 (when one is pinned)."""
+        folder = self.folder()
+        if not folder.is_dir():
+            raise ModelFileError(f"model folder {str(folder)!r} does not exist")
+        weights = weights_file(folder)
+        if self.expected_sha256 is not None:
+            actual = file_sha256(weights)
+            if actual != self.expected_sha256.lower():
+                raise ModelFileError(
+                    f"weights {str(weights)!r} have SHA-256 {actual}, expected {self.expected_sha256}; "
+                    "the model files are corrupt or a different model: reinstall them or fix 'sha256'"
+                )
+        return folder
+
     @property
     def model(self) -> Any:
         """The loaded model, after checking the folder, the weights hash and the dimension."""
         if self._model is None:
-            folder = self.folder()
-            if not folder.is_dir():
-                raise ModelFileError(f"model folder {str(folder)!r} does not exist")
-            weights = weights_file(folder)
-            if self.expected_sha256 is not None:
-                actual = file_sha256(weights)
-                if actual != self.expected_sha256.lower():
-                    raise ModelFileError(
-                        f"weights {str(weights)!r} have SHA-256 {actual}, expected {self.expected_sha256}; "
-                        "the model files are corrupt or a different model: reinstall them or fix 'sha256'"
-                    )
+            folder = self.checked_folder()
             model = _load(folder, self.device)
             # get_embedding_dimension is the sentence-transformers >= 5 name of the older method.
             dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
@@ -181,21 +194,34 @@ class SentenceTransformerFolder(Encoder):
     ) -> dict[str, float]:
         return {}
 
+    def _token_limit(self) -> int:
+        model = self.model
+        special = model.tokenizer.num_special_tokens_to_add(pair=False)
+        return max(1, min(self.max_tokens, model.max_seq_length - special))
+
+    def _token_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        encoded = self.model.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return list(encoded["offset_mapping"])
+
+    def _encode_pieces(self, pieces: list[str]) -> np.ndarray:
+        vectors = self.model.encode(
+            pieces,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
     def _pieces(self, texts: list[str]) -> list[list[str]]:
         """Each text cut to ``max_tokens`` word pieces (and the model's own limit): one piece, or all chunks."""
-        model = self.model
-        tokenizer = model.tokenizer
-        limit = max(1, min(self.max_tokens, model.max_seq_length - tokenizer.num_special_tokens_to_add(pair=False)))
+        limit = self._token_limit()
         out: list[list[str]] = [[text] for text in texts]
         # Every word piece covers at least one character, so short strings need no tokenising.
         long = [i for i, text in enumerate(texts) if len(text) > limit]
         if not long:
             return out
-        encoded = tokenizer(
-            [texts[i] for i in long], add_special_tokens=False, return_offsets_mapping=True, verbose=False
-        )
-        for row, i in enumerate(long):
-            offsets = encoded["offset_mapping"][row]
+        for offsets, i in zip(self._token_offsets([texts[i] for i in long]), long, strict=True):
             if len(offsets) <= limit:
                 continue
             if self.long_text == "truncate":
@@ -205,7 +231,6 @@ class SentenceTransformerFolder(Encoder):
         return out
 
     def encode(self, batch: pd.DataFrame) -> EncodeResult:
-        model = self.model
         texts, failures = texts_of(batch, self.column, self.encoding)
         positions = list(texts)
         owners: list[int] = []
@@ -214,13 +239,7 @@ class SentenceTransformerFolder(Encoder):
             owners.extend([position] * len(row_pieces))
             pieces.extend(row_pieces)
         if pieces:
-            piece_vectors = model.encode(
-                pieces,
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            ).astype(np.float32, copy=False)
+            piece_vectors = self._encode_pieces(pieces)
         else:
             piece_vectors = np.zeros((0, self.dim), dtype=np.float32)
         vectors = pool_pieces(piece_vectors, owners, len(batch), self.dim)
@@ -255,9 +274,67 @@ class MiniLMEncoder(SentenceTransformerFolder):
             )
         super().__init__(dim, columns, params)
         self.expected_sha256 = MINILM_SHA256
+        assert isinstance(self.options, MiniLMParams)
+        self.precision = self.options.precision
+        #: SHA-256 of the converted model (precision onnx / int8) a stored model version was made with.
+        self.converted_sha256: str | None = None
+        self._converted: OnnxSentenceModel | None = None
 
     def folder(self) -> Path:
         return minilm_folder()
+
+    @property
+    def converted(self) -> OnnxSentenceModel:
+        """The model converted for ``precision`` (from the cache, or made now), checked against the
+        converted SHA-256 the model version recorded."""
+        if self._converted is None:
+            folder = self.checked_folder()
+            path, digest = converted_model(folder, MINILM_SHA256, self.precision)
+            if self.converted_sha256 is not None and digest != self.converted_sha256:
+                raise ModelFileError(
+                    f"the {self.precision} model converted here ({str(path)!r}) has SHA-256 {digest}, but the "
+                    f"model version was made with {self.converted_sha256} (other onnxruntime, torch or "
+                    "transformers versions); install the versions it was made with or run `vectorsync train`"
+                )
+            self.converted_sha256 = digest
+            self._converted = OnnxSentenceModel(path, folder, _threads())
+        return self._converted
+
+    def _token_limit(self) -> int:
+        if self.precision == "fp32":
+            return super()._token_limit()
+        model = self.converted
+        return max(1, min(self.max_tokens, model.max_seq_length - model.special_tokens))
+
+    def _token_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        if self.precision == "fp32":
+            return super()._token_offsets(texts)
+        return self.converted.token_offsets(texts)
+
+    def _encode_pieces(self, pieces: list[str]) -> np.ndarray:
+        if self.precision == "fp32":
+            return super()._encode_pieces(pieces)
+        return self.converted.encode(pieces, self.batch_size)
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if self.precision != "fp32":
+            _ = self.converted  # converting (or reading the cache) sets converted_sha256
+            state["converted_sha256"] = self.converted_sha256
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        pinned = state.get("converted_sha256")
+        self.converted_sha256 = str(pinned) if pinned else None
+        self._converted = None
+
+
+def _threads() -> int:
+    """ONNX Runtime threads: those ``sync`` gave torch (this process's share of the cores), or the
+    usable cores when nothing imported torch."""
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else thread_count()
 
 
 def _word_windows(offsets: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:

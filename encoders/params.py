@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from vectorsync.errors import SpecError
 
 LongText = Literal["truncate", "chunk"]
+#: How the pretrained MiniLM runs: torch as shipped, or converted to ONNX Runtime (float32 or int8).
+Precision = Literal["fp32", "onnx", "int8"]
 #: A torch device: "auto" picks CUDA when torch sees a GPU, else the CPU.
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 _DEVICE_HELP = "Torch device: 'auto' (CUDA when torch sees a GPU, else CPU), 'cpu', 'cuda' or 'cuda:N'."
@@ -161,6 +163,19 @@ class MiniLMParams(SentenceModelParams):
     DIM: ClassVar[int | None] = MINILM_DIM
 
     type: Literal["minilm"] = "minilm"
+    precision: Precision = Field(
+        "fp32",
+        description="'fp32': torch, as shipped; 'onnx': ONNX Runtime, float32; 'int8': ONNX Runtime, int8 weights.",
+    )
+
+    @model_validator(mode="after")
+    def _onnx_runs_on_the_cpu(self) -> MiniLMParams:
+        if self.precision != "fp32" and self.device.startswith("cuda"):
+            raise ValueError(
+                f"precision = {self.precision!r} runs on the CPU (ONNX Runtime); "
+                "set device = 'auto' or 'cpu', or precision = 'fp32' to use CUDA"
+            )
+        return self
 
 
 class SentenceTransformerParams(SentenceModelParams):

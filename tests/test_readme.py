@@ -36,6 +36,7 @@ TABLES: dict[str, tuple[type[BaseModel], type[BaseModel] | None]] = {
     "encoder `dlib`": (params.DlibParams, params.EncoderParams),
     "encoder `lstm`": (params.LSTMParams, params.EncoderParams),
     "encoders `minilm`, `sentence_transformer`": (params.SentenceModelParams, params.EncoderParams),
+    "encoder `minilm`, also": (params.MiniLMParams, params.SentenceModelParams),
     "encoder `sentence_transformer`, also": (params.SentenceTransformerParams, params.SentenceModelParams),
     "encoder `graphsage` (native GraphSAGE)": (params.GraphSAGEParams, params.EncoderParams),
 }

@@ -41,6 +41,23 @@ def test_each_encoder_type_has_its_own_parameters():
     )
 
 
+def test_precision_is_refused_on_encoders_that_do_not_support_it():
+    assert "unknown encoder parameter 'precision' in embedding 'notes'" in problem(
+        {**TEXT, "encoder": {"type": "lstm", "precision": "int8"}}
+    )
+    assert "unknown encoder parameter 'precision' in embedding 'cancer'" in problem(
+        {**TABULAR, "encoder": {"precision": "int8"}}
+    )
+    minilm = {**TEXT, "dim": 384}
+    assert "encoder parameter precision = 'int4' in embedding 'notes' is not valid" in problem(
+        {**minilm, "encoder": {"type": "minilm", "precision": "int4"}}
+    )
+    assert "precision = 'int8' runs on the CPU (ONNX Runtime)" in problem(
+        {**minilm, "encoder": {"type": "minilm", "precision": "int8", "device": "cuda"}}
+    )
+    assert parse_config({"embeddings": [{**minilm, "encoder": {"type": "minilm", "precision": "int8"}}]})
+
+
 def test_encoder_type_must_fit_the_modality():
     message = problem({**TEXT, "encoder": {"type": "lstmm"}})
     assert "unknown encoder type 'lstmm' for a text embedding; did you mean 'lstm'?" in message
