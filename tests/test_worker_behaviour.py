@@ -25,7 +25,7 @@ from tests.worker_support import (
     wait_until,
     worker_totals,
 )
-from vectorsync.sync.catalog import load
+from vectorsync.sync.catalog import fingerprint, load
 from vectorsync.sync.queue import enqueue_backfill
 from vectorsync.sync.spec import load_config
 from vectorsync.sync.worker import Worker
@@ -191,3 +191,28 @@ def test_new_model_version_reembeds_in_background_while_queries_answer(conn, db_
             assert scalar(conn, "SELECT count(*) FROM items_embeddings") == 1000
         wait_until(lambda: drained(conn, 1000), 30, "the re-embedding")
     assert_vectors_match_rows(conn, items)
+
+
+def test_the_catalogue_fingerprint_moves_with_every_change_a_batch_relies_on(conn, db_url, items):
+    # a running worker reads the catalogue again only when this moves (Worker._plan), once per batch
+    seen = [fingerprint(conn, "items")]
+
+    def moves() -> None:
+        now = fingerprint(conn, "items")
+        assert now is not None and now not in seen
+        seen.append(now)
+
+    assert fingerprint(conn, "items") == seen[0]  # steady while nothing changes
+    vectorsync(db_url, items, "train", "items")  # a new model version, in a generation being built
+    moves()
+    conn.execute("UPDATE vectorsync.embeddings SET broken = 'a column was dropped' WHERE name = 'items'")
+    moves()
+    conn.execute("UPDATE vectorsync.embeddings SET broken = NULL WHERE name = 'items'")
+    moves()
+    vectorsync(db_url, items, "sync", "items")  # the new generation is swapped in
+    moves()
+    vectorsync(db_url, items, "migrate", "--recreate", "items")
+    moves()
+    vectorsync(db_url, items, "train", "items")  # the same version number, other weights
+    moves()
+    assert fingerprint(conn, "not_an_embedding") is None
