@@ -35,7 +35,9 @@ class Figure:
     def line(self) -> str:
         ratio = f"{self.ratio:.2f}" if self.ratio is not None else "-"
         baseline = f"{self.baseline_value:,.1f} ({self.baseline_name})" if self.baseline_value is not None else "-"
-        value = f"{self.value:,.1f} {self.unit}"
+        # Small figures (a cosine, a change of agreement) need their digits; rates and times do not.
+        digits = f"{self.value:,.1f}" if abs(self.value) >= 10 else f"{self.value:.4g}"
+        value = f"{digits} {self.unit}".strip()
         return f"| {self.benchmark} | {self.name} | {value} | {baseline} | {ratio} | {self.target or '-'} |"
 
 

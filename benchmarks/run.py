@@ -21,6 +21,7 @@ BENCHMARKS = {
     "latency": "benchmarks.bench_latency",
     "images": "benchmarks.bench_images",
     "text": "benchmarks.bench_text",
+    "precision": "benchmarks.bench_precision",
     "graph": "benchmarks.bench_graph",
     "query": "benchmarks.bench_query",
     "trigger": "benchmarks.bench_trigger",

@@ -104,6 +104,7 @@ def _convert(folder: Path, work: Path) -> dict[str, Path]:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.transformers import optimizer
         from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as transformers_logging
     except ImportError:
         raise MissingExtraError("converting a model for ONNX Runtime", "text", "onnx") from None
 
@@ -125,7 +126,13 @@ def _convert(folder: Path, work: Path) -> dict[str, Path]:
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     # The eager attention exports as plain MatMul/Softmax, which the optimizer fuses into one
     # Attention op; the SDPA path exports a graph it cannot fuse (1.4x slower).
-    network = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager").eval()
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar would cut into ours
+    try:
+        network = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager").eval()
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     exported = work / "exported.onnx"
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])
     # The tracer warns about shapes it records as constants; those paths (padding the attention mask

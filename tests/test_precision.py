@@ -107,3 +107,40 @@ def _sha256(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sync_embeds_with_the_int8_model_and_its_version_records_the_checksum(in_cache, conn, write_config, cli):
+    from vectorsync.encoders.base import model_header
+
+    texts, _ = make_corpus(40, seed=3)
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO notes VALUES (%s, %s)", list(enumerate(texts)))
+    entry = """
+[[embeddings]]
+name = "{name}"
+table = "notes"
+key = "id"
+modality = "text"
+dim = 384
+column = "body"
+index = "none"
+encoder = {encoder}
+"""
+    config = write_config(
+        entry.format(name="notes", encoder='{ type = "minilm" }')
+        + entry.format(name="notes_int8", encoder='{ type = "minilm", precision = "int8" }')
+    )
+    for command in ("migrate", "sync"):
+        result = cli(command, config=config)
+        assert result.code == 0, result.err
+
+    blob = conn.execute("SELECT weights FROM vectorsync.models WHERE embedding = 'notes_int8'").fetchone()[0]
+    recorded = json.loads(next(in_cache.glob("*-int8-*.onnx")).with_suffix(".json").read_text())["sha256"]
+    assert model_header(bytes(blob))["state"]["converted_sha256"] == recorded
+    full, int8 = (
+        dict(conn.execute(f"SELECT id, embedding::real[] FROM {table}").fetchall())
+        for table in ("notes_embeddings", "notes_int8_embeddings")
+    )
+    assert set(full) == set(int8) == set(range(len(texts)))
+    assert min(float(np.dot(full[key], int8[key])) for key in full) >= 0.99
