@@ -90,7 +90,11 @@ def measure(url: str, conn: psycopg.Connection, config, name: str, texts: list[s
 
 
 #: Encoder settings measured against sentence-transformers, by label: each gets worker and sync rows.
-VARIANTS: dict[str, str] = {"MiniLM-L6 384-d": '{ type = "minilm" }'}
+VARIANTS: dict[str, str] = {
+    "MiniLM-L6 384-d": '{ type = "minilm" }',
+    # fidelity (min cosine, kNN agreement) of this variant is measured by bench_precision
+    "MiniLM-L6 384-d int8": '{ type = "minilm", precision = "int8" }',
+}
 PEER_TABLE = "peer_texts"
 
 
