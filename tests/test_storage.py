@@ -13,7 +13,7 @@ from sqlalchemy import REAL, Text, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from tests.test_embedding_sql import CATEGORIES, clustered, exact, vector_text
-from tests.worker_support import create_items, scalar
+from tests.worker_support import create_items, insert_items, scalar
 from vectorsync.embedding_sql import attach_embedding, nearest
 from vectorsync.sync import catalog, schema, sink
 from vectorsync.sync.bulk import create_index, drop_index
@@ -176,6 +176,9 @@ encoder = {{ type = "autoencoder", seed = 1, epochs = 2, hidden = [16] }}
     assert scalar(conn, "SELECT has_table_privilege('storage_reader', 'items_embeddings', 'SELECT')")
     after = conn.execute("SELECT key FROM vectorsync.nearest('items', '7', 5)").fetchall()
     assert len(set(before) & set(after)) >= 4  # the same model, stored in half precision
+    insert_items(conn, 400, 2)  # a few rows: written with one INSERT of their values
+    assert cli("sync", "items", config=config).code == 0
+    assert scalar(conn, "SELECT count(*) FROM vectorsync.items_g2 WHERE id >= 400") == 2
 
     assert cli("rollback", "items", config=config).code == 0
     assert scalar(conn, "SELECT pg_typeof(embedding)::text FROM items_embeddings LIMIT 1") == "vector"
