@@ -196,7 +196,8 @@ def live_figures(data_dir: Path, quick: bool) -> list[Figure]:
         Figure("graph live", f"seconds, sync with nothing changed, {size}", idle[0], "s", "full sync", full[0],
                target="≤ 1 s (1M/5M)"),
         Figure("graph live", f"seconds, sync applying {changes:,} edge changes (mode {details['mode']}, "
-               f"recomputed per iteration {details.get('recomputed')}, {run['embedded']:,} vectors written)",
+               f"recomputed per iteration {details.get('recomputed')}, {run['embedded']:,} vectors written; "
+               f"compute {details.get('compute_seconds')} s, write {details.get('write_seconds')} s)",
                applied[0], "s", "full sync", full[0], target="≤ 2 s (1M/5M)"),
     ]
 
@@ -206,7 +207,8 @@ def graphsage_figures(data_dir: Path, quick: bool) -> list[Figure]:
     import sys
 
     from vectorsync.sync import catalog, schema
-    from vectorsync.sync.graph import sync_graph, train_graphsage
+    from vectorsync.sync.graph import sync_graph
+    from vectorsync.sync.graph_sage import train_graphsage
     from vectorsync.sync.spec import parse_config
 
     nodes, edges, inserts = (20_000, 100_000, 10) if quick else (100_000, 500_000, 20)

@@ -1,5 +1,6 @@
 """Every statement on ``vectorsync.queue``, ``vectorsync.changes``, ``vectorsync.failed``,
-``vectorsync.errors`` and ``vectorsync.runs``, and the one NOTIFY channel.
+``vectorsync.errors``, ``vectorsync.runs`` and the graph change log ``vectorsync.graph_changes``, and
+the one NOTIFY channel.
 
 Capture triggers write one ``vectorsync.changes`` row per statement (its keys as an array), which
 costs the application's statement little; ``lease`` spreads those rows into the queue, one row per
@@ -358,3 +359,34 @@ def fail_run(conn: psycopg.Connection, run_id: int, exc: BaseException) -> None:
         )
     except psycopg.Error as record_error:  # e.g. the connection itself broke
         log.warning("could not record the failure of run %s: %s", run_id, record_error)
+
+
+# --- the graph change log: what the node and edge tables' triggers recorded since the last run ---
+
+
+def graph_changes_pending(conn: psycopg.Connection, name: str) -> bool:
+    """Whether a native graph embedding has changes its last run has not seen."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM vectorsync.graph_changes WHERE embedding = %s)", (name,)
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def count_graph_changes(conn: psycopg.Connection, name: str, bound: int) -> int:
+    """Changes logged since the last run, counted up to ``bound`` (past it the count does not matter)."""
+    row = conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM vectorsync.graph_changes WHERE embedding = %s LIMIT %s) c", (name, bound)
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def graph_changes(conn: psycopg.Connection, name: str) -> list[tuple[Any, ...]]:
+    """Every logged change: (kind, source, target, weight); kind is ``edge+``, ``edge-``, ``node`` or ``all``."""
+    return conn.execute(
+        "SELECT kind, source, target, weight FROM vectorsync.graph_changes WHERE embedding = %s", (name,)
+    ).fetchall()
+
+
+def clear_graph_changes(conn: psycopg.Connection, name: str) -> None:
+    """Consume the change log (inside the run's transaction: what its snapshot saw, no more)."""
+    conn.execute("DELETE FROM vectorsync.graph_changes WHERE embedding = %s", (name,))

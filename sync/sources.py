@@ -56,7 +56,7 @@ def read_rows(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> 
     """The source rows with these (text) keys, read without locking them: a row the application
     holds locked is read as last committed, never waited for."""
     if emb.spec.encoder_type == "graphsage":
-        from vectorsync.sync.graph import read_neighbourhoods
+        from vectorsync.sync.graph_sage import read_neighbourhoods
 
         return read_neighbourhoods(conn, emb, list(keys))
     with conn.cursor(binary=True) as cur:

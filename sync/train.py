@@ -41,7 +41,7 @@ def train(
     """
     spec = emb.spec
     if spec.encoder_type == "graphsage":
-        from vectorsync.sync.graph import train_graphsage
+        from vectorsync.sync.graph_sage import train_graphsage
 
         return train_graphsage(conn, emb, progress=progress)
     encoder = new_encoder(spec)

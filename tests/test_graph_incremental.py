@@ -14,7 +14,7 @@ from pgvector.psycopg import register_vector
 
 from vectorsync.encoders import fastrp as fastrp_module
 from vectorsync.encoders.fastrp import Edges, FastRPParams, IncrementalFastRP, fastrp
-from vectorsync.sync import graph
+from vectorsync.sync import graph_fastrp
 
 # --- the encoder's incremental state -------------------------------------------------------------
 
@@ -205,7 +205,7 @@ def test_incremental_sync_equals_a_full_run_and_writes_only_what_changed(
     assert deleted == 1 and 0 < embedded < 1000 and embedded + unchanged == 6000
     assert conn.execute("SELECT count(*) FROM vectorsync.graph_changes WHERE embedding = 'live'").fetchone()[0] == 0
 
-    graph._CACHE.pop("fresh", None)
+    graph_fastrp._CACHE.pop("fresh", None)
     assert cli("sync", "fresh", config=people).code == 0
     assert last_run(conn, "fresh")[3]["mode"] == "full"
     live, fresh = stored(conn, "live_embeddings"), stored(conn, "fresh_embeddings")
@@ -218,7 +218,7 @@ def test_incremental_sync_equals_a_full_run_and_writes_only_what_changed(
 def test_a_sync_with_nothing_changed_does_no_graph_work(
     conn: psycopg.Connection, people: Path, cli: Callable[..., Any]
 ) -> None:
-    graph._CACHE.clear()  # a fresh process: without a change there is still nothing to read
+    graph_fastrp._CACHE.clear()  # a fresh process: without a change there is still nothing to read
     result = cli("sync", "live", config=people)
     assert result.code == 0, result.err
     embedded, unchanged, deleted, details = last_run(conn, "live")

@@ -22,7 +22,7 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from tests.conftest import BoltServer
-from vectorsync.sync import graph
+from vectorsync.sync import graph_fastrp
 
 CORA_FOLDER = "resources/cora"
 
@@ -231,7 +231,7 @@ def test_deleting_a_node_removes_its_vector_and_skips_its_dangling_edges(
     hub = conn.execute("SELECT source FROM cites GROUP BY source ORDER BY count(*) DESC, source LIMIT 1").fetchone()[0]
     degree = conn.execute("SELECT count(*) FROM cites WHERE source = %s OR target = %s", (hub, hub)).fetchone()[0]
     conn.execute("DELETE FROM papers WHERE id = %s", (hub,))  # its edges stay behind in cites
-    graph._CACHE.clear()  # a fresh process: the run reads the whole graph and counts what it skips
+    graph_fastrp._CACHE.clear()  # a fresh process: the run reads the whole graph and counts what it skips
     result = cli("sync", "cora", config=cora)
     assert result.code == 0, result.err
     counts = counts_line(result.out + result.err, "cora")

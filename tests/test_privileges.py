@@ -264,7 +264,7 @@ weight_column = "weight"
 
 
 def test_the_worker_role_keeps_a_native_graph_fresh(conn, db_url, tmp_path, new_role, monkeypatch):
-    from vectorsync.sync import catalog, graph
+    from vectorsync.sync import catalog, graph, graph_fastrp
 
     conn.execute("CREATE TABLE people (id integer PRIMARY KEY, secret text)")
     conn.execute("INSERT INTO people SELECT i, 'private' FROM generate_series(0, 199) i")
@@ -276,7 +276,7 @@ def test_the_worker_role_keeps_a_native_graph_fresh(conn, db_url, tmp_path, new_
     vectorsync(db_url, config, "sync")
     worker = new_role("worker")
     vectorsync(db_url, config, "grant", "worker", worker)
-    monkeypatch.setattr(graph, "_CACHE", {})  # the worker is another process: it holds no FastRP state yet
+    monkeypatch.setattr(graph_fastrp, "_CACHE", {})  # the worker is another process: it holds no FastRP state yet
     spec = load_config(config).embedding("people")
     with psycopg.connect(as_role(db_url, worker), autocommit=True) as as_worker:
         emb = catalog.load(as_worker, spec)
