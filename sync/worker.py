@@ -138,7 +138,8 @@ class EmbeddingUnavailable(RuntimeError):
 
 #: Seconds a row locked by the application waits before its item is claimed again.
 LOCKED_ROW_DELAY = 1.0
-#: After a NOTIFY, how long the worker listens for another before it embeds what is queued.
+#: In a burst (two or more NOTIFYs already arrived), how long the worker listens for another before it
+#: embeds what is queued; a lone change does not wait at all.
 BURST_GAP_SECONDS = 0.002
 #: Longest pause of a broken embedding before the worker tries it again.
 PARK_CAP_SECONDS = 30.0
