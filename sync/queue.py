@@ -43,17 +43,30 @@ FOR UPDATE SKIP LOCKED
 #: Change rows (one per captured statement) one lease spreads into the queue at most.
 SPREAD_ROWS = 1000
 
-#: Moves captured keys into the queue, oldest statement first, keeping each key's capture time.
+#: Moves captured keys into the queue, oldest statement first, keeping each key's capture time. A
+#: row with NULL keys (a large DELETE) stands for every key whose vector or failed item has no
+#: source row any more: one anti-join finds them.
 _SPREAD = """
 WITH taken AS (
     DELETE FROM vectorsync.changes c
      WHERE c.id IN (SELECT id FROM vectorsync.changes WHERE embedding = %(name)s ORDER BY id LIMIT %(limit)s
                     FOR UPDATE SKIP LOCKED)
     RETURNING c.id, c.keys, c.enqueued_at
+), deleted AS (
+    SELECT min(t.id) AS id, min(t.enqueued_at) AS enqueued_at FROM taken t WHERE t.keys IS NULL HAVING count(*) > 0
 )
 INSERT INTO vectorsync.queue (embedding, key, enqueued_at)
-SELECT %(name)s, k.key, t.enqueued_at FROM taken t, unnest(t.keys) WITH ORDINALITY AS k (key, n)
-ORDER BY t.id, k.n
+SELECT %(name)s, k.key, k.enqueued_at FROM (
+    SELECT t.id, k.n, k.key, t.enqueued_at FROM taken t, unnest(t.keys) WITH ORDINALITY AS k (key, n)
+    UNION ALL
+    SELECT d.id, 0, g.key, d.enqueued_at FROM deleted d, (
+        SELECT v.{key}::text AS key FROM {target} v WHERE NOT EXISTS (SELECT 1 FROM {source} s WHERE s.{key} = v.{key})
+        UNION
+        SELECT f.key FROM vectorsync.failed f
+         WHERE f.embedding = %(name)s AND NOT EXISTS (SELECT 1 FROM {source} s WHERE s.{key}::text = f.key)
+    ) g
+) k
+ORDER BY k.id, k.n
 """
 
 
@@ -66,7 +79,7 @@ def listen(conn: psycopg.Connection) -> None:
     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
 
 
-def lease(conn: psycopg.Connection, name: str, limit: int, seconds: float) -> list[tuple[int, str, int, datetime]]:
+def lease(conn: psycopg.Connection, emb: Embedding, limit: int, seconds: float) -> list[tuple[int, str, int, datetime]]:
     """Lease up to ``limit`` ready items for ``seconds``, as (id, key, attempts, lease token);
     call inside a transaction of its own, committed at once.
 
@@ -76,7 +89,8 @@ def lease(conn: psycopg.Connection, name: str, limit: int, seconds: float) -> li
     and a key with a live lease on another of its queue rows is left for later, so a key queued
     twice is encoded once per input values. The lease's end is its token (``confirm_lease``).
     """
-    spread(conn, name)
+    name = emb.name
+    spread(conn, emb)
     candidates = conn.execute(_CANDIDATES, {"name": name, "limit": limit}).fetchall()
     if not candidates:
         return []
@@ -107,11 +121,12 @@ def lease(conn: psycopg.Connection, name: str, limit: int, seconds: float) -> li
     ).fetchall()
 
 
-def spread(conn: psycopg.Connection, name: str, limit: int | None = SPREAD_ROWS) -> int:
-    """Move up to ``limit`` captured statements' keys of ``name`` (all with None) from
+def spread(conn: psycopg.Connection, emb: Embedding, limit: int | None = SPREAD_ROWS) -> int:
+    """Move up to ``limit`` captured statements' keys of ``emb`` (all with None) from
     ``vectorsync.changes`` into the queue; returns the number of keys queued. Rows another
     transaction is spreading are skipped, not waited for."""
-    return conn.execute(_SPREAD, {"name": name, "limit": limit}).rowcount
+    query = sql.SQL(_SPREAD).format(key=emb.key, target=emb.target, source=emb.source)
+    return conn.execute(query, {"name": emb.name, "limit": limit}).rowcount
 
 
 def confirm_lease(conn: psycopg.Connection, ids: Sequence[int], token: datetime) -> set[int]:
@@ -237,7 +252,7 @@ def not_failed(emb: Embedding, alias: str) -> sql.Composed:
 def enqueue_backfill(conn: psycopg.Connection, emb: Embedding, version: int | None) -> int:
     """Queue, in one statement, every row with no vector, an older model version, or changed
     inputs, unless it is already queued (or captured) or failed. Returns the number queued."""
-    spread(conn, emb.name, None)  # captured keys first, so that they are not queued twice
+    spread(conn, emb, None)  # captured keys first, so that they are not queued twice
     stale = sql.SQL("t.{key} IS NULL OR t.input_hash IS DISTINCT FROM {hash}").format(
         key=emb.key, hash=emb.input_hash_expr("s")
     )

@@ -171,7 +171,7 @@ def process_batch(
     """
     started = time.perf_counter()
     with conn.transaction():
-        rows = queue.lease(conn, emb.name, batch_size, settings.batch_deadline_seconds)
+        rows = queue.lease(conn, emb, batch_size, settings.batch_deadline_seconds)
     if not rows:
         return None
     claims: dict[str, _Claim] = {}

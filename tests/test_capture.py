@@ -360,12 +360,14 @@ def test_each_statement_writes_one_change_row_with_its_keys(conn, items):
 
 
 def test_a_lease_spreads_captured_keys_into_the_queue_once(conn, db_url, items):
-    from vectorsync.sync import queue
+    from vectorsync.sync import catalog, queue
+    from vectorsync.sync.spec import load_config
 
     conn.execute("INSERT INTO items (id, a, b) SELECT g, 1, 2 FROM generate_series(100, 399) g")
     with psycopg.connect(db_url) as first, psycopg.connect(db_url) as second:
-        assert queue.spread(first, "items") == 300
-        assert queue.spread(second, "items") == 0  # skipped while the first transaction holds it
+        emb = catalog.load(first, load_config(items).embeddings[0])
+        assert queue.spread(first, emb) == 300
+        assert queue.spread(second, emb) == 0  # skipped while the first transaction holds it
         first.commit()
         second.commit()
     assert change_rows(conn) == []
@@ -373,12 +375,12 @@ def test_a_lease_spreads_captured_keys_into_the_queue_once(conn, db_url, items):
     assert conn.execute("SELECT count(*) FROM vectorsync.pending").fetchone()[0] == 300
 
 
-def test_a_large_delete_leaves_the_vectors_to_the_worker(conn, db_url, items):
+def test_a_large_delete_leaves_finding_and_deleting_the_vectors_to_the_worker(conn, db_url, items):
     conn.execute("INSERT INTO items (id, a, b) SELECT g, 1, 2 FROM generate_series(100, 1599) g")
     vectorsync(db_url, items, "sync")
     conn.execute("INSERT INTO vectorsync.failed (embedding, key, error, attempts) VALUES ('items', '1500', 'x', 3)")
-    conn.execute("DELETE FROM items WHERE id >= 100")  # 1,500 rows: queued, not deleted in the statement
-    assert change_rows(conn) == [1500]
+    conn.execute("DELETE FROM items WHERE id >= 100")  # 1,500 rows: the worker finds which, and deletes
+    assert change_rows(conn) == [None]
     assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id >= 100").fetchone()[0] == 1500
     vectorsync(db_url, items, "sync")
     assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id >= 100").fetchone()[0] == 0
@@ -442,3 +444,15 @@ def test_status_says_why_an_embedding_is_broken_and_what_to_run(conn, items, cli
     assert "items is broken: input column a was renamed to alpha" in text
     assert "by `ALTER TABLE items RENAME COLUMN a TO alpha`" in text
     assert "run `vectorsync migrate`" in text
+
+
+def test_downgrading_below_the_delete_marker_turns_it_into_the_keys_it_stands_for(conn, db_url, items):
+    from tests.test_migrations import step
+
+    conn.execute("INSERT INTO items (id, a, b) SELECT g, 1, 2 FROM generate_series(100, 1599) g")
+    vectorsync(db_url, items, "sync")
+    conn.execute("DELETE FROM items WHERE id >= 100")
+    assert change_rows(conn) == [None]
+    step(db_url, "downgrade", "0020_capture_per_statement")
+    assert change_rows(conn) == [1500]
+    step(db_url, "upgrade", "head")
