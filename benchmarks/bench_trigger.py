@@ -9,8 +9,10 @@ statements run against each, alternating, and each figure is the median over the
 - single-row UPDATEs of an input column by primary key, each its own transaction (autocommit, as an
   application issues them), and the same inside one transaction (no commit cost to hide behind).
 
-The queue is emptied and both tables vacuumed between repetitions, so each starts from the same state.
-The target has no vector index: capture never touches it (a delete leaves index entries to VACUUM).
+The queue and the captured changes are emptied and both tables vacuumed between repetitions, so
+each starts from the same state. The target has no vector index. Only the application's statement
+is timed: spreading captured keys into the queue, and deleting the vectors of a large DELETE, are
+the worker's work afterwards.
 """
 
 from __future__ import annotations
