@@ -63,7 +63,7 @@ BEGIN
     END IF;
     pool := greatest(coalesce(candidates, greatest(4 * k, 60)), k);
     -- the generation in service, as vectorsync._embedding resolved it, and the language of its keywords
-    SELECT g.text_search INTO ts_config FROM vectorsync.generations g
+    SELECT g.text_search::regconfig INTO ts_config FROM vectorsync.generations g
      WHERE g.embedding = e.name AND g.table_schema = e.target_schema AND g.table_name = e.target_table;
     IF ts_config IS NULL THEN
         RAISE EXCEPTION 'vectorsync: embedding % has no keyword search', e.name
@@ -95,7 +95,8 @@ END
 """,
 )
 
-ADD_LANGUAGE = "ALTER TABLE vectorsync.generations ADD COLUMN text_search regconfig"
+# text, not regconfig: pg_upgrade refuses user tables holding reg* values other than regclass/regtype/regrole
+ADD_LANGUAGE = "ALTER TABLE vectorsync.generations ADD COLUMN text_search text"
 
 DROP_KEYWORDS = r"""
 DO $do$
