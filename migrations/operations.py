@@ -294,7 +294,8 @@ def _reconcile_text_search(cur: Any, e: EmbeddingObjects) -> None:
         if language is not None:
             add_search_column(cur, g)
         cur.execute(
-            "UPDATE vectorsync.generations SET text_search = %s::regconfig::text WHERE embedding = %s AND generation = %s",
+            "UPDATE vectorsync.generations SET text_search = %s::regconfig::text "
+            "WHERE embedding = %s AND generation = %s",
             (language, e.name, number),
         )
 

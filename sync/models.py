@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 from typing import Any
 
@@ -115,14 +116,26 @@ def register_version(
             emb.spec.dim,
             weights,
             hashlib.sha256(weights).hexdigest(),
-            json.dumps(metrics or {}),
+            json.dumps(_finite(metrics or {})),
             json.dumps(params, sort_keys=True, default=str),
             trained_rows,
-            json.dumps(history or []),
+            json.dumps(_finite(history or [])),
         ),
     )
     make_current(conn, emb, version)
     return version
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float made None: JSON has no such numbers, and a metric
+    over an empty holdout (a tiny table) is NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def lock_registry(conn: psycopg.Connection, emb: Embedding) -> None:

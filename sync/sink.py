@@ -255,7 +255,8 @@ class _Keywords:
         if emb.text_search is None:
             return
         self._language = sql.SQL(
-            "(SELECT g.text_search::regconfig FROM vectorsync.generations g WHERE g.table_schema = {} AND g.table_name = {})"
+            "(SELECT g.text_search::regconfig FROM vectorsync.generations g "
+            "WHERE g.table_schema = {} AND g.table_name = {})"
         ).format(sql.Literal(emb.target_schema), sql.Literal(emb.target_table))
         self.column = sql.SQL(", {}").format(SEARCH)
         self.update = sql.SQL(", {0} = EXCLUDED.{0}").format(SEARCH)
@@ -313,7 +314,8 @@ def fill_search(conn: psycopg.Connection, emb: Embedding) -> int:
         if in_column and column is not None:
             done += conn.execute(
                 sql.SQL(
-                    "UPDATE {gen} t SET {search} = to_tsvector(g.text_search::regconfig, left(coalesce(s.{col}, ''), {chars})) "
+                    "UPDATE {gen} t SET {search} = "
+                    "to_tsvector(g.text_search::regconfig, left(coalesce(s.{col}, ''), {chars})) "
                     "FROM {src} s, vectorsync.generations g WHERE g.table_schema = %s AND g.table_name = %s "
                     "AND s.{key} = t.{key} AND t.{search} IS NULL"
                 ).format(

@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 from vectorsync.errors import InputError
-from vectorsync.sync import service
+from vectorsync.sync import catalog, models, service
 from vectorsync.sync.spec import Config, parse_config
 
 ROWS = 300
@@ -90,3 +90,17 @@ def test_retry_moves_failed_items_back_to_the_queue(conn: psycopg.Connection, db
     assert service.retry(db_url, points, ["points"]) == 1
     assert ("points", "7") in conn.execute("SELECT embedding, key FROM vectorsync.pending").fetchall()
     assert conn.execute("SELECT count(*) FROM vectorsync.failed").fetchone()[0] == 0
+
+
+def test_metrics_without_a_number_are_recorded_as_null(conn: psycopg.Connection, db_url: str, points: Config) -> None:
+    # a metric over an empty holdout (a tiny table) is NaN, which JSON cannot carry
+    service.migrate(db_url, points)
+    service.sync(db_url, points, "points")
+    emb = catalog.load(conn, points.embeddings[0])
+    version = models.register_version(
+        conn, emb, encoder_type="autoencoder", weights=b"w", params={},
+        metrics={"holdout_loss": float("nan"), "train_loss": 0.5}, history=[{"epoch": 1, "loss": float("inf")}],
+    )
+    assert conn.execute(
+        "SELECT metrics, history FROM vectorsync.models WHERE embedding = 'points' AND version = %s", (version,)
+    ).fetchone() == ({"holdout_loss": None, "train_loss": 0.5}, [{"epoch": 1, "loss": None}])
