@@ -179,10 +179,7 @@ def upsert(
                 INSERT INTO {target} AS t ({key}, embedding, model_version, input_hash, embedded_at{columns})
                 SELECT CAST(s.key AS {ktype}), s.embedding, s.model_version, s.input_hash, now(){values}
                 FROM {stage} s
-                ON CONFLICT ({key}) DO UPDATE SET embedding = EXCLUDED.embedding,
-                    model_version = EXCLUDED.model_version, input_hash = EXCLUDED.input_hash,
-                    embedded_at = EXCLUDED.embedded_at{updates}
-                WHERE {condition}
+                {on_conflict}
                 """
             ).format(
                 target=emb.target,
@@ -191,8 +188,7 @@ def upsert(
                 stage=STAGE,
                 columns=keywords.column,
                 values=keywords.value(sql.SQL("s.body")),
-                updates=keywords.update,
-                condition=keywords.condition,
+                on_conflict=_on_conflict(emb, keywords),
             )
         )
         written = cur.rowcount
@@ -220,18 +216,14 @@ def _upsert_values(
         sql.SQL(
             """
             INSERT INTO {target} AS t ({key}, embedding, model_version, input_hash, embedded_at{columns}) VALUES {rows}
-            ON CONFLICT ({key}) DO UPDATE SET embedding = EXCLUDED.embedding,
-                model_version = EXCLUDED.model_version, input_hash = EXCLUDED.input_hash,
-                embedded_at = EXCLUDED.embedded_at{updates}
-            WHERE {condition}
+            {on_conflict}
             """
         ).format(
             target=emb.target,
             key=emb.key,
             columns=keywords.column,
             rows=sql.SQL(", ").join([row] * len(keys)),
-            updates=keywords.update,
-            condition=keywords.condition,
+            on_conflict=_on_conflict(emb, keywords),
         ),
         [
             value
@@ -240,6 +232,17 @@ def _upsert_values(
         ],
     )
     return cur.rowcount
+
+
+def _on_conflict(emb: Embedding, keywords: _Keywords) -> sql.Composable:
+    """What both upserts do with a key that already has a vector: replace it when ``keywords``'
+    condition holds (the vector changed, or, for the backfill, an older model made it)."""
+    return sql.SQL(
+        """ON CONFLICT ({key}) DO UPDATE SET embedding = EXCLUDED.embedding,
+            model_version = EXCLUDED.model_version, input_hash = EXCLUDED.input_hash,
+            embedded_at = EXCLUDED.embedded_at{updates}
+        WHERE {condition}"""
+    ).format(key=emb.key, updates=keywords.update, condition=keywords.condition)
 
 
 class _Keywords:
