@@ -184,21 +184,10 @@ def _full(
         create_index(conn, emb)
     timings["write_seconds"] = time.perf_counter() - clock
     log.info("embedding %s: full FastRP run over %d nodes, %d vectors written", emb.name, n, written)
-    counts = {
-        "embedded": written,
-        "unchanged": n - written,
-        "deleted": deleted,
-        "nodes": n,
-        "edges": len(graph.src),
-        "skipped_edges": graph.skipped_edges,
-        "model_version": version,
-    }
+    counts = {"embedded": written, "unchanged": n - written, "deleted": deleted, **graph.figures(version)}
     details = {
         "mode": "full",
-        "nodes": n,
-        "edges": len(graph.src),
-        "skipped_edges": graph.skipped_edges,
-        "model_version": version,
+        **graph.figures(version),
         "edges_table": graph_spec.edges,
         **{k: round(v, 3) for k, v in timings.items()},
     }

@@ -19,7 +19,7 @@ from vectorsync.encoders.graphsage import GraphSAGEEncoder, LocalGraph, frame_of
 from vectorsync.errors import InputError
 from vectorsync.sync import generations, models, sink, sources
 from vectorsync.sync.catalog import Embedding
-from vectorsync.sync.graph_store import CHUNK_ROWS, Advance, Graph, edges_table, read_graph, read_nodes
+from vectorsync.sync.graph_store import Advance, Graph, edges_table, read_graph, read_nodes, upsert_chunks
 from vectorsync.sync.spec import GraphEmbeddingSpec, GraphSpec
 
 
@@ -101,20 +101,12 @@ def run(
         vectors = encoder.embed(_local(graph, spec.graph), np.arange(n)) if n else np.zeros((0, spec.dim))
         compute_seconds = time.perf_counter() - clock
         clock = time.perf_counter()
-        written = 0
-        for start in range(0, n, CHUNK_ROWS):
-            keys = graph.keys[start : start + CHUNK_ROWS]
-            written += sink.upsert(conn, emb, keys, vectors[start : start + CHUNK_ROWS], version,
-                                   [hashes.get(k) for k in keys])
-            advance(start + len(keys), "writing")
+        written = upsert_chunks(conn, emb, graph.keys, vectors, version, advance, hashes)
         deleted = sink.delete_orphans(conn, emb)
     counts = {"embedded": written, "unchanged": n - written, "deleted": deleted, "nodes": n, "model_version": version}
     details = {
         "mode": "full",
-        "nodes": n,
-        "edges": len(graph.src),
-        "skipped_edges": graph.skipped_edges,
-        "model_version": version,
+        **graph.figures(version),
         "read_seconds": round(read_seconds, 3),
         "compute_seconds": round(compute_seconds, 3),
         "write_seconds": round(time.perf_counter() - clock, 3),

@@ -65,6 +65,11 @@ class Graph:
     edge_rows: int
     skipped_edges: int
 
+    def figures(self, version: int) -> dict[str, Any]:
+        """What every graph run reports about the graph it read."""
+        return {"nodes": len(self.keys), "edges": len(self.src), "skipped_edges": self.skipped_edges,
+                "model_version": version}
+
 
 def model_version(conn: psycopg.Connection, emb: Embedding, encoder_type: str, params: dict[str, Any]) -> int:
     """The registry version for this parameter set, registered (with empty weights) on first use and
@@ -83,12 +88,20 @@ def model_version(conn: psycopg.Connection, emb: Embedding, encoder_type: str, p
 
 
 def upsert_chunks(
-    conn: psycopg.Connection, emb: Embedding, keys: list[str], vectors: np.ndarray, version: int, advance: Advance
+    conn: psycopg.Connection,
+    emb: Embedding,
+    keys: list[str],
+    vectors: np.ndarray,
+    version: int,
+    advance: Advance,
+    hashes: dict[str, str] | None = None,
 ) -> int:
     written = 0
     for start in range(0, len(keys), CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, len(keys))
-        written += sink.upsert(conn, emb, keys[start:stop], vectors[start:stop], version)
+        chunk = keys[start:stop]
+        digests = [hashes.get(k) for k in chunk] if hashes is not None else None
+        written += sink.upsert(conn, emb, chunk, vectors[start:stop], version, digests)
         advance(stop, "writing")
     return written
 
