@@ -475,9 +475,15 @@ def test_worker_reruns_the_bridge_on_its_schedule(
     arcadedb: BoltServer, members: psycopg.Connection, db_url: str, write_config: Callable[[str], Path],
     cli: Callable[..., Any],
 ) -> None:
+    """A stored-vector bridge is copied on every scheduled run; an algorithm bridge's scheduled runs
+    do no work while the graph's fingerprint holds, and run in full once it changes."""
     label = unique_label("Sched")
     load_karate(arcadedb, label, emb=np.zeros((34, 4)).tolist())
-    config = write_config(bridge_spec(arcadedb, "scheduled", label, 4, "schedule_seconds = 1", property="emb"))
+    config = write_config(
+        bridge_spec(arcadedb, "scheduled", label, 4, "schedule_seconds = 1", property="emb")
+        + bridge_spec(arcadedb, "sched_fastrp", label, 8, "schedule_seconds = 1", algorithm="fastRP",
+                      config={"randomSeed": 3})
+    )
     assert cli("migrate", config=config).code == 0
     env = {**os.environ, "VECTORSYNC_DATABASE_URL": db_url}
     worker = subprocess.Popen(
@@ -497,6 +503,21 @@ def test_worker_reruns_the_bridge_on_its_schedule(
             "AND finished_at IS NOT NULL"
         ).fetchone()[0]
         assert bridge_runs >= 2
+
+        assert wait_for(worker, members, "SELECT count(*) = 34 FROM sched_fastrp_embeddings")
+        stamped = embedded_at(members, "sched_fastrp_embeddings", "key")
+        assert wait_for(worker, members, "SELECT count(*) >= 2 FROM vectorsync.runs WHERE embedding = 'sched_fastrp' "
+                        "AND details->>'mode' = 'unchanged'"), "no scheduled run found the graph unchanged"
+        assert embedded_at(members, "sched_fastrp_embeddings", "key") == stamped
+        last = members.execute("SELECT max(id) FROM vectorsync.runs").fetchone()[0]
+        arcadedb.run(f"MATCH (a:{label} {{key: 'm0'}}) MATCH (b:{label} {{key: 'm33'}}) CREATE (a)-[:KNOWS]->(b)")
+        assert wait_for(worker, members, "SELECT count(*) = 1 FROM vectorsync.runs WHERE embedding = 'sched_fastrp' "
+                        f"AND details->>'mode' = 'full' AND id > {last}"), "the changed graph was not run again"
+        modes = [r[0] for r in members.execute(
+            "SELECT details->>'mode' FROM vectorsync.runs WHERE embedding = 'sched_fastrp' AND finished_at IS NOT NULL "
+            "ORDER BY id"
+        )]
+        assert modes[0] == "full" and modes.count("full") == 2, modes
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
