@@ -23,7 +23,7 @@ from vectorsync.migrations.operations import index_statement
 from vectorsync.sync import generations, indexing, queue, sink, sources
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.db import scalar, session_options
-from vectorsync.sync.models import ModelCache
+from vectorsync.sync.models import ModelCache, input_renames
 from vectorsync.sync.progress import Progress
 from vectorsync.sync.worker import BatchResult, encode_frame
 
@@ -71,9 +71,10 @@ def _encoded_chunks(url: str, emb: Embedding, version: int, cache: ModelCache, c
         try:
             with psycopg.connect(url, options=session_options(url)) as reader:
                 encoder = cache.get(reader, emb, version)
+                renames = input_renames(reader, emb, version, encoder)
                 for frame in sources.stream_stale(reader, emb, version, chunk_rows=chunk_rows):
                     failures = sources.resolve_references(emb, frame)
-                    vectors, encode_failures = encode_frame(encoder, frame, failures, emb)
+                    vectors, encode_failures = encode_frame(encoder, frame, failures, emb, renames)
                     failures.update(encode_failures)
                     handoff.put((frame, vectors, failures))
             handoff.put(done)

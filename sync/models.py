@@ -34,6 +34,10 @@ class UnusableModel(NoModel):
     """A stored model version cannot be loaded safely (old pickle format, damaged or crafted row)."""
 
 
+class ModelInputsGone(NoModel):
+    """The model in service reads a source column the spec no longer lists: it needs retraining."""
+
+
 def encoder_params(spec: EmbeddingSpec) -> EncoderParams:
     """The encoder's validated parameters: the spec's ``encoder`` table plus the embedding's own
     fields the encoder reads (``image_size``, ``max_tokens``...)."""
@@ -97,9 +101,11 @@ def register_version(
     metrics: dict[str, float] | None = None,
     trained_rows: int | None = None,
     history: list[dict[str, float]] | None = None,
+    columns: list[str] | None = None,
 ) -> int:
     """Add the next model version of ``emb`` and make it current; returns its number. ``history``
-    is the training curve, one ``{"epoch": n, "loss": x}`` per epoch."""
+    is the training curve, one ``{"epoch": n, "loss": x}`` per epoch; ``columns`` the model's input
+    columns, recorded by attribute number so that a rename of one does not strand the model."""
     lock_registry(conn, emb)
     row = conn.execute(
         "SELECT coalesce(max(version), 0) + 1 FROM vectorsync.models WHERE embedding = %s", (emb.name,)
@@ -108,7 +114,7 @@ def register_version(
     version = int(row[0])
     conn.execute(
         "INSERT INTO vectorsync.models (embedding, version, encoder_type, dim, weights, sha256, metrics, params, "
-        "trained_rows, history) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "trained_rows, history, input_attnums) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
             emb.name,
             version,
@@ -120,10 +126,53 @@ def register_version(
             json.dumps(params, sort_keys=True, default=str),
             trained_rows,
             json.dumps(_finite(history or [])),
+            _attnums(conn, emb, columns) if columns else None,
         ),
     )
     make_current(conn, emb, version)
     return version
+
+
+def _attnums(conn: psycopg.Connection, emb: Embedding, columns: list[str]) -> list[int | None]:
+    """The attribute numbers of ``columns`` in ``emb``'s source table (None for a missing one)."""
+    row = conn.execute(
+        "SELECT ARRAY(SELECT a.attnum FROM unnest(%s::text[]) WITH ORDINALITY AS c (name, pos) "
+        "LEFT JOIN pg_attribute a ON a.attrelid = to_regclass(%s) AND a.attname = c.name "
+        "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY c.pos)",
+        (columns, emb.source.as_string(conn)),
+    ).fetchone()
+    assert row is not None  # an ARRAY() expression always returns one row
+    return list(row[0])
+
+
+def input_renames(conn: psycopg.Connection, emb: Embedding, version: int, encoder: Encoder) -> dict[str, str]:
+    """Spec column -> the name model ``version`` knows it by, for input columns renamed since it
+    was trained (matched by attribute number); empty when every name still matches.
+
+    Raises ``ModelInputsGone`` when the model reads a column the spec no longer lists (dropped
+    from the table or from the spec): every row would fail alike, so the embedding waits for
+    ``vectorsync train`` instead.
+    """
+    row = conn.execute(
+        "SELECT input_attnums FROM vectorsync.models WHERE embedding = %s AND version = %s", (emb.name, version)
+    ).fetchone()
+    recorded = row[0] if row else None
+    if not recorded or None in recorded or len(recorded) != len(encoder.columns):  # older versions: by name
+        return {}
+    current = dict(zip(_attnums(conn, emb, emb.spec.input_columns), emb.spec.input_columns, strict=True))
+    renames: dict[str, str] = {}
+    for known_as, attnum in zip(encoder.columns, recorded, strict=True):
+        name = current.get(attnum)
+        if name is None:
+            if known_as in emb.spec.input_columns:  # re-created under its old name: read it by name
+                continue
+            raise ModelInputsGone(
+                f"model version {version} of embedding {emb.name!r} was trained on column {known_as!r}, which "
+                f"the spec no longer reads; run `vectorsync train {emb.name}`"
+            )
+        if name != known_as:
+            renames[name] = known_as
+    return renames
 
 
 def _finite(value: Any) -> Any:
@@ -167,6 +216,7 @@ def store(
         metrics=metrics,
         trained_rows=trained_rows,
         history=encoder.history,
+        columns=encoder.columns,
     )
 
 

@@ -352,8 +352,10 @@ def hybrid(
 
 def _encode_query(conn: psycopg.Connection, emb: catalog.Embedding, spec: TextSpec, text: str) -> np.ndarray:
     with _QUERY_LOCK:
-        encoder = _QUERY_MODELS.get(conn, emb, emb.current_version or 0)
-        result = encoder.encode(pd.DataFrame({spec.input_column: [text]}, dtype=object))
+        version = emb.current_version or 0
+        encoder = _QUERY_MODELS.get(conn, emb, version)
+        column = models.input_renames(conn, emb, version, encoder).get(spec.input_column, spec.input_column)
+        result = encoder.encode(pd.DataFrame({column: [text]}, dtype=object))
     if result.failures:
         raise InputError("query", f"cannot encode the query text {text[:80]!r}: {result.failures[0].message}")
     return np.asarray(result.vectors[0], dtype=np.float32)

@@ -31,7 +31,7 @@ from psycopg import sql
 from vectorsync.encoders.base import Encoder, InputError, check_finite
 from vectorsync.errors import VectorsyncError
 from vectorsync.migrations.operations import SEARCH_COLUMN
-from vectorsync.sync import generations, queue, sink, sources
+from vectorsync.sync import generations, models, queue, sink, sources
 from vectorsync.sync.catalog import Embedding, NotMigrated, broken_reason, fingerprint, load
 from vectorsync.sync.db import DatabaseError, connect
 from vectorsync.sync.models import ModelCache
@@ -65,6 +65,8 @@ class Target:
     emb: Embedding
     version: int
     encoder: Encoder
+    #: spec column -> the name the model knows it by (input columns renamed since it was trained)
+    renames: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def live_targets(conn: psycopg.Connection, emb: Embedding, cache: ModelCache) ->
                 f"model version {version} of embedding {emb.name!r} makes {encoder.dim}-dimensional vectors "
                 f"but its generation holds {target.spec.dim}; run `vectorsync migrate` and `vectorsync train`",
             )
-        targets.append(Target(target, version, encoder))
+        targets.append(Target(target, version, encoder, models.input_renames(conn, target, version, encoder)))
     return targets
 
 
@@ -127,9 +129,10 @@ class _Lease:
     deadline: float  # time.monotonic() after which the lease may belong to another worker
 
 
-class EmbeddingUnavailable(RuntimeError):
+class EmbeddingUnavailable(VectorsyncError):
     """The embedding as a whole cannot be embedded now (source changed, model unusable, spec out of
-    date): no item is at fault, so none is charged an attempt; the worker parks the embedding."""
+    date): no item is at fault, so none is charged an attempt; the worker parks the embedding, and
+    a command (``sync``) says why in one line."""
 
     def __init__(self, name: str, message: str) -> None:
         super().__init__(message)
@@ -254,16 +257,19 @@ def _embed(
         targets = plan.targets if plan is not None else live_targets(conn, emb, cache)
         read = sources.read_rows(conn, emb, keys)
         plans = []
-        for target, version, encoder in ((t.emb, t.version, t.encoder) for t in targets):
+        for live in targets:
             # each generation's frame gets its own copy (references are resolved into it)
-            frame, unchanged = _without_unchanged(conn, target, read.copy() if len(targets) > 1 else read, version)
-            plans.append((target, version, encoder, frame, unchanged))
+            frame, unchanged = _without_unchanged(
+                conn, live.emb, read.copy() if len(targets) > 1 else read, live.version
+            )
+            plans.append((live, frame, unchanged))
     # No transaction is open from here until the write: files are read and rows encoded lock-free.
     encoded = []
-    for target, version, encoder, frame, unchanged in plans:
+    for live, frame, unchanged in plans:
+        target, version = live.emb, live.version
         failures = _duplicate_keys(emb, frame)
         failures.update(sources.resolve_references(target, frame))
-        vectors, encode_failures = encode_frame(encoder, frame, failures, target)
+        vectors, encode_failures = encode_frame(live.encoder, frame, failures, target, live.renames)
         failures.update(encode_failures)
         encoded.append((target, version, frame, unchanged, vectors, failures))
     if time.monotonic() > lease.deadline:  # still safe: only rows whose lease is confirmed are written
@@ -403,7 +409,8 @@ def backfill_generation(conn: psycopg.Connection, emb: Embedding, cache: ModelCa
             failures = _duplicate_keys(emb, frame)
             failures.update(sources.resolve_references(target, frame))
             encoder = cache.get(conn, target, gen.model_version)
-            vectors, encode_failures = encode_frame(encoder, frame, failures, target)
+            renames = models.input_renames(conn, target, gen.model_version, encoder)
+            vectors, encode_failures = encode_frame(encoder, frame, failures, target, renames)
             failures.update(encode_failures)
             frame_keys = frame[sources.KEY].tolist()
             frame_hashes = frame[sources.HASH].tolist()
@@ -487,15 +494,21 @@ def _without_unchanged(
 
 
 def encode_frame(
-    encoder: Encoder, frame: pd.DataFrame, failures: dict[int, InputError], emb: Embedding
+    encoder: Encoder,
+    frame: pd.DataFrame,
+    failures: dict[int, InputError],
+    emb: Embedding,
+    renames: dict[str, str] | None = None,
 ) -> tuple[np.ndarray, dict[int, InputError]]:
-    """Encode the rows that resolved. An encoder that raises (MemoryError included) is retried on
-    halves of the rows until the rows that make it fail are alone: only those fail."""
+    """Encode the rows that resolved, their columns given the names the model knows them by
+    (``renames``, from ``models.input_renames``). An encoder that raises (MemoryError included)
+    is retried on halves of the rows until the rows that make it fail are alone: only those fail."""
     vectors = np.zeros((len(frame), emb.spec.dim), dtype=np.float32)
     good = [i for i in range(len(frame)) if i not in failures]
     found: dict[int, InputError] = {}
     if good:
-        _encode_rows(encoder, frame, good, emb.spec.dim, vectors, found)
+        inputs = frame.rename(columns=renames) if renames else frame
+        _encode_rows(encoder, inputs, good, emb.spec.dim, vectors, found)
     return vectors, found
 
 

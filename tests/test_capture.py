@@ -172,7 +172,7 @@ def user_statements_succeed(conn: psycopg.Connection, key_expr: str = "1000") ->
     conn.execute("DELETE FROM items WHERE id IN (SELECT id FROM items ORDER BY id LIMIT 2)")
 
 
-def test_dropping_an_input_column_keeps_writes_working_and_migrate_repairs(conn, db_url, items, tmp_path):
+def test_dropping_an_input_column_keeps_writes_working_and_migrate_repairs(conn, db_url, items, tmp_path, cli):
     conn.execute("ALTER TABLE items DROP COLUMN b")
     user_statements_succeed(conn)
     reason = broken(conn)
@@ -182,6 +182,10 @@ def test_dropping_an_input_column_keeps_writes_working_and_migrate_repairs(conn,
     spec(items, columns=("a",))
     vectorsync(db_url, items, "migrate")
     assert broken(conn) is None
+    # the model in service reads b: one line saying to retrain, not every row failed for it
+    refused = cli("sync", config=items)
+    assert refused.code == 1 and "trained on column 'b'" in refused.err and "vectorsync train items" in refused.err
+    assert conn.execute("SELECT count(*) FROM vectorsync.failed").fetchone()[0] == 0
     vectorsync(db_url, items, "train", "items")
     vectorsync(db_url, items, "sync")
     assert vectors_match_source(conn)

@@ -1,6 +1,6 @@
 """References are bounded: only regular files inside base_dir (anywhere only by explicit opt-in),
-within a size limit, without blocking; huge images are refused before decoding. Every bad reference
-fails its own row only."""
+within a size limit and a read timeout, without blocking; images above the spec's pixel budget are
+refused before decoding. Every bad reference fails its own row only."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from vectorsync.encoders.base import InputError
+from vectorsync.encoders.base import InputError, load_encoder
 from vectorsync.encoders.image import cell_image
-from vectorsync.sync import sources
+from vectorsync.sync import models, sources
 from vectorsync.sync.catalog import Embedding
-from vectorsync.sync.spec import SpecError, parse_config
+from vectorsync.sync.spec import EmbeddingSpec, SpecError, parse_config
 
 
 def embedding(modality: str = "text", **fields: object) -> Embedding:
@@ -85,6 +85,20 @@ def test_a_huge_sparse_file_is_refused_by_size_and_the_other_rows_read(base):
     assert values[0] == values[3] == "a good document"
 
 
+def test_a_read_slower_than_read_timeout_fails_its_row_and_later_reads_go_on(base):
+    # No regular file that blocks a read can be made here (that takes FUSE or a network mount), so
+    # the timeout is shown on a read that is really slow next to it: 128 MiB cannot be read in 1 ms.
+    with open(base / "slow.txt", "wb") as handle:
+        handle.truncate(128 * 2**20)
+    emb = embedding(base_dir=str(base), max_file_bytes=2**30, read_timeout_seconds=0.001)
+    values, failures = resolve(emb, ["slow.txt"])
+    assert "reading 'slow.txt' took longer than read_timeout_seconds = 0.001" in failures[0]
+    assert values == [None]
+    # the reader is not held by the read it gave up on: the next batch's files are read
+    values, failures = resolve(embedding(base_dir=str(base)), ["good.txt", "good.txt"])
+    assert failures == {} and values == ["a good document"] * 2
+
+
 def test_the_default_size_limit_depends_on_the_modality(base):
     assert embedding(base_dir=str(base)).spec.max_file_bytes == 16 * 2**20
     assert embedding("image", base_dir=str(base)).spec.max_file_bytes == 64 * 2**20
@@ -108,6 +122,25 @@ def test_a_16_bit_png_of_9000_by_9000_is_refused_before_decoding():
     assert len(data) < 1_000_000  # tiny on disk, 162 MB as pixels, ~2.7 GB through the old decode path
     with pytest.raises(InputError, match="9000x9000 px, above max_pixels = 24000000"):
         cell_image(data, "png")
+
+
+def test_the_pixel_budget_is_the_specs_and_changing_it_needs_no_retraining():
+    def spec(max_pixels: int) -> EmbeddingSpec:
+        entry = {
+            "name": "scans", "table": "scans", "key": "id", "modality": "image", "dim": 4, "column": "picture",
+            "image_size": 16, "max_pixels": max_pixels, "encoder": {"type": "conv_autoencoder", "epochs": 1},
+        }
+        return parse_config({"embeddings": [entry]}).embeddings[0]
+
+    small = png(Image.fromarray(np.full((16, 16), 90, dtype=np.uint8)))
+    frame = pd.DataFrame({"picture": [png(Image.fromarray(np.zeros((40, 40), dtype=np.uint8))), small]})
+    encoder = models.new_encoder(spec(1000))
+    encoder.fit(lambda: iter([pd.DataFrame({"picture": [small] * 8})]), seed=0)
+    result = encoder.encode(frame)
+    assert "40x40 px, above max_pixels = 1000" in result.failures[0].message and 1 not in result.failures
+    # the stored model is loaded with the spec's current budget, as a worker loads it
+    runtime = models.encoder_params(spec(2000)).model_dump(exclude_unset=True)
+    assert load_encoder(encoder.to_bytes(), runtime=runtime).encode(frame).failures == {}
 
 
 def test_a_large_jpeg_decodes_reduced_within_the_pixel_budget():

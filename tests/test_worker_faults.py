@@ -388,3 +388,65 @@ encoder = {{ type = "autoencoder", seed = 1, epochs = 3, hidden = [8] }}
     reported = [e for e in errors_of(conn, "other") if "was migrated with dim = 2" in e]
     assert "sets dim = 4" in reported[0] and "run `vectorsync migrate`" in reported[0], reported
     assert failed_of(conn, "other") == {}
+
+
+RENCOL = """
+[[embeddings]]
+name = "rencol"
+table = "rencol"
+key = "id"
+modality = "tabular"
+dim = 4
+index = "none"
+columns = [{columns}]
+encoder = {{ type = "autoencoder", seed = 1, epochs = 3, hidden = [8] }}
+"""
+
+
+def test_a_renamed_input_column_keeps_its_model_once_the_spec_is_fixed_and_migrate_runs(
+    conn, db_url, tmp_path, items, cli
+):
+    """The whole story: rename -> the application's writes succeed -> status says what broke and
+    what to run -> spec fixed + migrate -> new and changed rows embed with the same model, no
+    retrain; the other embedding is served throughout."""
+    conn.execute("CREATE TABLE rencol (id int PRIMARY KEY, a float8, b float8)")
+    conn.execute("INSERT INTO rencol SELECT g, g % 7, cos(g) FROM generate_series(1, 200) g")
+    config = tmp_path / "vectorsync.toml"
+    config.write_text(HEADER + RENCOL.format(columns='"a", "b"'))
+    vectorsync(db_url, config, "migrate")
+    vectorsync(db_url, config, "train", "items")
+    vectorsync(db_url, config, "train", "rencol")
+    probe = HealthyProbe(conn)
+    with running_worker(db_url, config):
+        wait_until(lambda: scalar(conn, "SELECT count(*) FROM rencol_embeddings") == 200, 120, "rencol embedded")
+        before = dict(conn.execute("SELECT id, embedding::text FROM rencol_embeddings").fetchall())
+        conn.execute("ALTER TABLE rencol RENAME COLUMN b TO bee")
+        conn.execute("INSERT INTO rencol (id, a, bee) VALUES (1000, 5 % 7, cos(5))")  # row 5's inputs
+        conn.execute("UPDATE rencol SET a = 3, bee = cos(3) WHERE id = 20")  # now row 3's inputs
+        conn.execute("DELETE FROM rencol WHERE id = 30")
+        for _ in range(5):
+            probe.row()
+    status = cli("status", config=config)
+    said = status.out + status.err
+    assert "rencol is broken" in said and "RENAME COLUMN b TO bee" in said and "vectorsync migrate" in said, said
+    config.write_text(HEADER + RENCOL.format(columns='"a", "bee"'))
+    vectorsync(db_url, config, "migrate")
+    same = (
+        "SELECT (SELECT embedding FROM rencol_embeddings WHERE id = %s) "
+        "<-> (SELECT embedding FROM rencol_embeddings WHERE id = %s) < 1e-5"
+    )
+    with running_worker(db_url, config):
+        wait_until(lambda: scalar(conn, "SELECT count(*) FROM rencol_embeddings WHERE id = 1000"), 60, "the new row")
+        wait_until(lambda: scalar(conn, same, (20, 3)), 60, "the changed row")
+        conn.execute("UPDATE rencol SET a = 7 % 7, bee = cos(7) WHERE id = 21")  # a change after the repair
+        wait_until(lambda: scalar(conn, same, (21, 7)), 60, "a row changed after the repair")
+        probe.row()
+    print("\n" + probe.report("a renamed input column of another embedding"))
+    assert scalar(conn, same, (1000, 5))  # the model read bee where it was trained on b
+    assert scalar(conn, "SELECT count(*) FROM rencol_embeddings WHERE id = 30") == 0
+    assert conn.execute("SELECT version FROM vectorsync.models WHERE embedding = 'rencol'").fetchall() == [(1,)]
+    assert failed_of(conn, "rencol") == {}
+    after = dict(conn.execute("SELECT id, embedding::text FROM rencol_embeddings").fetchall())
+    assert {k: v for k, v in after.items() if k not in (20, 21, 1000)} == {
+        k: v for k, v in before.items() if k not in (20, 21, 30)
+    }
