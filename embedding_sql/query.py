@@ -14,7 +14,9 @@ A filtered search (``where``) turns on pgvector's iterative index scans (``relax
 most ``hnsw.max_scan_tuples`` = 20,000 tuples) where the server has pgvector >= 0.8, so the index
 keeps yielding candidates until k rows match; the rows are sorted again by exact distance. The hook
 checks the server's pgvector version, so the same statement runs on older servers, where a very
-selective filter may return fewer than k rows (``exact=True`` compares every row).
+selective filter may return fewer than k rows (``exact=True`` compares every row). A ``where``
+mapping is also the SQL functions' filter: the statement holds an exact and an index branch, and
+``vectorsync._selective`` (the planner's estimate against 2 * sqrt(k * rows)) picks one when it runs.
 
 An embedding stored as ``bit`` (``attach_embedding(..., storage="bit")``) is searched as the SQL
 functions search it: ``RERANK`` times k candidates by the Hamming distance of the binary quantization
@@ -23,12 +25,13 @@ functions search it: ``RERANK`` times k candidates by the Hamming distance of th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pgvector.sqlalchemy import HALFVEC, Vector
-from sqlalchemy import Engine, Float, Text, cast, column, event, func, literal, null, select
-from sqlalchemy.dialects.postgresql import BIT
+from sqlalchemy import Engine, Float, Text, cast, column, event, func, inspect, literal, null, select, union_all
+from sqlalchemy.dialects.postgresql import BIT, JSONB
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
@@ -85,24 +88,59 @@ def nearest(
         stmt = stmt.where(info.key != exclude, query.is_not(None))
     conditions = _conditions(model, where)
     stmt = stmt.where(*conditions)
-    rerank = RERANK if info.storage == "bit" and not exact else 1
+    candidates = k + (exclude is not None)
+    if isinstance(where, Mapping) and where and not exact:
+        # The SQL functions' rule, decided by the same function: the exact answer for a filter the
+        # planner expects to keep at most 2 * sqrt(k * rows) rows, the index for the others. A
+        # scalar subquery, so the server decides once per statement and runs only one branch.
+        selective = select(
+            func.vectorsync._selective(func.vectorsync._embedding(info.name), _filter(model, where), candidates)
+        ).scalar_subquery()
+        branches = union_all(
+            _ordered(stmt.where(selective), info, query, measured, k, exact=True, filtered=True).subquery().select(),
+            _ordered(stmt.where(~selective), info, query, measured, k, exact=False, filtered=True).subquery().select(),
+        ).subquery()
+        stmt = select(aliased(model, branches), branches.c.distance).order_by(branches.c.distance + 0).limit(k)
+    else:
+        stmt = _ordered(stmt, info, query, measured, k, exact=exact, filtered=bool(conditions))
+    settings = search_settings(info, candidates * _rerank(info, exact), ef_search=ef_search, probes=probes)
+    if conditions and not exact:
+        settings += ITERATIVE_SCAN
+    return stmt.execution_options(**{SETTINGS_OPTION: settings}) if settings else stmt
+
+
+def _rerank(info: EmbeddingInfo, exact: bool) -> int:
+    """Candidates per result row: those of a ``bit`` index are re-ranked by full-precision distance."""
+    return RERANK if info.storage == "bit" and not exact else 1
+
+
+def _ordered(
+    stmt: Select[Any, float],
+    info: EmbeddingInfo,
+    query: Any,
+    measured: ColumnElement[float],
+    k: int,
+    *,
+    exact: bool,
+    filtered: bool,
+) -> Select[Any, float]:
+    """``stmt`` limited to its k nearest rows: every row compared (``exact``), or the index's
+    candidates sorted by exact distance where the index's order is not exact."""
     if exact:
         # ``+ 0`` hides the operator from the planner, so no index scan cuts the candidates short
-        stmt = stmt.order_by(measured + 0).limit(k)
-    elif rerank > 1:
+        return stmt.order_by(measured + 0).limit(k)
+    rerank = _rerank(info, exact)
+    if rerank > 1:
         hamming = _quantized(info.embedding, info.dim).op("<~>", return_type=Float)(_quantized(query, info.dim))
         stmt = stmt.order_by(hamming).limit(k * rerank)
     else:
         stmt = stmt.order_by(measured.label("distance")).limit(k)
-    settings = search_settings(info, (k + (exclude is not None)) * rerank, ef_search=ef_search, probes=probes)
-    if conditions and not exact:
-        settings += ITERATIVE_SCAN
-    if rerank > 1 or (conditions and not exact):
+    if rerank > 1 or filtered:
         # candidates of a bit index, or of an iterative scan (relaxed order): sort them by exact
         # distance (+ 0, or the planner takes the scan's claimed order for sorted and skips the sort)
         found = stmt.subquery()
-        stmt = select(aliased(model, found), found.c.distance).order_by(found.c.distance + 0).limit(k)
-    return stmt.execution_options(**{SETTINGS_OPTION: settings}) if settings else stmt
+        stmt = select(aliased(info.model, found), found.c.distance).order_by(found.c.distance + 0).limit(k)
+    return stmt
 
 
 def similar_to(
@@ -188,6 +226,12 @@ def _vector(value: Any, info: EmbeddingInfo) -> ColumnElement[Any]:
 def _quantized(vector: Any, dim: int) -> ColumnElement[Any]:
     """``binary_quantize(vector)::bit(dim)``: what the index of a ``bit`` embedding covers."""
     return cast(func.binary_quantize(vector), BIT(dim))
+
+
+def _filter(model: type, where: Mapping[str, Any]) -> ColumnElement[Any]:
+    """``where`` as the SQL functions' filter: a JSON object of source column names and values."""
+    columns: dict[str, Any] = {inspect(model).get_property(name).columns[0].name: v for name, v in where.items()}
+    return cast(literal(json.dumps(columns, default=str)), JSONB)
 
 
 def _conditions(model: type, where: Any) -> list[Any]:

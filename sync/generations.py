@@ -28,7 +28,7 @@ from vectorsync.embedding_sql.distance import Distance
 from vectorsync.embedding_sql.storage import Storage
 from vectorsync.errors import DatabaseError
 from vectorsync.migrations import operations
-from vectorsync.sync import indexing, queue
+from vectorsync.sync import indexing, queue, sink
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.db import scalar
 from vectorsync.sync.models import NoModel, ensure_model, new_encoder, store
@@ -396,6 +396,8 @@ def rollback(conn: psycopg.Connection, emb: Embedding) -> tuple[Generation, int]
         previous = earlier[0]
         _put_in_service(conn, emb, current, previous)
         queued = queue.enqueue_backfill(conn, bind(emb, previous), previous.model_version)
+        # a keyword language changed while it was retired left its keyword column empty
+        sink.fill_search(conn, emb)
     return dataclasses.replace(previous, state="serving"), queued
 
 

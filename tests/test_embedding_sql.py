@@ -13,7 +13,7 @@ import numpy as np
 import psycopg
 import pytest
 from psycopg import sql
-from sqlalchemy import REAL, Text, create_engine, func, select
+from sqlalchemy import REAL, Text, create_engine, event, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from vectorsync.embedding_sql import attach_embedding, distance, embedding_distance, nearest, similar_to
@@ -670,3 +670,51 @@ def test_orm_hybrid_returns_objects_and_scores_like_the_sql_function(conn, db_ur
     expected = hybrid(conn, "valve V-17", vectors[4], k=3)
     assert [(str(note.id), score) for note, score in got] == [(key, pytest.approx(s)) for key, s, *_ in expected]
     assert {note.body for note, _ in only_words} == {NOTES[0], NOTES[2]}
+
+
+def index_scans(session: Session, stmt) -> int:
+    """How many times ``stmt``, as the ORM sends it, scans the embedding's vector index
+    (EXPLAIN ANALYZE of the statement and parameters the cursor received, in the same transaction)."""
+    sent: list[tuple[str, object]] = []
+
+    def record(conn, cursor, statement, parameters, context, many):
+        sent.append((statement, parameters))
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", record)
+    try:
+        session.execute(stmt).all()
+    finally:
+        event.remove(connection, "before_cursor_execute", record)
+    statement, parameters = sent[-1]
+    cursor = connection.connection.driver_connection.cursor()
+    cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters)
+    (plan,) = cursor.fetchone()
+
+    def walk(node: dict) -> int:
+        own = node.get("Actual Loops", 0) if "embedding_idx" in node.get("Index Name", "") else 0
+        return own + sum(walk(child) for child in node.get("Plans", []))
+
+    return walk(plan[0]["Plan"])
+
+
+def test_orm_where_follows_the_sql_functions_selective_filter_rule(conn, items, engine):
+    """As vectorsync.nearest_to_where: 2000 rows, k = 10, a filter keeping 1 % is answered exactly,
+    without touching the index; one keeping a quarter walks the index."""
+    _, vectors = items
+    ones = one_percent(conn, 2000)
+    Item = item_model()
+    with Session(engine) as session:
+        # on 2000 rows the planner might sort by itself; with sorting priced out it walks the index
+        # unless the rule chose the exact branch
+        session.execute(text("SET LOCAL enable_sort = off"))
+        selective = nearest(Item, to=vectors[5], k=10, where={"category": "one"})
+        rows = session.execute(selective).all()
+        assert index_scans(session, selective) == 0
+        broad = nearest(Item, to=vectors[5], k=10, where={"category": "blue"})
+        assert len(session.execute(broad).all()) == 10
+        assert index_scans(session, broad) >= 1
+        item = session.get(Item, 7)
+        assert index_scans(session, similar_to(item, k=10, where={"category": "one"})) == 0
+    assert [o.id for o, _ in rows] == list(ones[np.argsort(exact(vectors[ones], vectors[5]))[:10]])
+    assert [d for _, d in rows] == sorted(d for _, d in rows)

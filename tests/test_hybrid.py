@@ -174,6 +174,18 @@ def test_keywords_of_referenced_files_follow_changes_and_generations(conn, db_ur
     hits = service.hybrid(db_url, load_config(path), "manuals", "belt for the compressor", 2)
     assert {hit.key for hit in hits} == {"1", "2"} and all(hit.vector_rank for hit in hits)
 
+    # another language while generation 1 is retired, then a rollback to it: its keywords are made again
+    path = write_config(FILE_SPEC.format(distance="l2", search='text_search = { language = "simple" }'))
+    assert cli("migrate", config=path).code == 0
+    assert cli("sync", "manuals", config=path).code == 0
+    path = write_config(FILE_SPEC.format(distance="cosine", search='text_search = { language = "simple" }'))
+    assert cli("rollback", "manuals", config=path).code == 0
+    assert cli("sync", "manuals", config=path).code == 0
+    assert conn.execute(
+        "SELECT generation, text_search FROM vectorsync.generations WHERE embedding = 'manuals' AND state = 'serving'"
+    ).fetchone() == (1, "simple")
+    assert keywords("tensioner") == ["1"] and sorted(keywords("the")) == ["1", "2"]  # no stop words in simple
+
 
 def test_hybrid_without_keyword_search_says_what_to_set(conn, db_url, write_config, cli):
     conn.execute("CREATE TABLE plain (id integer PRIMARY KEY, body text)")
