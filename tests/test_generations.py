@@ -182,6 +182,33 @@ def test_queries_during_a_reembed_come_from_one_model_and_swap_atomically(conn, 
         assert worker.terminate() == 0
 
 
+
+def test_train_under_a_continuous_writer_leaves_no_vector_on_the_old_model(conn, db_url, tmp_path):
+    create_items(conn, ROWS)
+    config = items_spec(tmp_path / "vectorsync.toml", batch_size=50, index="none")
+    vectorsync(db_url, config, "migrate")
+    vectorsync(db_url, config, "train", "items")
+    vectorsync(db_url, config, "sync", "items")
+    stop = threading.Event()
+    touched: set[int] = set()
+    writer = threading.Thread(target=_writer, args=(db_url, stop, touched))
+    with WorkerProcess(db_url, config, tmp_path / "worker.log") as worker:
+        writer.start()
+        try:
+            wait_until(lambda: len(touched) >= 20, 60, "the writer to be under way")
+            _reseed(config, 2)
+            vectorsync(db_url, config, "train", "items")  # while rows keep changing
+            written = len(touched)
+            wait_until(lambda: _serving(conn)[0] == 2, 300, "generation 2 to be swapped in:\n" + worker.output())
+            wait_until(lambda: len(touched) > written + 20, 60, "more writes after the swap")
+        finally:
+            stop.set()
+            writer.join()
+        wait_until(lambda: scalar(conn, "SELECT count(*) FROM vectorsync.pending") == 0, 120, "the queue to drain")
+        _vectors_match_source(conn, config, 2)  # every row on the new model, from its current inputs
+        assert worker.terminate() == 0
+
+
 DIM_SPEC = """
 [[embeddings]]
 name = "items"

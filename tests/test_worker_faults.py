@@ -9,6 +9,8 @@ alone or the broken embedding is paused and reported.
 from __future__ import annotations
 
 import io
+import itertools
+import logging
 import os
 import resource
 import threading
@@ -27,7 +29,7 @@ from tests.worker_support import WorkerProcess, create_items, scalar, vectorsync
 from vectorsync.encoders.base import EncodeResult, InputError
 from vectorsync.encoders.tabular import TabularAutoencoder
 from vectorsync.sync.spec import load_config, parse_config
-from vectorsync.sync.worker import Worker, encode_frame
+from vectorsync.sync.worker import Worker, encode_frame, retry_delay
 
 HEADER = """
 [worker]
@@ -450,3 +452,37 @@ def test_a_renamed_input_column_keeps_its_model_once_the_spec_is_fixed_and_migra
     assert {k: v for k, v in after.items() if k not in (20, 21, 1000)} == {
         k: v for k, v in before.items() if k not in (20, 21, 30)
     }
+
+
+def test_an_items_backoff_doubles_per_attempt_up_to_its_cap_and_is_jittered():
+    settings = parse_config({"worker": {"backoff_seconds": 0.2, "max_backoff_seconds": 2}, "embeddings": []}).worker
+    for attempt in range(1, 9):
+        delays = [retry_delay(settings, attempt) for _ in range(200)]
+        planned = min(0.2 * 2 ** (attempt - 1), 2)
+        assert planned <= min(delays) and max(delays) <= planned * 1.25
+        assert len(set(delays)) > 100  # items that failed together do not retry together
+
+
+def test_a_broken_embeddings_retries_by_one_worker_grow_apart(conn, db_url, tmp_path, caplog):
+    conn.execute("CREATE TABLE dropcol (id int PRIMARY KEY, a float8, b float8)")
+    config = tmp_path / "vectorsync.toml"
+    config.write_text(
+        HEADER.replace("max_backoff_seconds = 2", "max_backoff_seconds = 60").split("[[embeddings]]")[0]
+        + RENCOL.replace("rencol", "dropcol").format(columns='"a", "b"')
+    )
+    vectorsync(db_url, config, "migrate")
+    conn.execute("ALTER TABLE dropcol DROP COLUMN b")
+    caplog.set_level(logging.DEBUG, logger="vectorsync.worker")
+
+    def tries() -> list[float]:
+        return [
+            r.created for r in caplog.records
+            if "paused embedding dropcol" in r.getMessage() or "dropcol still unavailable" in r.getMessage()
+        ]
+
+    with running_worker(db_url, config):
+        wait_until(lambda: len(tries()) >= 4, 60, "four tries of the broken embedding")
+    times = tries()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # 1 s, 2 s, 4 s (each up to +25 %): the worker probes a broken embedding less and less often
+    assert gaps[2] > gaps[0] * 1.5, gaps
