@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import pytest
 
 from tests.pg_support import embedded_server, old_server
 from tests.test_foundation import DIGITS_SPEC, load_digits_table
+from tests.worker_support import scalar, wait_until
 from vectorsync.errors import DatabaseError
 from vectorsync.sync import capabilities, embedded
 
@@ -114,3 +118,46 @@ def test_db_stop_stops_a_running_server_even_with_stale_handles(scratch, cli, mo
     assert result.code == 0 and "stopped" in result.err
     assert embedded.running_pid(scratch) is None
     assert "no embedded server is running" in cli("db-stop").err
+
+
+def test_db_stop_stops_the_embedded_server_under_a_running_worker(scratch, cli, write_config, monkeypatch):
+    monkeypatch.delenv("VECTORSYNC_DATABASE_URL")
+    monkeypatch.setenv("VECTORSYNC_DATA_DIR", str(scratch))
+    config = write_config(
+        """
+        [[embeddings]]
+        name = "items"
+        table = "items"
+        key = "id"
+        modality = "tabular"
+        dim = 2
+        index = "none"
+        columns = ["a"]
+        encoder = { type = "autoencoder", epochs = 1, hidden = [4] }
+        """
+    )
+    url = cli("db-url", config=config).out.strip()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, a float8)")
+        conn.execute("INSERT INTO items SELECT g, g FROM generate_series(1, 50) g")
+    for step in (["migrate"], ["train", "items"]):
+        assert cli(*step, config=config).code == 0
+    env = {k: v for k, v in os.environ.items() if k != "VECTORSYNC_DATABASE_URL"}
+    log = scratch / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "vectorsync", "--config", str(config), "worker"],
+            cwd=Path(__file__).resolve().parents[1], env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                wait_until(lambda: scalar(conn, "SELECT count(*) FROM items_embeddings") == 50, 120,
+                           "the worker to embed the table")
+            result = cli("db-stop", config=config)
+            assert result.code == 0 and "stopped" in result.err, result.err
+            assert embedded.running_pid(scratch) is None
+            time.sleep(3)  # the worker, its connection gone, retries: it must not start the server again
+            assert embedded.running_pid(scratch) is None, log.read_text()
+        finally:
+            worker.terminate()
+            worker.wait(60)
