@@ -147,7 +147,7 @@ def _wait(condition, seconds: float, what: str) -> None:
 
 
 def _first_batch(output: str) -> float:
-    found = re.search(r"first batch written (\d+\.\d)s", output)
+    found = re.search(r"first batch began encoding \d+\.\ds and was written (\d+\.\d)s", output)
     if found is None:
         raise RuntimeError(f"no time to first batch in the command's output: {output[-2000:]}")
     return float(found.group(1))
@@ -190,7 +190,7 @@ def against_sentence_transformers(
     log = tmp / "worker.log"
     worker = _cli(url, config, "worker", "peer", log=log)
     try:
-        _wait(lambda: "first batch written" in log.read_text(errors="replace"), 600, "the worker's first batch")
+        _wait(lambda: "first batch began encoding" in log.read_text(errors="replace"), 600, "the worker's first batch")
         worker_first = _first_batch(log.read_text())
         conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(PEER_TABLE)))
         _wait(lambda: not conn.execute("SELECT count(*) FROM vectorsync.queue").fetchone()[0], 600, "an idle worker")

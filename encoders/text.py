@@ -1,7 +1,7 @@
 """Text encoder trained on the column's own corpus: word tokens -> embedding -> (bi)LSTM -> pooled vector.
 
-Shared text helpers (turning a cell into text, splitting long inputs) live here too; the pretrained
-sentence models in ``encoders.minilm`` use them so every text encoder treats inputs the same way.
+It shares ``encoders.text_input`` (turning a cell into text, splitting long inputs, pooling chunks)
+with the pretrained sentence models, so every text encoder treats inputs the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from vectorsync.encoders.base import Batches, Encoder, EncodeResult, InputError, Progress, check_finite
 from vectorsync.encoders.params import EncoderParams
+from vectorsync.encoders.text_input import pool_pieces, split_long, texts_of
 from vectorsync.errors import ModelError
 
 PAD, UNK = "<pad>", "<unk>"
@@ -34,67 +35,6 @@ RUNTIME_PARAMS = ("max_tokens", "long_text", "encoding", "device")
 def tokenize(text: str) -> list[str]:
     """Lower-cased word and punctuation tokens."""
     return _TOKEN.findall(text.lower())
-
-
-def cell_text(value: Any, column: str, encoding: str = "utf-8") -> str:
-    """The text in one cell, or ``InputError`` saying why there is none.
-
-    ``sync`` hands over ``str`` (already decoded), ``bytes`` (decoded here with the spec's
-    ``encoding``) or ``None`` (NULL, or a referenced file that could not be read).
-    """
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        raise InputError(column, f"no text in column {column!r} (NULL or unreadable file)")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            value = bytes(value).decode(encoding)
-        except UnicodeDecodeError as exc:
-            raise InputError(
-                column, f"column {column!r} is not valid {encoding} at byte {exc.start}; set 'encoding' in the spec"
-            ) from None
-        except LookupError:
-            raise InputError(column, f"unknown text encoding {encoding!r}; fix 'encoding' in the spec") from None
-    if not isinstance(value, str):
-        raise InputError(column, f"column {column!r} holds {type(value).__name__}, expected text")
-    if not value.strip():
-        raise InputError(column, f"empty text in column {column!r}")
-    return value
-
-
-def split_long(items: Sequence[Any], max_tokens: int, long_text: str) -> list[Sequence[Any]]:
-    """Cut a token sequence to ``max_tokens``: the first window (truncate) or every window (chunk)."""
-    if len(items) <= max_tokens or long_text == "truncate":
-        return [items[:max_tokens]]
-    if long_text == "chunk":
-        return [items[start : start + max_tokens] for start in range(0, len(items), max_tokens)]
-    raise ValueError(f"long_text must be 'truncate' or 'chunk', got {long_text!r}")
-
-
-def texts_of(batch: pd.DataFrame, column: str, encoding: str) -> tuple[dict[int, str], dict[int, InputError]]:
-    """Texts by row position, and the rows that have none."""
-    if column not in batch.columns:
-        raise KeyError(f"input column {column!r} missing from the batch (has: {', '.join(map(str, batch.columns))})")
-    texts: dict[int, str] = {}
-    failures: dict[int, InputError] = {}
-    for position, value in enumerate(batch[column].tolist()):
-        try:
-            texts[position] = cell_text(value, column, encoding)
-        except InputError as error:
-            failures[position] = error
-    return texts, failures
-
-
-def pool_pieces(piece_vectors: np.ndarray, owners: Sequence[int], n_rows: int, dim: int) -> np.ndarray:
-    """Mean of each row's chunk vectors, re-normalised; rows without pieces stay NaN (failures)."""
-    out = np.full((n_rows, dim), np.nan, dtype=np.float32)
-    if len(owners) == 0:
-        return out
-    owners_arr = np.asarray(owners)
-    sums = np.zeros((n_rows, dim), dtype=np.float64)
-    np.add.at(sums, owners_arr, piece_vectors.astype(np.float64))
-    present = np.unique(owners_arr)
-    norms = np.linalg.norm(sums[present], axis=1, keepdims=True)
-    out[present] = (sums[present] / np.maximum(norms, 1e-12)).astype(np.float32)
-    return out
 
 
 class _Network(nn.Module):

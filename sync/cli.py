@@ -302,7 +302,7 @@ def sync_command(
 
 def _sync_all(state: State, names: list[str], batch_size: int | None) -> None:
     from vectorsync.sync import service
-    from vectorsync.sync.worker import seconds_since_start
+    from vectorsync.sync.worker import first_encode_seconds, seconds_since_start
 
     failed: dict[str, int] = {}
     first_batch: list[float] = []
@@ -323,7 +323,10 @@ def _sync_all(state: State, names: list[str], batch_size: int | None) -> None:
             if result.failed:
                 failed[name] = result.failed
         if first_batch and first_batch[0]:
-            bar.console.print(f"first batch written {first_batch[0]:.1f}s after the command started")
+            bar.console.print(
+                f"first batch began encoding {first_encode_seconds() or 0.0:.1f}s and was written "
+                f"{first_batch[0]:.1f}s after the command started"
+            )
     _refuse_failures(failed)
 
 

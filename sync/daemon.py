@@ -15,7 +15,7 @@ from vectorsync.sync import models
 from vectorsync.sync.graph import GraphRunner
 from vectorsync.sync.metrics import WorkerMetrics
 from vectorsync.sync.spec import Config, GraphEmbeddingSpec
-from vectorsync.sync.worker import Worker
+from vectorsync.sync.worker import Worker, first_encode_seconds
 
 log = logging.getLogger("vectorsync.daemon")
 
@@ -37,11 +37,15 @@ def run_workers(
     if metrics is not None and metrics_port:
         metrics.serve(metrics_port)
     models.share_threads(concurrency)
-    torch_threads = models.configure_torch()
+    # torch itself (seconds to import) is set up when a model that runs on it loads
+    encoder_threads = models.encoder_threads()
 
     def first_batch(seconds: float) -> None:
         if console:
-            console.print(f"first batch written {seconds:.1f}s after the worker started")
+            began = first_encode_seconds() or seconds
+            console.print(
+                f"first batch began encoding {began:.1f}s and was written {seconds:.1f}s after the worker started"
+            )
 
     workers = [
         Worker(
@@ -71,7 +75,7 @@ def run_workers(
     if console:
         console.print(
             f"worker running: {concurrency} thread(s) for {', '.join(s.name for s in specs) or 'no embeddings'}, "
-            f"torch uses {torch_threads} thread(s)"
+            f"encoding uses {encoder_threads} thread(s)"
             + (f", metrics on :{metrics_port}" if metrics_port else "")
         )
     while not stop.is_set():

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import threading
 from typing import Any
 
 import psycopg
@@ -68,16 +67,24 @@ def configure_torch() -> int:
     if _torch_threads is None:
         import torch
 
-        _torch_threads = thread_count(_thread_share)
+        _torch_threads = encoder_threads()
         torch.set_num_threads(_torch_threads)
     return _torch_threads
+
+
+def encoder_threads() -> int:
+    """This process's share of the cores for one encoding thread (what ``configure_torch`` gives
+    torch), found without importing torch."""
+    return thread_count(_thread_share)
 
 
 def check_device(spec: EmbeddingSpec) -> None:
     """Refuse, naming the embedding, a ``device`` that is not on this machine (``cuda`` without a
     GPU), before any model is built or loaded."""
     device = getattr(encoder_params(spec), "device", None)
-    if device is None:  # an encoder that does not run on torch (dlib)
+    # dlib does not run on torch; auto and cpu always resolve, so torch (seconds to import) can
+    # load later, in the background.
+    if device is None or device in ("auto", "cpu"):
         return
     try:
         resolve_device(device)
@@ -267,22 +274,14 @@ def load_model(conn: psycopg.Connection, emb: Embedding, version: int) -> Encode
     if hashlib.sha256(blob).hexdigest() != recorded:
         raise UnusableModel(f"{where} does not match its recorded SHA-256 (the row was altered); {retrain}")
     check_device(emb.spec)
-    configure_torch()
     try:
         encoder = load_encoder(blob, runtime=encoder_params(emb.spec).model_dump(exclude_unset=True))
     except ModelFormatError as exc:
         raise UnusableModel(f"{where} was refused: {exc}; {retrain}") from None
-    # A pretrained text model takes seconds to import and load: do it while the caller claims and
-    # reads its first batch. Its errors are left to the first encode, which reports them.
-    threading.Thread(target=_warm_up, args=(encoder, where), name="vectorsync-warm-up", daemon=True).start()
+    # A pretrained text model takes seconds to import and load: it loads while the caller claims
+    # and reads its first batch, and reports its errors from the first encode.
+    encoder.start_loading(encoder_threads(), configure_torch)
     return encoder
-
-
-def _warm_up(encoder: Encoder, where: str) -> None:
-    try:
-        encoder.warm_up()
-    except Exception as exc:
-        log.debug("warming up %s failed (the first encode will report it): %s", where, exc)
 
 
 def ensure_model(conn: psycopg.Connection, emb: Embedding) -> int:

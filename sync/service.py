@@ -21,6 +21,7 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
+from vectorsync.encoders.registry import encoder_class
 from vectorsync.errors import InputError, SpecError
 from vectorsync.sync import bulk, catalog, generations, graph, models, monitor, queue, sink, sources, worker
 from vectorsync.sync import train as training
@@ -163,7 +164,7 @@ def sync(
                 details=counts,
             )
         trained = None
-        if models.current_version(conn, name) is None and models.new_encoder(spec).trainable:
+        if models.current_version(conn, name) is None and encoder_class(spec.encoder_type).trainable:
             if progress is not None:
                 progress(0, None, "no model yet, training one first")
             trained = _train(url, conn, emb, sample=None, progress=progress)

@@ -508,8 +508,20 @@ def encode_frame(
     found: dict[int, InputError] = {}
     if good:
         inputs = frame.rename(columns=renames) if renames else frame
+        encoder.wait_loaded()
+        if not _first_encode:
+            _first_encode.append(seconds_since_start())
         _encode_rows(encoder, inputs, good, emb.spec.dim, vectors, found)
     return vectors, found
+
+
+#: Seconds from the start of this process to the start of its first encoding (model loaded, batch read).
+_first_encode: list[float] = []
+
+
+def first_encode_seconds() -> float | None:
+    """When this process's first batch began encoding, in seconds since the process started."""
+    return _first_encode[0] if _first_encode else None
 
 
 def _encode_rows(

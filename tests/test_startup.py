@@ -25,6 +25,8 @@ from tests.worker_support import (
 )
 from vectorsync.encoders.minilm import file_sha256
 
+FIRST_BATCH = r"first batch began encoding \d+\.\ds and was written \d+\.\ds after "
+
 
 def test_the_weights_hash_is_cached_and_a_rewritten_file_is_hashed_again(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -64,9 +66,9 @@ def test_sync_and_worker_report_the_time_to_their_first_batch(conn, db_url, tmp_
     prepare(db_url, config)
     with WorkerProcess(db_url, config, tmp_path / "worker.log") as worker:
         wait_until(lambda: drained(conn, 300), 120, "the worker's first-run backfill")
-        wait_until(lambda: "first batch written" in worker.output(), 30, "the worker's time to first batch")
+        wait_until(lambda: "first batch began encoding" in worker.output(), 30, "the worker's time to first batch")
         assert worker.terminate() == 0
-    assert re.search(r"first batch written \d+\.\ds after the worker started", worker.output())
+    assert re.search(FIRST_BATCH + "the worker started", worker.output())
 
     insert_items(conn, 300, 200)  # rows for a sync started as a user starts it: a fresh process
     env = {**os.environ, "VECTORSYNC_DATABASE_URL": db_url, "COLUMNS": "200"}
@@ -75,7 +77,7 @@ def test_sync_and_worker_report_the_time_to_their_first_batch(conn, db_url, tmp_
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"first batch written \d+\.\ds after the command started", done.stdout + done.stderr)
+    assert re.search(FIRST_BATCH + "the command started", done.stdout + done.stderr)
     assert drained(conn, 500)
 
 

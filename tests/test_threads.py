@@ -32,7 +32,7 @@ def worker_threads(db_url: str, tmp_path, *args: str) -> int:
     config = items_spec(tmp_path / "vectorsync.toml")
     log = tmp_path / f"worker-{len(list(tmp_path.glob('worker-*.log')))}.log"
     with WorkerProcess(db_url, config, log, *args) as worker:
-        banner = wait_until(lambda: re.search(r"torch uses (\d+) thread", worker.output()), 120, "worker banner")
+        banner = wait_until(lambda: re.search(r"encoding uses (\d+) thread", worker.output()), 120, "worker banner")
         worker.terminate()
     return int(banner.group(1))
 

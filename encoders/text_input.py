@@ -1,0 +1,106 @@
+"""Text input handling shared by every text encoder, without torch: turning a cell into text,
+cutting long inputs, pooling chunk vectors, and grouping texts into forward passes by token budget.
+
+The pretrained sentence models import only this module, so a model run on ONNX Runtime starts
+without importing torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vectorsync.encoders.base import InputError
+
+
+def cell_text(value: Any, column: str, encoding: str = "utf-8") -> str:
+    """The text in one cell, or ``InputError`` saying why there is none.
+
+    ``sync`` hands over ``str`` (already decoded), ``bytes`` (decoded here with the spec's
+    ``encoding``) or ``None`` (NULL, or a referenced file that could not be read).
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        raise InputError(column, f"no text in column {column!r} (NULL or unreadable file)")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            value = bytes(value).decode(encoding)
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                column, f"column {column!r} is not valid {encoding} at byte {exc.start}; set 'encoding' in the spec"
+            ) from None
+        except LookupError:
+            raise InputError(column, f"unknown text encoding {encoding!r}; fix 'encoding' in the spec") from None
+    if not isinstance(value, str):
+        raise InputError(column, f"column {column!r} holds {type(value).__name__}, expected text")
+    if not value.strip():
+        raise InputError(column, f"empty text in column {column!r}")
+    return value
+
+
+def split_long(items: Sequence[Any], max_tokens: int, long_text: str) -> list[Sequence[Any]]:
+    """Cut a token sequence to ``max_tokens``: the first window (truncate) or every window (chunk)."""
+    if len(items) <= max_tokens or long_text == "truncate":
+        return [items[:max_tokens]]
+    if long_text == "chunk":
+        return [items[start : start + max_tokens] for start in range(0, len(items), max_tokens)]
+    raise ValueError(f"long_text must be 'truncate' or 'chunk', got {long_text!r}")
+
+
+def texts_of(batch: pd.DataFrame, column: str, encoding: str) -> tuple[dict[int, str], dict[int, InputError]]:
+    """Texts by row position, and the rows that have none."""
+    if column not in batch.columns:
+        raise KeyError(f"input column {column!r} missing from the batch (has: {', '.join(map(str, batch.columns))})")
+    texts: dict[int, str] = {}
+    failures: dict[int, InputError] = {}
+    for position, value in enumerate(batch[column].tolist()):
+        try:
+            texts[position] = cell_text(value, column, encoding)
+        except InputError as error:
+            failures[position] = error
+    return texts, failures
+
+
+def pool_pieces(piece_vectors: np.ndarray, owners: Sequence[int], n_rows: int, dim: int) -> np.ndarray:
+    """Mean of each row's chunk vectors, re-normalised; rows without pieces stay NaN (failures)."""
+    out = np.full((n_rows, dim), np.nan, dtype=np.float32)
+    if len(owners) == 0:
+        return out
+    owners_arr = np.asarray(owners)
+    sums = np.zeros((n_rows, dim), dtype=np.float64)
+    np.add.at(sums, owners_arr, piece_vectors.astype(np.float64))
+    present = np.unique(owners_arr)
+    norms = np.linalg.norm(sums[present], axis=1, keepdims=True)
+    out[present] = (sums[present] / np.maximum(norms, 1e-12)).astype(np.float32)
+    return out
+
+
+#: A forward pass may pad its texts to this much more than their own tokens (5 %): with texts
+#: sorted by length, a tighter bound splits passes so small that their fixed cost outweighs the
+#: padding saved, and a looser one pads more than sentence-transformers does on the same texts.
+PADDING_SLACK = 0.05
+
+
+def token_batches(lengths: Sequence[int], token_budget: int, max_rows: int) -> list[list[int]]:
+    """Positions of texts grouped into forward passes: sorted by length, each pass holding at most
+    ``max_rows`` texts and ``token_budget`` tokens once padded to its longest text, and padding at
+    most ``PADDING_SLACK`` of its tokens (a text longer than the budget runs alone)."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    tokens = 0
+    for position in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        length = lengths[position]
+        padded = (len(group) + 1) * length  # sorted: the newcomer is the longest
+        if group and (
+            len(group) >= max_rows or padded > token_budget or padded > (1 + PADDING_SLACK) * (tokens + length)
+        ):
+            groups.append(group)
+            group, tokens = [], 0
+        group.append(position)
+        tokens += length
+    if group:
+        groups.append(group)
+    return groups
