@@ -32,7 +32,7 @@ from typing import Any
 from pgvector.sqlalchemy import HALFVEC, Vector
 from sqlalchemy import Engine, Float, Text, cast, column, event, func, inspect, literal, null, select, union_all
 from sqlalchemy.dialects.postgresql import BIT, JSONB
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import ColumnProperty, Mapper, aliased
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -89,12 +89,13 @@ def nearest(
     conditions = _conditions(model, where)
     stmt = stmt.where(*conditions)
     candidates = k + (exclude is not None)
-    if isinstance(where, Mapping) and where and not exact:
+    filter_json = _filter(model, where) if isinstance(where, Mapping) and where and not exact else None
+    if filter_json is not None:
         # The SQL functions' rule, decided by the same function: the exact answer for a filter the
         # planner expects to keep at most 2 * sqrt(k * rows) rows, the index for the others. A
         # scalar subquery, so the server decides once per statement and runs only one branch.
         selective = select(
-            func.vectorsync._selective(func.vectorsync._embedding(info.name), _filter(model, where), candidates)
+            func.vectorsync._selective(func.vectorsync._embedding(info.name), filter_json, candidates)
         ).scalar_subquery()
         branches = union_all(
             _ordered(stmt.where(selective), info, query, measured, k, exact=True, filtered=True).subquery().select(),
@@ -228,9 +229,16 @@ def _quantized(vector: Any, dim: int) -> ColumnElement[Any]:
     return cast(func.binary_quantize(vector), BIT(dim))
 
 
-def _filter(model: type, where: Mapping[str, Any]) -> ColumnElement[Any]:
-    """``where`` as the SQL functions' filter: a JSON object of source column names and values."""
-    columns: dict[str, Any] = {inspect(model).get_property(name).columns[0].name: v for name, v in where.items()}
+def _filter(model: type, where: Mapping[str, Any]) -> ColumnElement[Any] | None:
+    """``where`` as the SQL functions' filter, a JSON object of source column names and values;
+    None when an attribute is not a plain column (a hybrid property, a relationship)."""
+    mapper: Mapper[Any] = inspect(model)
+    columns: dict[str, Any] = {}
+    for name, value in where.items():
+        prop = mapper.attrs.get(name)
+        if not isinstance(prop, ColumnProperty) or len(prop.columns) != 1:
+            return None
+        columns[prop.columns[0].name] = value
     return cast(literal(json.dumps(columns, default=str)), JSONB)
 
 
