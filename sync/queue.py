@@ -43,30 +43,31 @@ FOR UPDATE SKIP LOCKED
 #: Change rows (one per captured statement) one lease spreads into the queue at most.
 SPREAD_ROWS = 1000
 
-#: Moves captured keys into the queue, oldest statement first, keeping each key's capture time. A
-#: row with NULL keys (a large DELETE) stands for every key whose vector or failed item has no
-#: source row any more: one anti-join finds them.
+#: Moves captured keys into the queue, keeping each key's capture time (and order). A row with
+#: NULL keys (a large DELETE) stands for every key whose vector or failed item has no source row
+#: any more: one anti-join finds them. ``changes`` has no index (capture pays for none): rows are
+#: taken by ctid, in physical order, which is capture order but for reused space.
 _SPREAD = """
 WITH taken AS (
     DELETE FROM vectorsync.changes c
-     WHERE c.id IN (SELECT id FROM vectorsync.changes WHERE embedding = %(name)s ORDER BY id LIMIT %(limit)s
-                    FOR UPDATE SKIP LOCKED)
-    RETURNING c.id, c.keys, c.enqueued_at
+     WHERE c.ctid = ANY (ARRAY(SELECT ctid FROM vectorsync.changes WHERE embedding = %(name)s LIMIT %(limit)s
+                               FOR UPDATE SKIP LOCKED))
+    RETURNING c.keys, c.enqueued_at
 ), deleted AS (
-    SELECT min(t.id) AS id, min(t.enqueued_at) AS enqueued_at FROM taken t WHERE t.keys IS NULL HAVING count(*) > 0
+    SELECT min(t.enqueued_at) AS enqueued_at FROM taken t WHERE t.keys IS NULL HAVING count(*) > 0
 )
 INSERT INTO vectorsync.queue (embedding, key, enqueued_at)
 SELECT %(name)s, k.key, k.enqueued_at FROM (
-    SELECT t.id, k.n, k.key, t.enqueued_at FROM taken t, unnest(t.keys) WITH ORDINALITY AS k (key, n)
+    SELECT k.n, k.key, t.enqueued_at FROM taken t, unnest(t.keys) WITH ORDINALITY AS k (key, n)
     UNION ALL
-    SELECT d.id, 0, g.key, d.enqueued_at FROM deleted d, (
+    SELECT 0, g.key, d.enqueued_at FROM deleted d, (
         SELECT v.{key}::text AS key FROM {target} v WHERE NOT EXISTS (SELECT 1 FROM {source} s WHERE s.{key} = v.{key})
         UNION
         SELECT f.key FROM vectorsync.failed f
          WHERE f.embedding = %(name)s AND NOT EXISTS (SELECT 1 FROM {source} s WHERE s.{key}::text = f.key)
     ) g
 ) k
-ORDER BY k.id, k.n
+ORDER BY k.enqueued_at, k.n
 """
 
 

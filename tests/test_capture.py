@@ -146,10 +146,11 @@ def test_a_callers_search_path_cannot_make_the_trigger_run_its_objects(conn, db_
         attacker.execute(
             "UPDATE public.items SET a = a OPERATOR(pg_catalog.+) 10 WHERE id OPERATOR(pg_catalog.=) ANY ('{1,2}')"
         )
+        attacker.execute("UPDATE public.items SET a = a OPERATOR(pg_catalog.+) 10 WHERE id OPERATOR(pg_catalog.=) 4")
         attacker.execute("DELETE FROM public.items WHERE id OPERATOR(pg_catalog.=) 3")
         assert attacker.execute("SELECT count(*) FROM evil.calls").fetchone()[0] == 0
         assert attacker.execute("SELECT count(*) FROM evil.queue").fetchone()[0] == 0
-    assert sorted(r[0] for r in conn.execute("SELECT key FROM vectorsync.pending")) == ["1", "2"]
+    assert sorted(r[0] for r in conn.execute("SELECT key FROM vectorsync.pending")) == ["1", "2", "4"]
     assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id = 3").fetchone()[0] == 0
 
 
@@ -198,9 +199,9 @@ def test_renaming_an_input_column_keeps_capture_by_attribute_number(conn, db_url
     user_statements_succeed(conn)
     assert "input column b was renamed to bee" in broken(conn)
     conn.execute("TRUNCATE vectorsync.queue, vectorsync.changes")
-    conn.execute("UPDATE items SET bee = bee + 1 WHERE id = 20")
-    conn.execute("UPDATE items SET note = 'unrelated' WHERE id = 21")
-    assert conn.execute("SELECT key FROM vectorsync.pending").fetchall() == [("20",)]
+    conn.execute("UPDATE items SET bee = bee + 1 WHERE id IN (20, 22)")
+    conn.execute("UPDATE items SET note = 'unrelated' WHERE id IN (21, 23)")
+    assert sorted(conn.execute("SELECT key FROM vectorsync.pending").fetchall()) == [("20",), ("22",)]
     spec(items, columns=("a", "bee"))
     vectorsync(db_url, items, "migrate")
     assert broken(conn) is None
@@ -350,7 +351,7 @@ def test_long_embedding_names_get_distinct_index_and_trigger_names(conn, db_url,
 
 def change_rows(conn: psycopg.Connection) -> list[int]:
     """The number of keys in each ``vectorsync.changes`` row, oldest first."""
-    return [r[0] for r in conn.execute("SELECT cardinality(keys) FROM vectorsync.changes ORDER BY id")]
+    return [r[0] for r in conn.execute("SELECT cardinality(keys) FROM vectorsync.changes ORDER BY enqueued_at")]
 
 
 def test_each_statement_writes_one_change_row_with_its_keys(conn, items):
@@ -361,6 +362,78 @@ def test_each_statement_writes_one_change_row_with_its_keys(conn, items):
     assert change_rows(conn) == [2000, 500]
     assert not conn.execute("SELECT count(*) FROM vectorsync.queue").fetchone()[0]
     assert conn.execute("SELECT count(DISTINCT key) FROM vectorsync.pending").fetchone()[0] == 2000
+
+
+def pending_keys(conn: psycopg.Connection) -> list[str]:
+    return sorted(r[0] for r in conn.execute("SELECT key FROM vectorsync.pending"))
+
+
+def test_a_one_row_update_writes_its_key_and_the_worker_encodes_it_only_if_an_input_changed(conn, db_url, items):
+    embedded_at = "SELECT id, embedded_at FROM items_embeddings WHERE id IN (5, 6) ORDER BY id"
+    before = conn.execute(embedded_at).fetchall()
+    conn.execute("UPDATE items SET note = 'not an input' WHERE id = 5")  # one row: captured without a comparison
+    conn.execute("UPDATE items SET b = b + 1 WHERE id = 6")
+    conn.execute("UPDATE items SET a = a WHERE id = 99")  # no row: nothing
+    assert change_rows(conn) == [1, 1]
+    assert pending_keys(conn) == ["5", "6"]
+    vectorsync(db_url, items, "sync")
+    after = conn.execute(embedded_at).fetchall()
+    assert after[0] == before[0]  # same input hash: dropped before encoding, vector untouched
+    assert after[1][1] > before[1][1]
+    assert pending_keys(conn) == []
+
+
+def test_a_one_row_update_of_the_key_queues_both_keys_and_the_old_vector_goes(conn, db_url, items):
+    conn.execute("UPDATE items SET id = 1000 WHERE id = 7")
+    assert pending_keys(conn) == ["1000", "7"]
+    vectorsync(db_url, items, "sync")
+    assert vectors_match_source(conn)
+
+
+def test_one_row_updates_in_a_longer_transaction_are_captured_once_each_and_a_rollback_captures_nothing(
+    conn, db_url, items
+):
+    with psycopg.connect(db_url) as app:
+        app.execute("UPDATE items SET a = a + 1 WHERE id = 5")
+        app.execute("SAVEPOINT s")
+        app.execute("UPDATE items SET a = a + 1 WHERE id = 6")
+        app.execute("ROLLBACK TO SAVEPOINT s")
+        app.execute("INSERT INTO items (id, a, b) VALUES (500, 1, 2)")
+        app.execute("UPDATE items SET b = b + 1 WHERE id = 8")
+        assert pending_keys(conn) == []  # nothing visible before commit
+        app.commit()
+        app.execute("UPDATE items SET a = a + 1 WHERE id = 9")
+        app.execute("DELETE FROM items WHERE id = 10")
+        app.rollback()
+    assert pending_keys(conn) == ["5", "500", "8"]
+    assert conn.execute("SELECT count(*) FROM items_embeddings WHERE id = 10").fetchone()[0] == 1
+    vectorsync(db_url, items, "sync")
+    assert vectors_match_source(conn)
+
+
+def test_a_file_reference_keeps_comparing_inputs_for_one_row(conn, db_url, tmp_path):
+    # a path's file is read again on every capture (its content may have changed), so a one-row
+    # update of another column must not capture it
+    conn.execute("CREATE TABLE docs (id integer PRIMARY KEY, path text, note text)")
+    conn.execute("INSERT INTO docs SELECT g, 'd' || g || '.txt', '' FROM generate_series(1, 3) g")
+    config = tmp_path / "vectorsync.toml"
+    config.write_text(textwrap.dedent("""
+        [[embeddings]]
+        name = "docs"
+        table = "docs"
+        key = "id"
+        modality = "text"
+        dim = 4
+        index = "none"
+        path_column = "path"
+        base_dir = "."
+        encoder = { type = "lstm", seed = 1, epochs = 1 }
+    """))
+    vectorsync(db_url, config, "migrate")
+    conn.execute("TRUNCATE vectorsync.queue, vectorsync.changes")
+    conn.execute("UPDATE docs SET note = 'x' WHERE id = 1")
+    conn.execute("UPDATE docs SET path = 'other.txt' WHERE id = 2")
+    assert conn.execute("SELECT key FROM vectorsync.pending").fetchall() == [("2",)]
 
 
 def test_a_lease_spreads_captured_keys_into_the_queue_once(conn, db_url, items):
