@@ -22,8 +22,8 @@ So:
   ``ctid`` (``FOR UPDATE SKIP LOCKED``, at most ``SPREAD_ROWS`` a lease), and the queue keeps
   capture order by ``enqueued_at``. It stays WAL-logged, so a committed capture survives a crash.
 
-Revision ID: 0022_capture_one_row
-Revises: 0021_large_delete_marker
+Revision ID: 0023_capture_one_row
+Revises: 0022_model_input_attnums
 """
 
 from alembic import op
@@ -31,8 +31,8 @@ from alembic import op
 from vectorsync.migrations.operations import execute_script
 from vectorsync.migrations.replaceable import Function, replace
 
-revision = "0022_capture_one_row"
-down_revision = "0021_large_delete_marker"
+revision = "0023_capture_one_row"
+down_revision = "0022_model_input_attnums"
 branch_labels = None
 depends_on = None
 
