@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -127,6 +128,7 @@ class _Lease:
     token: datetime
     claims: dict[str, _Claim]
     deadline: float  # time.monotonic() after which the lease may belong to another worker
+    claimed: int = 0  # queue items leased (a key queued twice counts twice)
 
 
 class EmbeddingUnavailable(VectorsyncError):
@@ -146,6 +148,23 @@ LOCKED_ROW_DELAY = 1.0
 BURST_GAP_SECONDS = 0.002
 #: Longest pause of a broken embedding before the worker tries it again.
 PARK_CAP_SECONDS = 30.0
+#: How long a worker serving several embeddings keeps pipelining one before it turns to the others.
+FAIR_SHARE_SECONDS = 5.0
+
+
+def lease_batch(conn: psycopg.Connection, emb: Embedding, settings: WorkerSpec, batch_size: int) -> _Lease | None:
+    """Lease up to ``batch_size`` ready items of ``emb`` in a transaction of its own, committed at
+    once; None when nothing is claimable."""
+    with conn.transaction():
+        rows = queue.lease(conn, emb, batch_size, settings.batch_deadline_seconds)
+    if not rows:
+        return None
+    claims: dict[str, _Claim] = {}
+    for queue_id, key, attempts, _ in rows:
+        claim = claims.setdefault(key, _Claim())
+        claim.ids.append(queue_id)
+        claim.attempts = max(claim.attempts, attempts)
+    return _Lease(rows[0][3], claims, time.monotonic() + settings.batch_deadline_seconds, len(rows))
 
 
 def process_batch(
@@ -156,7 +175,6 @@ def process_batch(
     batch_size: int,
     *,
     worker_id: str | None = None,
-    on_lease: Callable[[_Lease | None], None] | None = None,
     plan: Plan | None = None,
 ) -> BatchResult | None:
     """Lease and embed one batch; None when nothing is claimable.
@@ -173,26 +191,15 @@ def process_batch(
     read in the batch.
     """
     started = time.perf_counter()
-    with conn.transaction():
-        rows = queue.lease(conn, emb, batch_size, settings.batch_deadline_seconds)
-    if not rows:
+    lease = lease_batch(conn, emb, settings, batch_size)
+    if lease is None:
         return None
-    claims: dict[str, _Claim] = {}
-    for queue_id, key, attempts, _ in rows:
-        claim = claims.setdefault(key, _Claim())
-        claim.ids.append(queue_id)
-        claim.attempts = max(claim.attempts, attempts)
-    lease = _Lease(rows[0][3], claims, time.monotonic() + settings.batch_deadline_seconds)
-    if on_lease:
-        on_lease(lease)
-    result = BatchResult(claimed=len(rows))
+    result = BatchResult(claimed=lease.claimed)
     try:
-        _embed_isolating(conn, emb, cache, settings, lease, list(claims), result, worker_id, plan)
+        _embed_isolating(conn, emb, cache, settings, lease, list(lease.claims), result, worker_id, plan)
     except EmbeddingUnavailable:
-        _release(conn, lease, list(claims))
+        _release(conn, lease, list(lease.claims))
         raise
-    if on_lease:
-        on_lease(None)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -218,25 +225,57 @@ def _embed_isolating(
     try:
         _embed(conn, emb, cache, settings, lease, keys, result, worker_id, plan)
     except Exception as exc:
-        unavailable = embedding_problem(emb.name, exc)
-        if unavailable is not None:
-            raise unavailable from exc
-        if _connection_lost(exc) or _cancelled(exc) or conn.closed or conn.broken:
-            raise
-        if len(keys) > 1:
-            middle = len(keys) // 2
-            _embed_isolating(conn, emb, cache, settings, lease, keys[:middle], result, worker_id, plan)
-            _embed_isolating(conn, emb, cache, settings, lease, keys[middle:], result, worker_id, plan)
-            return
-        log.debug("embedding %s, key %s failed alone: %s", emb.name, keys[0], exc, exc_info=True)
-        error = InputError(None, f"{type(exc).__name__}: {_one_line(exc)}")
-        with conn.transaction():
-            if queue.confirm_lease(conn, lease.claims[keys[0]].ids, lease.token):
-                if _record_failure(conn, emb, keys[0], lease.claims[keys[0]], error, settings):
-                    result.failed += 1
-                    _count_work(conn, worker_id, 0, 1)
-                else:
-                    result.retried += 1
+        _isolate(conn, emb, cache, settings, lease, keys, result, worker_id, plan, exc)
+
+
+def _isolate(
+    conn: psycopg.Connection,
+    emb: Embedding,
+    cache: ModelCache,
+    settings: WorkerSpec,
+    lease: _Lease,
+    keys: list[str],
+    result: BatchResult,
+    worker_id: str | None,
+    plan: Plan | None,
+    exc: Exception,
+) -> None:
+    """Settle ``keys``, whose embedding failed as a whole with ``exc``: raise when the embedding or
+    the connection is at fault; otherwise embed the halves apart until the guilty keys are alone,
+    and charge each of those an attempt."""
+    unavailable = embedding_problem(emb.name, exc)
+    if unavailable is not None:
+        raise unavailable from exc
+    if _connection_lost(exc) or _cancelled(exc) or conn.closed or conn.broken:
+        raise exc
+    if len(keys) > 1:
+        middle = len(keys) // 2
+        _embed_isolating(conn, emb, cache, settings, lease, keys[:middle], result, worker_id, plan)
+        _embed_isolating(conn, emb, cache, settings, lease, keys[middle:], result, worker_id, plan)
+        return
+    log.debug("embedding %s, key %s failed alone: %s", emb.name, keys[0], exc, exc_info=exc)
+    error = InputError(None, f"{type(exc).__name__}: {_one_line(exc)}")
+    with conn.transaction():
+        if queue.confirm_lease(conn, lease.claims[keys[0]].ids, lease.token):
+            if _record_failure(conn, emb, keys[0], lease.claims[keys[0]], error, settings):
+                result.failed += 1
+                _count_work(conn, worker_id, 0, 1)
+            else:
+                result.retried += 1
+
+
+@dataclass
+class _Rows:
+    """What a batch read: the source rows, and for each live generation (its target, the rows it
+    must encode, the keys whose vector is already current)."""
+
+    read: pd.DataFrame
+    generations: list[tuple[Target, pd.DataFrame, list[str]]]
+
+
+#: A batch's encoded rows, per live generation: (target, model version, frame, unchanged keys,
+#: vectors, failures by row).
+_Encoded = list[tuple[Embedding, int, pd.DataFrame, list[str], np.ndarray, dict[int, InputError]]]
 
 
 def _embed(
@@ -252,32 +291,61 @@ def _embed(
 ) -> None:
     """Read, encode and write ``keys`` of ``lease``, into every live generation with its own model
     (sync.generations); per-row problems are recorded, not raised."""
+    rows = _read(conn, emb, cache, keys, plan)
+    _write(conn, emb, settings, lease, keys, rows, _encode(emb, rows), result, worker_id)
+
+
+def _read(conn: psycopg.Connection, emb: Embedding, cache: ModelCache, keys: list[str], plan: Plan | None) -> _Rows:
+    """The first stage of a batch: read the source rows of ``keys`` (no row locks) and, per live
+    generation, drop those whose vector is already current."""
     # with a current plan, the reads need no transaction of their own (two round trips saved)
     with nullcontext() if plan is not None and conn.autocommit else conn.transaction():
         targets = plan.targets if plan is not None else live_targets(conn, emb, cache)
         read = sources.read_rows(conn, emb, keys)
-        plans = []
+        generations = []
         for live in targets:
             # each generation's frame gets its own copy (references are resolved into it)
             frame, unchanged = _without_unchanged(
                 conn, live.emb, read.copy() if len(targets) > 1 else read, live.version
             )
-            plans.append((live, frame, unchanged))
-    # No transaction is open from here until the write: files are read and rows encoded lock-free.
+            generations.append((live, frame, unchanged))
+    return _Rows(read, generations)
+
+
+def _encode(emb: Embedding, rows: _Rows) -> _Encoded:
+    """The second stage, with no transaction open: referenced files are read and rows encoded
+    lock-free. It touches no connection, so a pipelined worker runs it on a thread of its own."""
     encoded = []
-    for live, frame, unchanged in plans:
+    for live, frame, unchanged in rows.generations:
         target, version = live.emb, live.version
         failures = _duplicate_keys(emb, frame)
         failures.update(sources.resolve_references(target, frame))
         vectors, encode_failures = encode_frame(live.encoder, frame, failures, target, live.renames)
         failures.update(encode_failures)
         encoded.append((target, version, frame, unchanged, vectors, failures))
+    return encoded
+
+
+def _write(
+    conn: psycopg.Connection,
+    emb: Embedding,
+    settings: WorkerSpec,
+    lease: _Lease,
+    keys: list[str],
+    source: _Rows,
+    encoded: _Encoded,
+    result: BatchResult,
+    worker_id: str | None,
+) -> None:
+    """The last stage, one transaction: confirm the lease, lock the rows, write what is still
+    current, charge failures, delete the done queue items."""
     if time.monotonic() > lease.deadline:  # still safe: only rows whose lease is confirmed are written
         log.warning(
             "embedding %s: a batch of %d item(s) took longer than batch_deadline_seconds = %s, so another worker "
             "may take it over; lower batch_size or raise batch_deadline_seconds",
             emb.name, len(keys), settings.batch_deadline_seconds,
         )
+    read = source.read
     hashes = dict(zip(read[sources.KEY].tolist(), read[sources.HASH].tolist(), strict=True))
     with conn.transaction():
         held = queue.confirm_lease(conn, [i for k in keys for i in lease.claims[k].ids], lease.token)
@@ -641,6 +709,30 @@ KEEPALIVE: dict[str, Any] = {
 
 
 @dataclass
+class _Batch:
+    """One batch on its way through a worker's pipeline: leased, read, encoded, written."""
+
+    plan: Plan
+    lease: _Lease
+    started: float
+    result: BatchResult
+    rows: _Rows | None = None
+    encoded: _Encoded | None = None
+    error: Exception | None = None  # of the read or the encoding: the write stage settles it
+    encoding: Future[None] | None = None
+
+
+def _encode_batch(batch: _Batch) -> None:
+    """A batch's encoding stage (on the worker's encoder thread when pipelined): an error is kept."""
+    if batch.error is not None or batch.rows is None:
+        return
+    try:
+        batch.encoded = _encode(batch.plan.emb, batch.rows)
+    except Exception as exc:
+        batch.error = exc
+
+
+@dataclass
 class _Parked:
     """An embedding this worker stopped serving for a while, and why."""
 
@@ -691,7 +783,11 @@ class Worker:
         self._plans: dict[str, Plan] = {}
         self._conn: psycopg.Connection | None = None
         self._listener: psycopg.Connection | None = None
-        self._held: _Lease | None = None
+        #: leases of the batches in flight, handed back when the worker stops or reconnects
+        self._held: list[_Lease] = []
+        self._encoder_pool: ThreadPoolExecutor | None = None
+        self._encoding: Future[None] | None = None
+        self._last_beat = time.monotonic()
         self._parked: dict[str, _Parked] = {}
         self._backoff = 0.5
         self._lost_since: float | None = None
@@ -727,6 +823,8 @@ class Worker:
                 self._backoff = min(self._backoff * 2, 30.0)
         self._release_held()
         self._disconnect()
+        if self._encoder_pool is not None:
+            self._encoder_pool.shutdown()
         self._mark_stopped()
 
     def _connect(self) -> None:
@@ -788,24 +886,21 @@ class Worker:
                 conn.close()
 
     def _release_held(self) -> None:
-        """Best effort: give a batch's leased items back at once instead of at lease expiry."""
-        lease, self._held = self._held, None
+        """Best effort: give the batches' leased items back at once instead of at lease expiry."""
+        leases, self._held = self._held, []
         conn = self._conn
-        if lease is None or conn is None or conn.closed:
+        if not leases or conn is None or conn.closed:
             return
         try:
             with conn.transaction():
-                queue.release(conn, [i for c in lease.claims.values() for i in c.ids], lease.token)
+                for lease in leases:
+                    queue.release(conn, [i for c in lease.claims.values() for i in c.ids], lease.token)
         except psycopg.Error as exc:
-            log.debug("worker %s could not hand back its batch (its lease will expire): %s", self.id, exc)
-
-    def _track(self, lease: _Lease | None) -> None:
-        self._held = lease
+            log.debug("worker %s could not hand back its batches (their leases will expire): %s", self.id, exc)
 
     def _serve(self) -> None:
         conn, listener = self._conn, self._listener
         assert conn is not None and listener is not None
-        last_beat = time.monotonic()
         while not self.stop.is_set():
             busy = False
             for spec in self.specs:
@@ -817,10 +912,7 @@ class Worker:
                     if spec.name in self._backfill_pending:
                         self._backfill(conn, emb)
                         self._backfill_pending.discard(spec.name)
-                    result = process_batch(
-                        conn, emb, self._cache, self.settings, self.batch_size, worker_id=self.id,
-                        on_lease=self._track, plan=plan,
-                    )
+                    result = self._embed_queued(conn, plan)
                     # changes first; a new generation is built whenever the queue is not full
                     if (
                         plan.building
@@ -836,17 +928,104 @@ class Worker:
                     self._park(conn, problem)
                     continue
                 self._parked.pop(spec.name, None)
-                if result is not None:
-                    busy = True
-                    self._count(spec.name, result)
-                    if self._on_first_batch is not None:
-                        self._on_first_batch(seconds_since_start())
-                        self._on_first_batch = None
-            if time.monotonic() - last_beat > 2.0:
-                self._heartbeat(conn, "running")
-                last_beat = time.monotonic()
+                busy = busy or result is not None
+            self._beat(conn)
             if not busy:
                 self._wait(listener, self._next_wake(conn))
+
+    def _embed_queued(self, conn: psycopg.Connection, plan: Plan) -> BatchResult | None:
+        """Embed the plan's ready items, batch after batch; returns the last batch's result, None
+        when nothing was claimable.
+
+        A batch of fewer than ``batch_size`` items (nothing else was queued: a lone change) is read,
+        encoded and written at once, on this thread. Under load the batches overlap: while a thread
+        of its own encodes batch N, this one writes batch N-1, then leases and reads batch N+1, so
+        the model never waits for the database nor the database for the model. Each batch keeps the
+        lease, read and write transactions of ``process_batch`` and every guarantee they give, and
+        one that fails is settled as there, with the encoder idle.
+        """
+        batch = self._lease_batch(conn, plan)
+        if batch is None:
+            return None
+        started = time.monotonic()
+        previous: _Batch | None = None
+        try:
+            while batch is not None:
+                ahead = batch.result.claimed >= self.batch_size and batch.error is None
+                if ahead:
+                    if self._encoder_pool is None:
+                        self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix=f"encode-{self.id}")
+                    batch.encoding = self._encoding = self._encoder_pool.submit(_encode_batch, batch)
+                else:
+                    _encode_batch(batch)
+                if previous is not None:
+                    self._finish(conn, previous)
+                following = self._lease_batch(conn, plan) if ahead and self._lease_ahead(conn, plan, started) else None
+                if batch.encoding is not None:
+                    batch.encoding.result()  # the stage keeps its own error for the write to settle
+                previous, batch = batch, following
+            assert previous is not None  # the loop ran at least once
+            self._finish(conn, previous)
+        except BaseException:
+            if not (conn.closed or conn.broken):  # a lost session's leases are handed back on reconnecting
+                self._release_held()
+            self._wait_encoder()
+            raise
+        return previous.result
+
+    def _lease_batch(self, conn: psycopg.Connection, plan: Plan) -> _Batch | None:
+        """Lease a batch and read its rows; a read error is kept for the batch's write to settle."""
+        started = time.perf_counter()
+        lease = lease_batch(conn, plan.emb, self.settings, self.batch_size)
+        if lease is None:
+            return None
+        self._held.append(lease)
+        batch = _Batch(plan, lease, started, BatchResult(claimed=lease.claimed))
+        try:
+            batch.rows = _read(conn, plan.emb, self._cache, list(lease.claims), plan)
+        except Exception as exc:
+            batch.error = exc
+        return batch
+
+    def _lease_ahead(self, conn: psycopg.Connection, plan: Plan, started: float) -> bool:
+        """Whether to lease the next batch while this one encodes: not when stopping, not past a
+        fair share of time when other embeddings wait, and not once the catalogue moved (the serve
+        loop reads it afresh)."""
+        self._beat(conn)
+        if self.stop.is_set() or (len(self.specs) > 1 and time.monotonic() - started > FAIR_SHARE_SECONDS):
+            return False
+        current = fingerprint(conn, plan.emb.name)
+        return current is not None and current == plan.fingerprint
+
+    def _finish(self, conn: psycopg.Connection, batch: _Batch) -> None:
+        """Write an encoded batch, or settle one whose read, encoding or write failed as a whole."""
+        emb, keys = batch.plan.emb, list(batch.lease.claims)
+        error = batch.error
+        if error is None:
+            assert batch.rows is not None and batch.encoded is not None  # both stages ran without error
+            try:
+                _write(conn, emb, self.settings, batch.lease, keys, batch.rows, batch.encoded, batch.result, self.id)
+            except Exception as exc:
+                error = exc
+        if error is not None:
+            self._wait_encoder()  # the halves are encoded on this thread: one encoder, one thread at a time
+            _isolate(conn, emb, self._cache, self.settings, batch.lease, keys, batch.result, self.id, batch.plan, error)
+        self._held.remove(batch.lease)
+        batch.result.seconds = time.perf_counter() - batch.started
+        self._count(emb.name, batch.result)
+        if self._on_first_batch is not None:
+            self._on_first_batch(seconds_since_start())
+            self._on_first_batch = None
+
+    def _wait_encoder(self) -> None:
+        if self._encoding is not None:
+            wait([self._encoding])
+            self._encoding = None
+
+    def _beat(self, conn: psycopg.Connection) -> None:
+        if time.monotonic() - self._last_beat > 2.0:
+            self._heartbeat(conn, "running")
+            self._last_beat = time.monotonic()
 
     def _is_parked(self, name: str) -> bool:
         parked = self._parked.get(name)
