@@ -30,13 +30,17 @@ log = logging.getLogger(__name__)
 #: The NOTIFY channel the capture triggers and every enqueue signal on (payload: embedding name).
 CHANNEL = "vectorsync"
 
-#: Ready items, oldest first; an item whose lease expired is ready again.
-_CANDIDATES = """
-SELECT id, key FROM vectorsync.queue
-WHERE embedding = %(name)s AND not_before <= now() AND (leased_until IS NULL OR leased_until <= now())
-ORDER BY id
-LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED
+#: Ready items, oldest first (an item whose lease expired is ready again), locked, and kept when their
+#: key's advisory lock is free (a key locked by a concurrent lease is left for later).
+_CLAIM = """
+SELECT c.id, c.key FROM (
+    SELECT id, key FROM vectorsync.queue
+    WHERE embedding = %(name)s AND not_before <= now() AND (leased_until IS NULL OR leased_until <= now())
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+) c
+WHERE pg_try_advisory_xact_lock(hashtextextended(%(name)s || ':' || c.key, 0))
 """
 
 
@@ -81,45 +85,38 @@ def listen(conn: psycopg.Connection) -> None:
 
 
 def lease(conn: psycopg.Connection, emb: Embedding, limit: int, seconds: float) -> list[tuple[int, str, int, datetime]]:
-    """Lease up to ``limit`` ready items for ``seconds``, as (id, key, attempts, lease token);
-    call inside a transaction of its own, committed at once.
+    """Lease up to ``limit`` ready items for ``seconds``, as (id, key, attempts, lease token), in a
+    transaction of its own, committed before it returns (call outside any transaction).
 
     A lease (``leased_until``) keeps other workers off the items while the batch reads files and
     encodes, with no lock held; a worker that dies or freezes loses its items when it expires.
     A key is leased by one batch at a time: a per-key advisory lock serialises concurrent leases,
     and a key with a live lease on another of its queue rows is left for later, so a key queued
     twice is encoded once per input values. The lease's end is its token (``confirm_lease``).
+
+    Two round trips, whatever the batch (the statements of each are pipelined): spread captured
+    keys and claim candidates with their keys' advisory locks; then lease the candidates whose key
+    has no live lease, and commit. The live-lease check is a statement of its own so that it sees
+    leases committed before this transaction got its advisory locks.
     """
     name = emb.name
-    spread(conn, emb)
-    candidates = conn.execute(_CANDIDATES, {"name": name, "limit": limit}).fetchall()
-    if not candidates:
-        return []
-    keys = sorted({key for _, key in candidates})
-    # A separate statement for each step: the live-lease check must see leases committed before
-    # this transaction got its advisory locks.
-    locked = {
-        row[0]
-        for row in conn.execute(
-            "SELECT k FROM unnest(%s::text[]) k WHERE pg_try_advisory_xact_lock(hashtextextended(%s || ':' || k, 0))",
-            (keys, name),
+    with conn.pipeline(), conn.transaction():
+        spread(conn, emb)
+        candidates = conn.execute(_CLAIM, {"name": name, "limit": limit}).fetchall()
+        if not candidates:
+            return []
+        leased = conn.execute(
+            """
+            UPDATE vectorsync.queue SET leased_until = statement_timestamp() + make_interval(secs => %(seconds)s)
+            WHERE id = ANY(%(ids)s) AND key <> ALL(ARRAY(
+                SELECT key FROM vectorsync.queue
+                 WHERE embedding = %(name)s AND key = ANY(%(keys)s) AND leased_until > now()))
+            RETURNING id, key, attempts, leased_until
+            """,
+            {"seconds": seconds, "ids": [i for i, _ in candidates], "name": name,
+             "keys": sorted({key for _, key in candidates})},
         )
-    }
-    busy = {
-        row[0]
-        for row in conn.execute(
-            "SELECT DISTINCT key FROM vectorsync.queue WHERE embedding = %s AND key = ANY(%s) AND leased_until > now()",
-            (name, sorted(locked)),
-        )
-    }
-    ids = [queue_id for queue_id, key in candidates if key in locked and key not in busy]
-    if not ids:
-        return []
-    return conn.execute(
-        "UPDATE vectorsync.queue SET leased_until = statement_timestamp() + make_interval(secs => %s) "
-        "WHERE id = ANY(%s) RETURNING id, key, attempts, leased_until",
-        (seconds, ids),
-    ).fetchall()
+    return leased.fetchall()
 
 
 def spread(conn: psycopg.Connection, emb: Embedding, limit: int | None = SPREAD_ROWS) -> int:
