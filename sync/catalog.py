@@ -146,6 +146,12 @@ def broken_reason(conn: psycopg.Connection, name: str) -> str | None:
     return row[0] if row else None
 
 
+def recorded_inputs(conn: psycopg.Connection, name: str) -> list[str] | None:
+    """The input columns ``migrate`` last recorded for ``name``; None when it is not migrated."""
+    row = conn.execute("SELECT input_columns FROM vectorsync.embeddings WHERE name = %s", (name,)).fetchone()
+    return list(row[0]) if row else None
+
+
 def fingerprint(conn: psycopg.Connection, name: str) -> str | None:
     """A value that changes whenever anything a batch of ``name`` relies on changes in the
     catalogue (its record, broken mark, live generations and their models), in one round trip;

@@ -33,7 +33,7 @@ from vectorsync.encoders.base import Encoder, InputError, check_finite
 from vectorsync.errors import VectorsyncError
 from vectorsync.migrations.operations import SEARCH_COLUMN
 from vectorsync.sync import generations, models, queue, sink, sources
-from vectorsync.sync.catalog import Embedding, NotMigrated, broken_reason, fingerprint, load
+from vectorsync.sync.catalog import Embedding, NotMigrated, broken_reason, fingerprint, load, recorded_inputs
 from vectorsync.sync.db import DatabaseError, connect
 from vectorsync.sync.models import ModelCache
 from vectorsync.sync.spec import Config, EmbeddingSpec, WorkerSpec
@@ -105,11 +105,19 @@ def live_targets(conn: psycopg.Connection, emb: Embedding, cache: ModelCache) ->
 
 def prepare(conn: psycopg.Connection, spec: EmbeddingSpec, cache: ModelCache, fingerprint: str | None = None) -> Plan:
     """The plan of ``spec``'s batches as the catalogue stands; raises ``EmbeddingUnavailable`` when
-    schema drift marked the embedding broken."""
+    schema drift marked the embedding broken, or when ``migrate`` ran with other input columns
+    than this process's config names (a worker started before the spec was fixed)."""
     emb = load(conn, spec)
     broken = broken_reason(conn, spec.name)
     if broken is not None:  # marked by the capture's drift detection: no item is at fault
         raise EmbeddingUnavailable(spec.name, f"embedding {spec.name!r} is broken: {broken}")
+    recorded = recorded_inputs(conn, spec.name)
+    if recorded is not None and recorded != spec.input_columns:
+        raise EmbeddingUnavailable(
+            spec.name,
+            f"embedding {spec.name!r} was migrated to read columns {', '.join(recorded)}, but this process's "
+            f"config reads {', '.join(spec.input_columns)}; restart it with the config `vectorsync migrate` used",
+        )
     with conn.transaction():
         targets = live_targets(conn, emb, cache)
     return Plan(emb, tuple(targets), fingerprint)

@@ -431,8 +431,14 @@ def test_a_renamed_input_column_keeps_its_model_once_the_spec_is_fixed_and_migra
     status = cli("status", config=config)
     said = status.out + status.err
     assert "rencol is broken" in said and "RENAME COLUMN b TO bee" in said and "vectorsync migrate" in said, said
+    stale = tmp_path / "stale.toml"
+    stale.write_text(config.read_text())
     config.write_text(HEADER + RENCOL.format(columns='"a", "bee"'))
     vectorsync(db_url, config, "migrate")
+    with running_worker(db_url, stale):  # a worker still on the old config says what to do
+        wait_until(lambda: any("restart it with the config" in e for e in errors_of(conn, "rencol")), 60,
+                   "the stale worker to report its config")
+        probe.row()
     same = (
         "SELECT (SELECT embedding FROM rencol_embeddings WHERE id = %s) "
         "<-> (SELECT embedding FROM rencol_embeddings WHERE id = %s) < 1e-5"
