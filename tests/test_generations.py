@@ -78,14 +78,14 @@ def classify(conn: psycopg.Connection, key: str) -> tuple[str, int | None, float
     return ("ok" if recall >= 0.6 else "poor"), matches[0], recall
 
 
-def _writer(url: str, stop: threading.Event, touched: set[int]) -> None:
+def _writer(url: str, stop: threading.Event, touched: set[int], rows: int = ROWS) -> None:
     """Change input columns of random even-keyed rows, then put each back: when it stops the table is
     as it began. A changed row jumps far from every other row; queries probe odd keys, whose true
     neighbours stay where they were, so their answers measure the models and not the outliers."""
     rng = random.Random(7)
     with psycopg.connect(url, autocommit=True) as conn:
         while not stop.is_set():
-            key = 2 * rng.randrange(ROWS // 2)
+            key = 2 * rng.randrange(rows // 2)
             touched.add(key)
             conn.execute("UPDATE items SET a = a + 50, kind = 'changed' WHERE id = %s", (key,))
             time.sleep(0.01)
@@ -184,14 +184,14 @@ def test_queries_during_a_reembed_come_from_one_model_and_swap_atomically(conn, 
 
 
 def test_train_under_a_continuous_writer_leaves_no_vector_on_the_old_model(conn, db_url, tmp_path):
-    create_items(conn, ROWS)
+    create_items(conn, 600)
     config = items_spec(tmp_path / "vectorsync.toml", batch_size=50, index="none")
     vectorsync(db_url, config, "migrate")
     vectorsync(db_url, config, "train", "items")
     vectorsync(db_url, config, "sync", "items")
     stop = threading.Event()
     touched: set[int] = set()
-    writer = threading.Thread(target=_writer, args=(db_url, stop, touched))
+    writer = threading.Thread(target=_writer, args=(db_url, stop, touched, 600))
     with WorkerProcess(db_url, config, tmp_path / "worker.log") as worker:
         writer.start()
         try:
