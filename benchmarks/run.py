@@ -22,6 +22,7 @@ BENCHMARKS = {
     "images": "benchmarks.bench_images",
     "text": "benchmarks.bench_text",
     "precision": "benchmarks.bench_precision",
+    "startup": "benchmarks.bench_startup",
     "graph": "benchmarks.bench_graph",
     "query": "benchmarks.bench_query",
     "trigger": "benchmarks.bench_trigger",

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from vectorsync.sync import models
-from vectorsync.sync.graph import GraphRunner
 from vectorsync.sync.metrics import WorkerMetrics
 from vectorsync.sync.spec import Config, GraphEmbeddingSpec
 from vectorsync.sync.worker import Worker, first_encode_seconds
@@ -71,7 +70,12 @@ def run_workers(
     threads = [threading.Thread(target=w.run, name=f"worker-{i}", daemon=True) for i, w in enumerate(workers)]
     for thread in threads:
         thread.start()
-    graphs = GraphRunner(url, [s for s in specs if isinstance(s, GraphEmbeddingSpec)])
+    graph_specs = [s for s in specs if isinstance(s, GraphEmbeddingSpec)]
+    graphs = None
+    if graph_specs:
+        from vectorsync.sync.graph import GraphRunner  # scipy: imported only where graphs run
+
+        graphs = GraphRunner(url, graph_specs)
     if console:
         console.print(
             f"worker running: {concurrency} thread(s) for {', '.join(s.name for s in specs) or 'no embeddings'}, "
@@ -79,9 +83,11 @@ def run_workers(
             + (f", metrics on :{metrics_port}" if metrics_port else "")
         )
     while not stop.is_set():
-        graphs.tick()
+        if graphs is not None:
+            graphs.tick()
         stop.wait(0.5)
-    graphs.close()
+    if graphs is not None:
+        graphs.close()
     deadline = time.monotonic() + shutdown_timeout
     for w, thread in zip(workers, threads, strict=True):
         thread.join(max(0.0, deadline - time.monotonic()))

@@ -23,7 +23,7 @@ from psycopg import sql
 
 from vectorsync.encoders.registry import encoder_class
 from vectorsync.errors import InputError, SpecError
-from vectorsync.sync import bulk, catalog, generations, graph, models, monitor, queue, sink, sources, worker
+from vectorsync.sync import bulk, catalog, generations, models, monitor, queue, sink, sources, worker
 from vectorsync.sync import train as training
 from vectorsync.sync.db import connection
 from vectorsync.sync.progress import Progress
@@ -154,6 +154,8 @@ def sync(
     with connection(url, autocommit=True) as conn:
         emb = catalog.load(conn, spec)
         if spec.modality == "graph":  # GraphSAGE too: one forward pass over the whole graph
+            from vectorsync.sync import graph  # scipy: imported by graph runs only
+
             counts = graph.sync_graph(conn, emb, progress=progress)
             return SyncResult(
                 name,
