@@ -94,18 +94,18 @@ def lease(conn: psycopg.Connection, emb: Embedding, limit: int, seconds: float) 
     and a key with a live lease on another of its queue rows is left for later, so a key queued
     twice is encoded once per input values. The lease's end is its token (``confirm_lease``).
 
-    Two round trips, whatever the batch (the statements of each are pipelined): spread captured
-    keys and claim candidates with their keys' advisory locks; then lease the candidates whose key
-    has no live lease, and commit. The live-lease check is a statement of its own so that it sees
-    leases committed before this transaction got its advisory locks.
+    Two statements between BEGIN and COMMIT: claim candidates with their keys' advisory locks
+    (captured keys spread first); then lease the candidates whose key has no live lease. The
+    live-lease check is a statement of its own so that it sees leases committed before this
+    transaction got its advisory locks.
     """
     name = emb.name
-    with conn.pipeline(), conn.transaction():
+    with conn.transaction():
         spread(conn, emb)
         candidates = conn.execute(_CLAIM, {"name": name, "limit": limit}).fetchall()
         if not candidates:
             return []
-        leased = conn.execute(
+        return conn.execute(
             """
             UPDATE vectorsync.queue SET leased_until = statement_timestamp() + make_interval(secs => %(seconds)s)
             WHERE id = ANY(%(ids)s) AND key <> ALL(ARRAY(
@@ -115,8 +115,7 @@ def lease(conn: psycopg.Connection, emb: Embedding, limit: int, seconds: float) 
             """,
             {"seconds": seconds, "ids": [i for i, _ in candidates], "name": name,
              "keys": sorted({key for _, key in candidates})},
-        )
-    return leased.fetchall()
+        ).fetchall()
 
 
 def spread(conn: psycopg.Connection, emb: Embedding, limit: int | None = SPREAD_ROWS) -> int:

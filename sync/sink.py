@@ -276,13 +276,11 @@ class _Keywords:
 def delete_keys(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> int:
     if not keys:
         return 0
-    cur = conn.execute(  # counted from what it returns: a rowcount is not known yet in pipeline mode
-        sql.SQL("DELETE FROM {} WHERE {} = ANY(CAST(%s AS {})) RETURNING 1").format(
-            emb.target, emb.key, emb.key_array_type
-        ),
+    cur = conn.execute(
+        sql.SQL("DELETE FROM {} WHERE {} = ANY(CAST(%s AS {}))").format(emb.target, emb.key, emb.key_array_type),
         (list(keys),),
     )
-    return len(cur.fetchall())
+    return cur.rowcount
 
 
 def delete_orphans(conn: psycopg.Connection, emb: Embedding) -> int:

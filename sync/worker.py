@@ -305,25 +305,15 @@ def _embed(
 def _read(conn: psycopg.Connection, emb: Embedding, cache: ModelCache, keys: list[str], plan: Plan | None) -> _Rows:
     """The first stage of a batch: read the source rows of ``keys`` (no row locks) and, per live
     generation, drop those whose vector is already current."""
-    # With a current plan the reads need no transaction of their own, and the source rows and the
-    # stored input hashes are read in one round trip (pipelined) instead of one each.
-    if plan is not None and conn.autocommit:
-        with conn.pipeline() if emb.spec.encoder_type != "graphsage" else nullcontext():
-            stored = [(t, _stored_hashes(conn, t.emb, keys, t.version)) for t in plan.targets]
-            read = sources.read_rows(conn, emb, keys)
-            current = [(t, found.fetchall() if found is not None else []) for t, found in stored]
-    else:
-        with conn.transaction():
-            targets = plan.targets if plan is not None else live_targets(conn, emb, cache)
-            read = sources.read_rows(conn, emb, keys)
-            current = []
-            for t in targets:
-                found = _stored_hashes(conn, t.emb, keys, t.version)
-                current.append((t, found.fetchall() if found is not None else []))
+    # with a current plan, the reads need no transaction of their own (two round trips saved)
+    with nullcontext() if plan is not None and conn.autocommit else conn.transaction():
+        targets = plan.targets if plan is not None else live_targets(conn, emb, cache)
+        read = sources.read_rows(conn, emb, keys)
+        current = [(t, _stored_hashes(conn, t.emb, keys, t.version)) for t in targets]
     generations = []
     for live, rows in current:
         # each generation's frame gets its own copy (references are resolved into it)
-        frame, unchanged = _without_unchanged(read.copy() if len(current) > 1 else read, dict(rows))
+        frame, unchanged = _without_unchanged(read.copy() if len(current) > 1 else read, rows)
         generations.append((live, frame, unchanged))
     return _Rows(read, generations)
 
@@ -363,9 +353,7 @@ def _write(
         )
     read = source.read
     hashes = dict(zip(read[sources.KEY].tolist(), read[sources.HASH].tolist(), strict=True))
-    # A few rows (a lone change) are written without COPY: pipelined, the write costs three round
-    # trips instead of six.
-    with conn.pipeline() if len(keys) <= sink.SMALL_WRITE else nullcontext(), conn.transaction():
+    with conn.transaction():
         held = queue.confirm_lease(conn, [i for k in keys for i in lease.claims[k].ids], lease.token)
         mine = [k for k in keys if any(i in held for i in lease.claims[k].ids)]
         current = sources.lock_rows(conn, emb, mine)
@@ -549,25 +537,23 @@ def advance_generation(conn: psycopg.Connection, emb: Embedding, cache: ModelCac
     return True
 
 
-def _stored_hashes(
-    conn: psycopg.Connection, emb: Embedding, keys: list[str], version: int
-) -> psycopg.Cursor[Any] | None:
-    """The query (not yet fetched: it may be pipelined) of the input hashes stored with ``keys``'
-    vectors from model ``version``: (key, hash) rows. None where every row is encoded anyway:
-    inputs read from files are always re-encoded (a file can change while its path, and so the
-    input hash, stays the same), and a graph node's vector also depends on its neighbours, which
-    its input hash does not cover."""
+def _stored_hashes(conn: psycopg.Connection, emb: Embedding, keys: list[str], version: int) -> dict[str, str]:
+    """The input hashes stored with ``keys``' vectors from model ``version``, by key; none where
+    every row is encoded anyway: inputs read from files are always re-encoded (a file can change
+    while its path, and so the input hash, stays the same), and a graph node's vector also depends
+    on its neighbours, which its input hash does not cover."""
     if getattr(emb.spec, "path_column", None) is not None or emb.spec.modality == "graph" or not keys:
-        return None
+        return {}
     # a row whose keyword column migrate just made is embedded again: that fills it
     keywords = sql.SQL(" AND {} IS NOT NULL").format(sql.Identifier(SEARCH_COLUMN)) if emb.text_search else sql.SQL("")
-    return conn.execute(
+    rows = conn.execute(
         sql.SQL(
             "SELECT {key}::text, input_hash FROM {tgt} WHERE {key} = ANY(CAST(%s AS {karr})) "
             "AND model_version = %s AND input_hash IS NOT NULL{keywords}"
         ).format(key=emb.key, tgt=emb.target, karr=emb.key_array_type, keywords=keywords),
         (keys, version),
-    )
+    ).fetchall()
+    return dict(rows)
 
 
 def _without_unchanged(frame: pd.DataFrame, stored: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
