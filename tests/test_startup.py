@@ -13,6 +13,9 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
+import pytest
+
 from tests.worker_support import (
     REPO,
     WorkerProcess,
@@ -23,7 +26,8 @@ from tests.worker_support import (
     prepare,
     wait_until,
 )
-from vectorsync.encoders.minilm import file_sha256
+from vectorsync.encoders.minilm import MiniLMEncoder, SentenceTransformerFolder, file_sha256
+from vectorsync.errors import ModelFileError
 
 FIRST_BATCH = r"first batch began encoding \d+\.\ds and was written \d+\.\ds after "
 
@@ -115,3 +119,19 @@ def test_the_alembic_operations_are_registered_inside_an_alembic_run():
         "assert hasattr(Operations, 'create_vectorsync_embedding')"
     )
     assert "alembic" in _imported_after(code)
+
+
+def test_a_model_loading_in_the_background_is_waited_for_and_its_errors_come_from_encode(tmp_path):
+    frame = pd.DataFrame({"body": ["a short text", "another, somewhat longer text about cooking"]})
+    set_up: list[bool] = []
+    loading = MiniLMEncoder(384, ["body"])
+    loading.start_loading(1, lambda: set_up.append(True))
+    vectors = loading.encode(frame).vectors  # called at once: waits for the load, does not start its own
+    assert set_up == [True]
+    assert abs(vectors - MiniLMEncoder(384, ["body"]).encode(frame).vectors).max() < 1e-5
+
+    missing = SentenceTransformerFolder(8, ["body"], {"path": str(tmp_path / "no-such-model")})
+    missing.start_loading(1, lambda: None)  # the failure is not raised here, in the background
+    missing.wait_loaded()
+    with pytest.raises(ModelFileError, match="does not exist"):
+        missing.encode(frame)
