@@ -10,8 +10,11 @@ buffer flushed at commit costs more than it saves (``set_config`` per statement 
 
 So:
 
-- An UPDATE of one row writes its key (and its old key when the key changed) from one
-  ``ARRAY(... LIMIT 3)`` over the two transition tables, without comparing its input values: the
+- The capture first takes the statement's first keys into an array (``ARRAY(... LIMIT 3)`` over
+  the two transition tables) and branches on how many it holds. An UPDATE that matched no row (a
+  missed optimistic lock, an upsert's probe) returns at once.
+- An UPDATE of one row writes its key (and its old key when the key changed) from that array,
+  without comparing its input values: the
   worker already drops a row whose input hash and model version match its stored vector before
   encoding (``worker._without_unchanged``), so an update of a non-input column costs the worker a
   read, never an encode. Embeddings whose input is a file reference (``path_column``), whose rows
@@ -105,13 +108,14 @@ BEGIN
         -- for a file reference, which it always reads again, so those keep the comparison.
         IF e.spec ->> 'path_column' IS NULL THEN
             one_row := format($one$
-        -- one row: its key, and its old key if that changed (OFFSET 0: one array, built once)
-        INSERT INTO vectorsync.changes (embedding, keys)
-        SELECT %2$L, CASE WHEN a.k[1] OPERATOR(pg_catalog.=) a.k[2] THEN a.k[1:1] ELSE a.k END
-          FROM (SELECT ARRAY(SELECT n.%1$I::pg_catalog.text FROM vs_new n
-                             UNION ALL SELECT o.%1$I::pg_catalog.text FROM vs_old o LIMIT 3) OFFSET 0) AS a (k)
-         WHERE pg_catalog.cardinality(a.k) OPERATOR(pg_catalog.=) 2;
-        IF NOT FOUND THEN  -- more rows (or none)$one$, key_name, e.name);
+        captured := ARRAY(SELECT n.%1$I::pg_catalog.text FROM vs_new n
+                          UNION ALL SELECT o.%1$I::pg_catalog.text FROM vs_old o LIMIT 3);
+        IF pg_catalog.cardinality(captured) OPERATOR(pg_catalog.<) 2 THEN  -- no row
+            RETURN NULL;
+        ELSIF pg_catalog.cardinality(captured) OPERATOR(pg_catalog.=) 2 THEN  -- one row: new key, old key
+            INSERT INTO vectorsync.changes (embedding, keys) VALUES (%2$L,
+                CASE WHEN captured[1] OPERATOR(pg_catalog.=) captured[2] THEN captured[1:1] ELSE captured END);
+        ELSE$one$, key_name, e.name);
             one_row_end := E'\n        END IF;';
         END IF;
         -- Static SQL only: each statement's plan is made once per session. The full join can only
@@ -120,6 +124,7 @@ BEGIN
 -- settings pinned:%9$s
 DECLARE
     notified text;
+    captured pg_catalog.text[];
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO vectorsync.changes (embedding, keys)
