@@ -30,6 +30,7 @@ BENCHMARKS = {
     "filtered": "benchmarks.bench_filtered",
     "hybrid": "benchmarks.bench_hybrid",
     "storage": "benchmarks.bench_storage",
+    "gpu": "benchmarks.bench_gpu",
 }
 
 
