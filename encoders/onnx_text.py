@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vectorsync.encoders.text_input import token_batches
-from vectorsync.errors import MissingExtraError, ModelFileError
+from vectorsync.encoders.text_input import TokenizedSentenceModel
+from vectorsync.errors import MissingExtraError
 
 #: Precisions that run on ONNX Runtime.
 ONNX_PRECISIONS = ("onnx", "int8")
@@ -107,40 +107,20 @@ def _sha256(path: Path) -> str:
 
 def _convert(folder: Path, work: Path) -> dict[str, Path]:
     """Both converted models, by precision, written under ``work``."""
+    from vectorsync.encoders.traced_text import mean_pooled
+
     try:
         import torch
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.transformers import optimizer
-        from transformers import AutoConfig, AutoModel
-        from transformers.utils import logging as transformers_logging
+        from transformers import AutoConfig
     except ImportError:
         raise MissingExtraError("converting a model for ONNX Runtime", "text", "onnx") from None
-
-    class MeanPooled(torch.nn.Module):
-        """The transformer, then sentence-transformers' mean pooling and normalisation."""
-
-        def __init__(self, network: torch.nn.Module) -> None:
-            super().__init__()
-            self.network = network
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            states = self.network(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
-            ).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(states.dtype)
-            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, dim=-1)
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     # The eager attention exports as plain MatMul/Softmax, which the optimizer fuses into one
     # Attention op; the SDPA path exports a graph it cannot fuse (1.4x slower).
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # its "Loading weights" bar would cut into ours
-    try:
-        network = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager").eval()
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
+    pooled = mean_pooled(folder)
     exported = work / "exported.onnx"
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])
     # The tracer warns about shapes it records as constants; those paths (padding the attention mask
@@ -148,7 +128,7 @@ def _convert(folder: Path, work: Path) -> dict[str, Path]:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            MeanPooled(network),
+            pooled,
             (ids, (ids != 0).long()),
             str(exported),
             input_names=["input_ids", "attention_mask"],
@@ -197,60 +177,19 @@ def _quantized_nodes(path: Path) -> list[str]:
     ]
 
 
-class OnnxSentenceModel:
-    """A converted sentence model and its tokenizer: the part of sentence-transformers'
-    ``SentenceTransformer`` that the text encoders use (``encode``, ``max_seq_length``,
-    ``token_offsets``), without importing torch."""
+class OnnxSentenceModel(TokenizedSentenceModel):
+    """A converted sentence model on ONNX Runtime, without importing torch."""
 
     def __init__(self, model_file: Path, folder: Path, threads: int) -> None:
         try:
             import onnxruntime
-            from tokenizers import Tokenizer
         except ImportError:
             raise MissingExtraError("ONNX Runtime text models", "text", "onnxruntime") from None
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.session = onnxruntime.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-        self.max_seq_length = _max_seq_length(folder)
-        tokenizer_file = folder / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise ModelFileError(f"model folder {str(folder)!r} has no tokenizer.json, which precision onnx/int8 reads")
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        self.special_tokens = self.tokenizer.num_special_tokens_to_add(is_pair=False)
-        self.tokenizer.enable_truncation(max_length=self.max_seq_length)
-        self.tokenizer.no_padding()
-        self.dim = int(self.session.get_outputs()[0].shape[-1])
+        super().__init__(folder, int(self.session.get_outputs()[0].shape[-1]))
 
-    def token_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
-        """Character spans of each text's word pieces, special tokens left out."""
-        self.tokenizer.no_truncation()
-        try:
-            return [list(e.offsets) for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-        finally:
-            self.tokenizer.enable_truncation(max_length=self.max_seq_length)
-
-    def encode(self, texts: list[str], token_budget: int, max_rows: int) -> np.ndarray:
-        """L2-normalised vectors, run in passes of similar length (``token_batches``)."""
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        encodings = self.tokenizer.encode_batch(texts)
-        for rows in token_batches([len(e.ids) for e in encodings], token_budget, max_rows):
-            width = max(len(encodings[i].ids) for i in rows)
-            ids = np.zeros((len(rows), width), dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for row, i in enumerate(rows):
-                tokens = encodings[i].ids
-                ids[row, : len(tokens)] = tokens
-                mask[row, : len(tokens)] = 1
-            out[rows] = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-        return out
-
-
-def _max_seq_length(folder: Path) -> int:
-    """sentence-transformers' limit for the folder (``sentence_bert_config.json``), else the model's."""
-    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("config.json", "max_position_embeddings")):
-        try:
-            return int(json.loads((folder / name).read_text())[key])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return 512
+    def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0])

@@ -7,14 +7,17 @@ without importing torch.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from vectorsync.encoders.base import InputError
+from vectorsync.errors import MissingExtraError, ModelFileError
 
 
 def cell_text(value: Any, column: str, encoding: str = "utf-8") -> str:
@@ -104,3 +107,65 @@ def token_batches(lengths: Sequence[int], token_budget: int, max_rows: int) -> l
     if group:
         groups.append(group)
     return groups
+
+
+class TokenizedSentenceModel:
+    """A converted sentence model (the transformer, mean pooling and normalisation in one graph)
+    behind the ``tokenizers`` library: the part of sentence-transformers' ``SentenceTransformer``
+    that the text encoders use (``encode``, ``max_seq_length``, ``token_offsets``), without importing
+    sentence-transformers or transformers. A subclass runs the graph (``run``)."""
+
+    def __init__(self, folder: Path, dim: int) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise MissingExtraError("converted text models", "text", "tokenizers") from None
+        self.dim = dim
+        self.max_seq_length = _max_seq_length(folder)
+        tokenizer_file = folder / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ModelFileError(
+                f"model folder {str(folder)!r} has no tokenizer.json, which precision fp32 (on the CPU), onnx and "
+                "int8 read; reinstall the model package"
+            )
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.special_tokens = self.tokenizer.num_special_tokens_to_add(is_pair=False)
+        self.tokenizer.enable_truncation(max_length=self.max_seq_length)
+        self.tokenizer.no_padding()
+
+    def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """L2-normalised vectors of one padded pass of token ids."""
+        raise NotImplementedError
+
+    def token_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        """Character spans of each text's word pieces, special tokens left out."""
+        self.tokenizer.no_truncation()
+        try:
+            return [list(e.offsets) for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            self.tokenizer.enable_truncation(max_length=self.max_seq_length)
+
+    def encode(self, texts: list[str], token_budget: int, max_rows: int) -> np.ndarray:
+        """L2-normalised vectors, run in passes of similar length (``token_batches``)."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        encodings = self.tokenizer.encode_batch(texts)
+        for rows in token_batches([len(e.ids) for e in encodings], token_budget, max_rows):
+            width = max(len(encodings[i].ids) for i in rows)
+            ids = np.zeros((len(rows), width), dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for row, i in enumerate(rows):
+                tokens = encodings[i].ids
+                ids[row, : len(tokens)] = tokens
+                mask[row, : len(tokens)] = 1
+            out[rows] = self.run(ids, mask)
+        return out
+
+
+def _max_seq_length(folder: Path) -> int:
+    """sentence-transformers' limit for the folder (``sentence_bert_config.json``), else the model's."""
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("config.json", "max_position_embeddings")):
+        try:
+            return int(json.loads((folder / name).read_text())[key])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return 512

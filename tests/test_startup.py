@@ -135,3 +135,46 @@ def test_a_model_loading_in_the_background_is_waited_for_and_its_errors_come_fro
     missing.wait_loaded()
     with pytest.raises(ModelFileError, match="does not exist"):
         missing.encode(frame)
+
+
+def _mixed_texts() -> list[str]:
+    """Short and long texts (some over the model's 256-token limit, chunked), in random order."""
+    from tests.text_data import make_corpus
+
+    texts, _ = make_corpus(40, seed=13)
+    return [" ".join([t] * (1 + (i % 4) * (i % 7))) for i, t in enumerate(texts)] + ["one"]
+
+
+def test_minilm_fp32_on_the_cpu_runs_traced_with_the_vectors_of_sentence_transformers():
+    from vectorsync.encoders.minilm import minilm_folder
+
+    params = {"device": "cpu", "long_text": "chunk", "token_budget": 1024, "batch_size": 8}
+    traced = MiniLMEncoder(384, ["body"], params)
+    through_st = SentenceTransformerFolder(384, ["body"], {**params, "path": str(minilm_folder())})
+    frame = pd.DataFrame({"body": _mixed_texts()})
+    vectors = traced.encode(frame).vectors
+    assert traced.runs_converted
+    assert abs(vectors - through_st.encode(frame).vectors).max() < 1e-5
+
+
+def test_minilm_fp32_starts_without_transformers_once_traced(tmp_path, monkeypatch):
+    from vectorsync.encoders import traced_text
+    from vectorsync.encoders.minilm import MINILM_SHA256, minilm_folder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    traced = traced_text.traced_model(minilm_folder(), MINILM_SHA256)
+    code = (
+        "import pandas as pd\n"
+        "from vectorsync.encoders.minilm import MiniLMEncoder\n"
+        "MiniLMEncoder(384, ['body'], {'device': 'cpu'}).encode(pd.DataFrame({'body': ['a text']}))"
+    )
+    assert _imported_after(code) == {"torch"}  # the trace was cached: no transformers, no sentence-transformers
+
+    # a cached file that no longer matches its record is traced again, not loaded
+    stamp = traced.stat().st_mtime_ns
+    with traced.open("ab") as damaged:
+        damaged.write(b"x")
+    assert traced_text.traced_model(minilm_folder(), MINILM_SHA256) == traced
+    assert traced.stat().st_mtime_ns != stamp
+    record = json.loads(traced.with_suffix(".json").read_text())
+    assert file_sha256(traced) == record["sha256"]

@@ -1,0 +1,134 @@
+"""A pretrained sentence model traced to TorchScript, so that float32 on the CPU starts without
+importing transformers or sentence-transformers.
+
+Importing sentence-transformers (transformers, scipy, scikit-learn with it) took 5 to 10 s of every
+start-up of ``sync`` and ``worker``, twice to four times ``import torch``. The trace is made here, once,
+from the weights already installed (never a download): transformers' own BERT with eager attention,
+then sentence-transformers' mean pooling and L2 normalisation, recorded with ``torch.jit.trace`` on a
+padded example (every shape stays dynamic) and cached in the user cache folder (``models/``), named by
+the weights' SHA-256 and the torch and transformers versions that made it, next to a JSON record of
+its own SHA-256; a file that no longer matches its record is traced again. Running it needs only
+torch and ``tokenizers``. Its vectors equal sentence-transformers' (tests/test_startup.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vectorsync.encoders.onnx_text import cache_folder
+from vectorsync.encoders.text_input import TokenizedSentenceModel
+from vectorsync.errors import MissingExtraError
+
+#: Bumped whenever the trace changes, so cached files made by an older recipe are not reused.
+_RECIPE = 1
+
+
+def mean_pooled(folder: Path) -> Any:
+    """The folder's transformer (eager attention), then mean pooling and L2 normalisation, as one
+    torch module taking ``input_ids`` and ``attention_mask``."""
+    try:
+        import torch
+        from transformers import AutoModel
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        raise MissingExtraError("converting a pretrained text model", "text", "transformers") from None
+
+    class MeanPooled(torch.nn.Module):
+        def __init__(self, network: torch.nn.Module) -> None:
+            super().__init__()
+            self.network = network
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            states = self.network(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    verbosity = transformers_logging.get_verbosity()
+    # its "Loading weights" bar would cut into ours, and its notes on training settings mean nothing here
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    try:
+        # Eager attention, as the ONNX export uses: traced, it ran as fast as the SDPA path.
+        network = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager").eval()
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+    return MeanPooled(network).eval()
+
+
+def traced_model(folder: Path, weights_sha256: str) -> Path:
+    """The traced model file for these weights: from the cache when its record matches, else
+    traced now (seconds, once per weights and library versions)."""
+    from vectorsync.encoders.minilm import file_sha256
+
+    versions = {name: _version(name) for name in ("torch", "transformers")}
+    tag = hashlib.sha256(json.dumps([_RECIPE, versions], sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_folder() / f"{weights_sha256[:16]}-torchscript-{tag}.pt"
+    record_file = target.with_suffix(".json")
+    try:
+        record = json.loads(record_file.read_text())
+        if target.is_file() and file_sha256(target) == record.get("sha256"):
+            return target
+    except (OSError, ValueError, AttributeError):
+        pass
+    cache_folder().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_folder(), prefix=".trace-") as work:
+        made = Path(work) / "model.pt"
+        _trace(folder, made)
+        record = {"sha256": file_sha256(made), "weights_sha256": weights_sha256, **versions}
+        # Model first, then its record: a reader that finds the record finds the file it describes.
+        os.replace(made, target)
+        staged = Path(work) / "record.json"
+        staged.write_text(json.dumps(record, indent=1))
+        os.replace(staged, record_file)
+    return target
+
+
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "none"
+
+
+def _trace(folder: Path, out: Path) -> None:
+    import torch
+
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])
+    # The tracer warns about shapes it records as constants; those paths (padding the attention mask
+    # to a cache length, causal masks) never run for an encoder, and a user cannot act on them.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(mean_pooled(folder), (ids, (ids != 0).long()), check_trace=False)
+    traced.save(str(out))
+
+
+class TracedSentenceModel(TokenizedSentenceModel):
+    """A traced sentence model run by torch on the CPU (torch's threads are set by the caller)."""
+
+    def __init__(self, model_file: Path, folder: Path) -> None:
+        import torch
+
+        self.network = torch.jit.load(str(model_file), map_location="cpu").eval()
+        hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
+        super().__init__(folder, int(hidden))
+
+    def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return np.asarray(self.network(torch.from_numpy(ids), torch.from_numpy(mask)).numpy())
