@@ -4,9 +4,13 @@ Large Graphs"), in plain torch.
 A layer maps a node to ``normalise(W [h_self || AGG(h_neighbours)])`` (ReLU between layers), with
 the mean aggregator or the pool aggregator (``max(ReLU(W_pool h + b))`` over the neighbours).
 Training samples a fixed number of neighbours per hop (``fan_outs``, nearest hop first) and
-minimises the paper's unsupervised loss: nodes that co-occur on short random walks get similar
-vectors, nodes drawn from the degree^0.75 distribution get dissimilar ones. With labels it
-minimises the cross-entropy of a linear classifier on the vectors instead. Inference aggregates
+minimises an unsupervised loss on the paper's positives and negatives: nodes that co-occur on short
+random walks get similar vectors, nodes drawn from the degree^0.75 distribution dissimilar ones.
+``loss = "contrastive"`` (the default) scores each node's walk partner against the other nodes'
+partners in the batch and the sampled negatives with a softmax (InfoNCE at ``temperature``);
+``"logistic"`` is the paper's own sigmoid loss. On Cora the softmax form makes vectors whose nearest
+neighbours share a subject more often (benchmarks/RESULTS.md, issue 14). With labels it minimises
+the cross-entropy of a linear classifier on the vectors instead. Inference aggregates
 every neighbour, so a node's vector is a function of its neighbourhood alone: a new node, or one
 whose edges or features changed, is embedded by the current model without retraining.
 
@@ -248,12 +252,18 @@ class GraphSAGEEncoder(Encoder):
     def _unsupervised_loss(
         self, graph: LocalGraph, batch: np.ndarray, negatives_from: np.ndarray, rng: np.random.Generator
     ) -> Any:
+        import torch
         import torch.nn.functional as F
 
         positives = _walk_partners(graph, batch, self.options.walk_length, rng)
         negatives = rng.choice(len(negatives_from), self.options.negatives, p=negatives_from)
         z = self._sampled(graph, np.concatenate([batch, positives, negatives]), rng)
-        anchor, positive, negative = z[: len(batch)], z[len(batch) : 2 * len(batch)], z[2 * len(batch) :]
+        anchor, others = z[: len(batch)], z[len(batch) :]
+        if self.options.loss == "contrastive":
+            # row i's partner is column i; the other partners and the negatives are its rivals
+            logits = anchor @ others.T / self.options.temperature
+            return F.cross_entropy(logits, torch.arange(len(batch)))
+        positive, negative = others[: len(batch)], others[len(batch) :]
         attract = F.logsigmoid(_LOGIT_SCALE * (anchor * positive).sum(dim=1)).mean()
         repel = F.logsigmoid(-_LOGIT_SCALE * anchor @ negative.T).mean()
         return -attract - self.options.negatives * repel

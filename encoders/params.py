@@ -207,6 +207,12 @@ class GraphSAGEParams(EncoderParams):
     batch_size: int = Field(256, ge=1, description="Target nodes per training step.")
     negatives: int = Field(20, ge=1, description="Negative nodes per step (unsupervised loss).")
     walk_length: int = Field(2, ge=1, description="Random-walk steps within which two nodes count as a positive pair.")
+    loss: Literal["contrastive", "logistic"] = Field(
+        "contrastive",
+        description="Unsupervised loss: softmax of each walk partner against the batch's other partners and the "
+        "negatives, or the paper's per-pair sigmoid.",
+    )
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the contrastive loss.")
     label_column: str | None = Field(
         None, description="Train supervised on this node-table column's labels instead of the unsupervised loss."
     )
