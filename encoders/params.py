@@ -202,7 +202,9 @@ class GraphSAGEParams(EncoderParams):
         None, description="Neighbours sampled per hop while training, nearest hop first (default 25, 10, 10...)."
     )
     hidden: int = Field(128, ge=1, description="Width of the layers before the last.")
-    epochs: int = Field(20, ge=1, description="Passes over the training nodes.")
+    epochs: int = Field(
+        5, ge=1, description="Passes over the training nodes (more overfit the unsupervised loss on Cora)."
+    )
     lr: float = Field(0.01, gt=0, description="Adam learning rate.")
     batch_size: int = Field(256, ge=1, description="Target nodes per training step.")
     negatives: int = Field(20, ge=1, description="Negative nodes per step (unsupervised loss).")

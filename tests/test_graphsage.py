@@ -22,7 +22,7 @@ key = "id"
 modality = "graph"
 dim = 64
 index = "none"
-encoder = {{ type = "graphsage", epochs = {epochs}, aggregator = "{aggregator}" }}
+encoder = {{ type = "graphsage", aggregator = "{aggregator}"{options} }}
 
 [embeddings.graph]
 edges = "{edges}"
@@ -31,9 +31,10 @@ feature_columns = ["features"]
 
 
 def sage_spec(
-    name: str, table: str = "papers", edges: str = "cites", epochs: int = 10, aggregator: str = "mean"
+    name: str, table: str = "papers", edges: str = "cites", aggregator: str = "mean", options: str = ""
 ) -> str:
-    return SAGE.format(name=name, table=table, edges=edges, epochs=epochs, aggregator=aggregator)
+    """A GraphSAGE embedding of Cora; ``options`` are more encoder keys (``, key = value``)."""
+    return SAGE.format(name=name, table=table, edges=edges, aggregator=aggregator, options=options)
 
 
 def subjects(conn: psycopg.Connection, table: str = "papers") -> dict[str, int]:
@@ -48,7 +49,7 @@ def test_graphsage_on_cora_agrees_with_subjects_at_least_as_well_as_fastrp_with_
     load_cora(conn)
     conn.execute("ALTER TABLE papers ADD COLUMN known_subject integer")
     conn.execute("UPDATE papers SET known_subject = subject WHERE id % 2 = 0")
-    supervised = sage_spec("sage_supervised").replace('aggregator = "mean"', 'label_column = "known_subject"')
+    supervised = sage_spec("sage_supervised", options=', epochs = 10, label_column = "known_subject"')
     config = write_config(sage_spec("sage") + supervised + FEATURES)
     assert cli("migrate", config=config).code == 0
     for name in ("sage", "sage_supervised"):
@@ -67,6 +68,9 @@ def test_graphsage_on_cora_agrees_with_subjects_at_least_as_well_as_fastrp_with_
     print(f"\nCora 5-NN subject agreement on the papers whose subject training did not see: {agreement}")
     majority = max(np.bincount(list(labels.values()))) / len(labels)
     assert agreement["sage"] > majority + 0.4
+    # the defaults' unsupervised model against FastRP with features; seeds 0-2 measured 0.821-0.827
+    # against 0.821 (benchmarks/RESULTS.md, issue 14), so a hair of slack for another machine's float sums
+    assert agreement["sage"] >= agreement["cora_features"] - 0.005
     assert agreement["sage_supervised"] >= agreement["cora_features"]
 
 
