@@ -57,8 +57,11 @@ class Preprocessor:
     def transform(self, frame: pd.DataFrame) -> tuple[np.ndarray, dict[int, InputError]]:
         failures: dict[int, InputError] = {}
         parts: list[np.ndarray] = []
+        # one conversion of the whole frame: pandas' per-column access costs more than a row's model
+        cells = frame.to_numpy(dtype=object)
+        at = {column: i for i, column in enumerate(frame.columns.tolist())}
         for column, (mean, std) in self.numeric.items():
-            values, bad = _numeric(frame[column])
+            values, bad = _numeric(cells[:, at[column]])
             for position, reason in bad.items():
                 failures.setdefault(position, InputError(column, reason))
             missing = np.isnan(values)
@@ -70,7 +73,7 @@ class Preprocessor:
         for column, kept in self.categories.items():
             index = {value: i for i, value in enumerate(kept)}
             onehot = np.zeros((len(frame), len(kept) + 2))
-            for row, value in enumerate(frame[column].tolist()):
+            for row, value in enumerate(cells[:, at[column]].tolist()):
                 if _is_null(value):
                     onehot[row, len(kept) + 1] = 1.0
                 else:
@@ -104,9 +107,9 @@ def _category(value: Any) -> str:
     return str(value)
 
 
-def _numeric(series: pd.Series) -> tuple[np.ndarray, dict[int, str]]:
-    """Floats with NaN for NULL; non-finite or non-numeric values are reported, not imputed."""
-    values = series.to_numpy(dtype=object)
+def _numeric(values: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    """Floats with NaN for NULL (``values``: one column's cells as objects); non-finite or
+    non-numeric values are reported, not imputed."""
     null = np.fromiter((_is_null(v) for v in values), dtype=bool, count=len(values))
     try:
         out = np.where(null, np.nan, values).astype(np.float64)
@@ -210,7 +213,7 @@ class TabularAutoencoder(Encoder):
                 if column not in kinds:
                     kinds[column] = _is_numeric_column(values)
                 if kinds[column]:
-                    numbers, _ = _numeric(chunk[column])
+                    numbers, _ = _numeric(chunk[column].to_numpy(dtype=object))
                     finite = numbers[np.isfinite(numbers)]
                     numbers_of.setdefault(column, []).append(finite)
                     if finite.size < numbers.size:

@@ -30,20 +30,6 @@ log = logging.getLogger(__name__)
 #: The NOTIFY channel the capture triggers and every enqueue signal on (payload: embedding name).
 CHANNEL = "vectorsync"
 
-#: Ready items, oldest first (an item whose lease expired is ready again), locked, and kept when their
-#: key's advisory lock is free (a key locked by a concurrent lease is left for later).
-_CLAIM = """
-SELECT c.id, c.key FROM (
-    SELECT id, key FROM vectorsync.queue
-    WHERE embedding = %(name)s AND not_before <= now() AND (leased_until IS NULL OR leased_until <= now())
-    ORDER BY id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-) c
-WHERE pg_try_advisory_xact_lock(hashtextextended(%(name)s || ':' || c.key, 0))
-"""
-
-
 #: Change rows (one per captured statement) one lease spreads into the queue at most.
 SPREAD_ROWS = 1000
 
@@ -51,15 +37,16 @@ SPREAD_ROWS = 1000
 #: NULL keys (a large DELETE) stands for every key whose vector or failed item has no source row
 #: any more: one anti-join finds them. ``changes`` has no index (capture pays for none): rows are
 #: taken by ctid, in physical order, which is capture order but for reused space.
-_SPREAD = """
+_SPREAD_FROM = """
 WITH taken AS (
     DELETE FROM vectorsync.changes c
-     WHERE c.ctid = ANY (ARRAY(SELECT ctid FROM vectorsync.changes WHERE embedding = %(name)s LIMIT %(limit)s
+     WHERE c.ctid = ANY (ARRAY(SELECT ctid FROM vectorsync.changes WHERE embedding = %(name)s LIMIT %(spread)s
                                FOR UPDATE SKIP LOCKED))
     RETURNING c.keys, c.enqueued_at
 ), deleted AS (
     SELECT min(t.enqueued_at) AS enqueued_at FROM taken t WHERE t.keys IS NULL HAVING count(*) > 0
-)
+)"""
+_SPREAD_INSERT = """
 INSERT INTO vectorsync.queue (embedding, key, enqueued_at)
 SELECT %(name)s, k.key, k.enqueued_at FROM (
     SELECT k.n, k.key, t.enqueued_at FROM taken t, unnest(t.keys) WITH ORDINALITY AS k (key, n)
@@ -71,7 +58,27 @@ SELECT %(name)s, k.key, k.enqueued_at FROM (
          WHERE f.embedding = %(name)s AND NOT EXISTS (SELECT 1 FROM {source} s WHERE s.{key}::text = f.key)
     ) g
 ) k
-ORDER BY k.enqueued_at, k.n
+ORDER BY k.enqueued_at, k.n"""
+_SPREAD = _SPREAD_FROM + _SPREAD_INSERT
+
+#: The lease's first statement: spread captured keys (``_SPREAD``), then take ready items, oldest
+#: first (an item whose lease expired is ready again), those just spread included (this statement's
+#: snapshot cannot see them in the queue, so they come from the INSERT's RETURNING), locked, and kept
+#: when their key's advisory lock is free (a key locked by a concurrent lease is left for later).
+#: One statement instead of two: a round trip less for a lone change.
+_SPREAD_AND_CLAIM = _SPREAD_FROM + """, spread AS (""" + _SPREAD_INSERT + """
+    RETURNING id, key
+), ready AS (
+    SELECT id, key FROM vectorsync.queue
+    WHERE embedding = %(name)s AND not_before <= now() AND (leased_until IS NULL OR leased_until <= now())
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+SELECT c.id, c.key FROM (
+    SELECT id, key FROM ready UNION ALL SELECT id, key FROM spread ORDER BY id LIMIT %(limit)s
+) c
+WHERE pg_try_advisory_xact_lock(hashtextextended(%(name)s || ':' || c.key, 0))
 """
 
 
@@ -94,15 +101,15 @@ def lease(conn: psycopg.Connection, emb: Embedding, limit: int, seconds: float) 
     and a key with a live lease on another of its queue rows is left for later, so a key queued
     twice is encoded once per input values. The lease's end is its token (``confirm_lease``).
 
-    Two statements between BEGIN and COMMIT: claim candidates with their keys' advisory locks
-    (captured keys spread first); then lease the candidates whose key has no live lease. The
+    Two statements between BEGIN and COMMIT: spread captured keys and claim candidates with their
+    keys' advisory locks; then lease the candidates whose key has no live lease. The
     live-lease check is a statement of its own so that it sees leases committed before this
     transaction got its advisory locks.
     """
     name = emb.name
+    claim = sql.SQL(_SPREAD_AND_CLAIM).format(key=emb.key, target=emb.target, source=emb.source)
     with conn.transaction():
-        spread(conn, emb)
-        candidates = conn.execute(_CLAIM, {"name": name, "limit": limit}).fetchall()
+        candidates = conn.execute(claim, {"name": name, "limit": limit, "spread": SPREAD_ROWS}).fetchall()
         if not candidates:
             return []
         return conn.execute(
@@ -123,7 +130,7 @@ def spread(conn: psycopg.Connection, emb: Embedding, limit: int | None = SPREAD_
     ``vectorsync.changes`` into the queue; returns the number of keys queued. Rows another
     transaction is spreading are skipped, not waited for."""
     query = sql.SQL(_SPREAD).format(key=emb.key, target=emb.target, source=emb.source)
-    return conn.execute(query, {"name": emb.name, "limit": limit}).rowcount
+    return conn.execute(query, {"name": emb.name, "spread": limit}).rowcount
 
 
 def confirm_lease(conn: psycopg.Connection, ids: Sequence[int], token: datetime) -> set[int]:
@@ -137,6 +144,26 @@ def confirm_lease(conn: psycopg.Connection, ids: Sequence[int], token: datetime)
         (list(ids), token),
     ).fetchall()
     return {row[0] for row in rows}
+
+
+def confirm_lease_and_lock(
+    conn: psycopg.Connection, ids: Sequence[int], token: datetime, rows: sql.Composable, keys: Sequence[str]
+) -> tuple[set[int], dict[str, str]]:
+    """``confirm_lease``, and in the same statement the caller's row-locking ``rows`` (a SELECT of
+    ``key`` and ``value`` whose one parameter is ``keys``, such as ``sources.lock_rows_query``):
+    the ids still held, and ``rows``' values by key. A batch's write makes one round trip less."""
+    found = conn.execute(
+        sql.SQL(
+            """
+            WITH held AS (
+                SELECT id FROM vectorsync.queue WHERE id = ANY(%s) AND leased_until = %s FOR UPDATE SKIP LOCKED
+            ), locked AS ({rows})
+            SELECT id, NULL, NULL FROM held UNION ALL SELECT NULL, key, value FROM locked
+            """
+        ).format(rows=rows),
+        [list(ids), token, list(keys)],
+    ).fetchall()
+    return {i for i, _, _ in found if i is not None}, {key: value for i, key, value in found if i is None}
 
 
 def release(conn: psycopg.Connection, ids: Sequence[int], token: datetime, delay: float = 0.0) -> None:
@@ -169,22 +196,28 @@ def finish_batch(
     worker_id: str | None = None,
     embedded: int = 0,
     failed: int = 0,
+    *,
+    write: tuple[sql.Composable, Sequence[Any]] | None = None,
 ) -> None:
     """The end of a batch's write, in one round trip: forget the failed items of ``settled_keys``
     (rows that now embedded, or are gone), delete the done queue items, and move worker
-    ``worker_id``'s counters."""
+    ``worker_id``'s counters. ``write``, a statement with positional parameters (the batch's
+    ``sink.small_upsert``), runs as part of the same statement."""
+    written = sql.SQL("written AS ({}), ").format(write[0]) if write is not None else sql.SQL("")
     conn.execute(
-        """
-        WITH forgotten AS (
-            DELETE FROM vectorsync.failed WHERE embedding = %(name)s AND key = ANY(%(keys)s)
-        ), counted AS (
-            UPDATE vectorsync.workers SET embedded = embedded + %(embedded)s, failed = failed + %(failed)s
-            WHERE id = %(worker)s AND (%(embedded)s > 0 OR %(failed)s > 0)
-        )
-        DELETE FROM vectorsync.queue WHERE id = ANY(%(ids)s)
-        """,
-        {"name": name, "keys": list(settled_keys), "ids": list(done_ids), "worker": worker_id,
-         "embedded": embedded, "failed": failed},
+        sql.SQL(
+            """
+            WITH {written}forgotten AS (
+                DELETE FROM vectorsync.failed WHERE embedding = %s AND key = ANY(%s)
+            ), counted AS (
+                UPDATE vectorsync.workers SET embedded = embedded + %s, failed = failed + %s
+                WHERE id = %s AND (%s > 0 OR %s > 0)
+            )
+            DELETE FROM vectorsync.queue WHERE id = ANY(%s)
+            """
+        ).format(written=written),
+        [*(write[1] if write is not None else ()), name, list(settled_keys), embedded, failed, worker_id,
+         embedded, failed, list(done_ids)],
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -145,18 +146,12 @@ def upsert(
     """
     if len(keys) == 0:
         return 0
-    if vectors.shape != (len(keys), emb.spec.dim):
-        raise ValueError(
-            f"embedding {emb.name!r}: got vectors of shape {vectors.shape}, expected ({len(keys)}, {emb.spec.dim})"
-        )
-    if emb.text_search is not None and texts is None:
-        raise ValueError(f"embedding {emb.name!r} keeps keyword search: pass the rows' texts")
-    bodies = texts if emb.text_search is not None else None
-    hashes = input_hashes if input_hashes is not None else [None] * len(keys)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    keywords = _Keywords(emb, only_older)
     if len(keys) <= SMALL_WRITE:
-        return _upsert_values(conn, emb, keys, vectors, model_version, hashes, bodies, keywords)
+        query, params = small_upsert(conn, emb, keys, vectors, model_version, input_hashes, texts=texts,
+                                     only_older=only_older)
+        return conn.execute(query, params).rowcount
+    vectors, hashes, bodies = _checked(emb, keys, vectors, input_hashes, texts)
+    keywords = _Keywords(emb, only_older)
     _ensure_stage(conn)
     with conn.cursor() as cur:
         body = sql.SQL(", body") if bodies is not None else sql.SQL("")
@@ -196,42 +191,64 @@ def upsert(
     return written
 
 
-def _upsert_values(
+def _checked(
+    emb: Embedding,
+    keys: Sequence[str],
+    vectors: np.ndarray,
+    input_hashes: Sequence[str | None] | None,
+    texts: Sequence[str] | None,
+) -> tuple[np.ndarray, Sequence[str | None], Sequence[str] | None]:
+    """An upsert's vectors as contiguous float32, its hashes and its keyword texts (None without
+    keyword search), after checking that they fit ``emb``."""
+    if vectors.shape != (len(keys), emb.spec.dim):
+        raise ValueError(
+            f"embedding {emb.name!r}: got vectors of shape {vectors.shape}, expected ({len(keys)}, {emb.spec.dim})"
+        )
+    if emb.text_search is not None and texts is None:
+        raise ValueError(f"embedding {emb.name!r} keeps keyword search: pass the rows' texts")
+    hashes = input_hashes if input_hashes is not None else [None] * len(keys)
+    return np.ascontiguousarray(vectors, dtype=np.float32), hashes, texts if emb.text_search is not None else None
+
+
+def small_upsert(
     conn: psycopg.Connection,
     emb: Embedding,
     keys: Sequence[str],
     vectors: np.ndarray,
     model_version: int,
-    hashes: Sequence[str | None],
-    bodies: Sequence[str] | None,
-    keywords: _Keywords,
-) -> int:
-    """The upsert of a few rows as one statement: no staging table to create, fill and empty."""
+    input_hashes: Sequence[str | None] | None = None,
+    *,
+    texts: Sequence[str] | None = None,
+    only_older: bool = False,
+) -> tuple[sql.Composed, list[Any]]:
+    """``upsert`` of a few rows (up to ``SMALL_WRITE``) as one INSERT statement and its positional
+    parameters, for ``conn``: no staging table to create, fill and empty. A caller may run it as
+    part of a larger statement (the worker ends a lone change's batch with one)."""
+    vectors, hashes, bodies = _checked(emb, keys, vectors, input_hashes, texts)
+    keywords = _Keywords(emb, only_older)
     _register_dumper(conn)
     row = sql.SQL("(CAST(%s AS {ktype}), %b, CAST(%s AS integer), CAST(%s AS text), now(){keywords})").format(
         ktype=emb.key_sql_type, keywords=keywords.value(sql.SQL("CAST(%s AS text)"))
     )
-    texts: Sequence[str | None] = bodies if bodies is not None else [None] * len(keys)
-    cur = conn.execute(
-        sql.SQL(
-            """
-            INSERT INTO {target} AS t ({key}, embedding, model_version, input_hash, embedded_at{columns}) VALUES {rows}
-            {on_conflict}
-            """
-        ).format(
-            target=emb.target,
-            key=emb.key,
-            columns=keywords.column,
-            rows=sql.SQL(", ").join([row] * len(keys)),
-            on_conflict=_on_conflict(emb, keywords),
-        ),
-        [
-            value
-            for key, vector, digest, body in zip(keys, vectors, hashes, texts, strict=True)
-            for value in (key, vector, model_version, digest, *([body] if bodies is not None else []))
-        ],
+    texts_or_none: Sequence[str | None] = bodies if bodies is not None else [None] * len(keys)
+    query = sql.SQL(
+        """
+        INSERT INTO {target} AS t ({key}, embedding, model_version, input_hash, embedded_at{columns}) VALUES {rows}
+        {on_conflict}
+        """
+    ).format(
+        target=emb.target,
+        key=emb.key,
+        columns=keywords.column,
+        rows=sql.SQL(", ").join([row] * len(keys)),
+        on_conflict=_on_conflict(emb, keywords),
     )
-    return cur.rowcount
+    params = [
+        value
+        for key, vector, digest, body in zip(keys, vectors, hashes, texts_or_none, strict=True)
+        for value in (key, vector, model_version, digest, *([body] if bodies is not None else []))
+    ]
+    return query, params
 
 
 def _on_conflict(emb: Embedding, keywords: _Keywords) -> sql.Composable:

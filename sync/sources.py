@@ -22,6 +22,7 @@ import psycopg
 from psycopg import sql
 
 from vectorsync.encoders.base import InputError
+from vectorsync.migrations.operations import SEARCH_COLUMN
 from vectorsync.sync import queue
 from vectorsync.sync.catalog import Embedding
 from vectorsync.sync.spec import MediaSpec, SpecError, TextSpec
@@ -48,45 +49,67 @@ def _names(cur: psycopg.Cursor[Any]) -> list[str]:
     return [d.name for d in cur.description or ()]
 
 
-def _frame(cur: psycopg.Cursor[Any]) -> pd.DataFrame:
-    return pd.DataFrame(cur.fetchall(), columns=_names(cur), dtype=object)
-
-
 def read_rows(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> pd.DataFrame:
     """The source rows with these (text) keys, read without locking them: a row the application
     holds locked is read as last committed, never waited for."""
+    return read_rows_and_hashes(conn, emb, keys, [])[0]
+
+
+def read_rows_and_hashes(
+    conn: psycopg.Connection, emb: Embedding, keys: Sequence[str], stored: Sequence[tuple[Embedding, int] | None]
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """``read_rows``, and for each ``(target, model version)`` of ``stored`` the input hashes
+    stored with those keys' vectors from that model version, by key (empty for a None entry), all
+    read by one statement: a lone change's batch makes one round trip less."""
     if emb.spec.encoder_type == "graphsage":
         from vectorsync.sync.graph_sage import read_neighbourhoods
 
-        return read_neighbourhoods(conn, emb, list(keys))
+        return read_neighbourhoods(conn, emb, list(keys)), [{} for _ in stored]
+    wanted = [(i, target) for i, target in enumerate(stored) if target is not None]
+    hashes = [
+        sql.SQL("(SELECT t.input_hash FROM {tgt} t WHERE t.{key} = s.{key} AND t.model_version = %s "
+                "AND t.input_hash IS NOT NULL{keywords}) AS {name}").format(
+            tgt=target.target,
+            key=target.key,
+            keywords=sql.SQL(" AND t.{} IS NOT NULL").format(sql.Identifier(SEARCH_COLUMN))
+            if target.text_search else sql.SQL(""),
+            name=sql.Identifier(f"__stored_{i}__"),
+        )
+        for i, (target, _) in wanted
+    ]
+    columns = sql.SQL(", ").join([_select_columns(emb), *hashes])
     with conn.cursor(binary=True) as cur:
         cur.execute(
             sql.SQL("SELECT {cols} FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr}))").format(
-                cols=_select_columns(emb), src=emb.source, key=emb.key, karr=emb.key_array_type
+                cols=columns, src=emb.source, key=emb.key, karr=emb.key_array_type
             ),
-            (list(keys),),
+            [*[version for _, (_, version) in wanted], list(keys)],
         )
-        return _frame(cur)
+        rows = cur.fetchall()
+        names = _names(cur)
+    found: list[dict[str, str]] = [{} for _ in stored]
+    if wanted:
+        width = len(names) - len(wanted)
+        for position, (i, _) in enumerate(wanted):
+            found[i] = {row[0]: row[width + position] for row in rows if row[width + position] is not None}
+        rows = [row[:width] for row in rows]
+        names = names[:width]
+    return pd.DataFrame(rows, columns=names, dtype=object), found
 
 
-def lock_rows(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> dict[str, str]:
-    """Lock the rows with these keys ``FOR SHARE SKIP LOCKED`` until the transaction ends; returns
-    their current input hash by key.
+def lock_rows_query(emb: Embedding) -> sql.Composed:
+    """A SELECT that locks the rows with the keys of its one parameter (text keys) ``FOR SHARE SKIP
+    LOCKED`` until the transaction ends, and returns their ``key`` and current input hash as ``value``
+    (run by ``queue.confirm_lease_and_lock``).
 
     Held only while a batch writes its vectors: a concurrent UPDATE or DELETE waits for that write
     (so it re-queues or removes the vector after it, never before), and a row the application holds
     locked is skipped instead of waited for.
     """
-    if not keys:
-        return {}
-    rows = conn.execute(
-        sql.SQL(
-            "SELECT s.{key}::text, {hash} FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr})) "
-            "FOR SHARE OF s SKIP LOCKED"
-        ).format(key=emb.key, hash=emb.input_hash_expr("s"), src=emb.source, karr=emb.key_array_type),
-        (list(keys),),
-    ).fetchall()
-    return {key: digest for key, digest in rows}
+    return sql.SQL(
+        "SELECT s.{key}::text AS key, {hash} AS value FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr})) "
+        "FOR SHARE OF s SKIP LOCKED"
+    ).format(key=emb.key, hash=emb.input_hash_expr("s"), src=emb.source, karr=emb.key_array_type)
 
 
 def existing_keys(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> set[str]:

@@ -31,7 +31,6 @@ from psycopg import sql
 
 from vectorsync.encoders.base import Encoder, InputError, check_finite
 from vectorsync.errors import VectorsyncError
-from vectorsync.migrations.operations import SEARCH_COLUMN
 from vectorsync.sync import generations, models, queue, sink, sources
 from vectorsync.sync.catalog import Embedding, NotMigrated, broken_reason, fingerprint, load, recorded_inputs
 from vectorsync.sync.db import DatabaseError, connect
@@ -308,12 +307,13 @@ def _read(conn: psycopg.Connection, emb: Embedding, cache: ModelCache, keys: lis
     # with a current plan, the reads need no transaction of their own (two round trips saved)
     with nullcontext() if plan is not None and conn.autocommit else conn.transaction():
         targets = plan.targets if plan is not None else live_targets(conn, emb, cache)
-        read = sources.read_rows(conn, emb, keys)
-        current = [(t, _stored_hashes(conn, t.emb, keys, t.version)) for t in targets]
+        read, stored = sources.read_rows_and_hashes(
+            conn, emb, keys, [(t.emb, t.version) if _keeps_hashes(t.emb) else None for t in targets]
+        )
     generations = []
-    for live, rows in current:
+    for live, rows in zip(targets, stored, strict=True):
         # each generation's frame gets its own copy (references are resolved into it)
-        frame, unchanged = _without_unchanged(read.copy() if len(current) > 1 else read, rows)
+        frame, unchanged = _without_unchanged(read.copy() if len(targets) > 1 else read, rows)
         generations.append((live, frame, unchanged))
     return _Rows(read, generations)
 
@@ -354,9 +354,12 @@ def _write(
     read = source.read
     hashes = dict(zip(read[sources.KEY].tolist(), read[sources.HASH].tolist(), strict=True))
     with conn.transaction():
-        held = queue.confirm_lease(conn, [i for k in keys for i in lease.claims[k].ids], lease.token)
+        # rows of keys whose lease is lost are locked too, until this short transaction ends: that
+        # saves the round trip of locking after the lease is confirmed
+        held, current = queue.confirm_lease_and_lock(
+            conn, [i for k in keys for i in lease.claims[k].ids], lease.token, sources.lock_rows_query(emb), keys
+        )
         mine = [k for k in keys if any(i in held for i in lease.claims[k].ids)]
-        current = sources.lock_rows(conn, emb, mine)
         locked = sources.existing_keys(conn, emb, [k for k in mine if k not in current])
         gone = [k for k in mine if k not in current and k not in locked]
         changed = [k for k in mine if k in current and k in hashes and current[k] != hashes[k]]
@@ -364,13 +367,19 @@ def _write(
         queue.release(conn, [i for k in changed for i in lease.claims[k].ids], lease.token)
         result.requeued += len(locked) + len(changed)
         writable = {k for k in mine if k in current and k not in changed}
+        # the last generation's upsert of a few rows runs inside finish_batch's statement
+        last: tuple[sql.Composable, list[Any]] | None = None
         for position, (target, version, frame, unchanged, vectors, failures) in enumerate(encoded):
             deleted = sink.delete_keys(conn, target, gone)
             frame_keys = frame[sources.KEY].tolist()
             rows = [i for i, k in enumerate(frame_keys) if k in writable and i not in failures]
             good = [frame_keys[i] for i in rows]
             texts = sources.search_texts(target, frame, rows)
-            sink.upsert(conn, target, good, vectors[rows], version, [hashes[k] for k in good], texts=texts)
+            good_hashes = [hashes[k] for k in good]
+            if position == len(encoded) - 1 and 0 < len(good) <= sink.SMALL_WRITE:
+                last = sink.small_upsert(conn, target, good, vectors[rows], version, good_hashes, texts=texts)
+            else:
+                sink.upsert(conn, target, good, vectors[rows], version, good_hashes, texts=texts)
             if position == 0:  # what the generation in service got is what the batch reports
                 result.deleted += deleted
                 result.unchanged += len([k for k in unchanged if k in writable])
@@ -394,7 +403,8 @@ def _write(
         done += [i for k in gone for i in lease.claims[k].ids]
         # a row that embedded, or is gone, is no failed item any more
         queue.finish_batch(
-            conn, emb.name, [*good, *gone], [i for i in done if i in held], worker_id, embedded_now, failed_now
+            conn, emb.name, [*good, *gone], [i for i in done if i in held], worker_id, embedded_now, failed_now,
+            write=last,
         )
 
 
@@ -537,28 +547,18 @@ def advance_generation(conn: psycopg.Connection, emb: Embedding, cache: ModelCac
     return True
 
 
-def _stored_hashes(conn: psycopg.Connection, emb: Embedding, keys: list[str], version: int) -> dict[str, str]:
-    """The input hashes stored with ``keys``' vectors from model ``version``, by key; none where
-    every row is encoded anyway: inputs read from files are always re-encoded (a file can change
-    while its path, and so the input hash, stays the same), and a graph node's vector also depends
-    on its neighbours, which its input hash does not cover."""
-    if getattr(emb.spec, "path_column", None) is not None or emb.spec.modality == "graph" or not keys:
-        return {}
-    # a row whose keyword column migrate just made is embedded again: that fills it
-    keywords = sql.SQL(" AND {} IS NOT NULL").format(sql.Identifier(SEARCH_COLUMN)) if emb.text_search else sql.SQL("")
-    rows = conn.execute(
-        sql.SQL(
-            "SELECT {key}::text, input_hash FROM {tgt} WHERE {key} = ANY(CAST(%s AS {karr})) "
-            "AND model_version = %s AND input_hash IS NOT NULL{keywords}"
-        ).format(key=emb.key, tgt=emb.target, karr=emb.key_array_type, keywords=keywords),
-        (keys, version),
-    ).fetchall()
-    return dict(rows)
+def _keeps_hashes(emb: Embedding) -> bool:
+    """Whether a row whose stored input hash matches is left as it is. Not where every row is
+    encoded anyway: inputs read from files are always re-encoded (a file can change while its path,
+    and so the input hash, stays the same), and a graph node's vector also depends on its
+    neighbours, which its input hash does not cover. A row whose keyword column migrate just made
+    is embedded again too: that fills it (``read_rows_and_hashes`` reads no hash for it)."""
+    return getattr(emb.spec, "path_column", None) is None and emb.spec.modality != "graph"
 
 
 def _without_unchanged(frame: pd.DataFrame, stored: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
     """Drop rows whose stored vector already comes from the same model version and the same input
-    values (``stored``: input hash by key, from ``_stored_hashes``).
+    values (``stored``: input hash by key, from ``sources.read_rows_and_hashes``).
 
     A key queued twice (an insert, then an update processed in another batch) is then encoded once
     per model version and input values.
@@ -566,10 +566,10 @@ def _without_unchanged(frame: pd.DataFrame, stored: dict[str, str]) -> tuple[pd.
     if not stored or frame.empty:
         return frame, []
     keys, hashes = frame[sources.KEY].tolist(), frame[sources.HASH].tolist()
-    same = np.array([stored.get(k) == h for k, h in zip(keys, hashes, strict=True)], dtype=bool)
-    if not same.any():  # the usual case for a real change: nothing to drop, no copy
+    same = [stored.get(k) == h for k, h in zip(keys, hashes, strict=True)]
+    if not any(same):  # the usual case for a real change: nothing to drop, no copy
         return frame, []
-    return frame[~same].reset_index(drop=True), [k for k, s in zip(keys, same, strict=True) if s]
+    return frame[~np.array(same)].reset_index(drop=True), [k for k, s in zip(keys, same, strict=True) if s]
 
 
 def encode_frame(
@@ -606,7 +606,8 @@ def first_encode_seconds() -> float | None:
 def _encode_rows(
     encoder: Encoder, frame: pd.DataFrame, rows: list[int], dim: int, vectors: np.ndarray, found: dict[int, InputError]
 ) -> None:
-    subset = frame.iloc[rows].reset_index(drop=True)
+    # a frame that is all good rows (a lone change) goes as it is: pandas' copy costs more than the model
+    subset = frame if len(rows) == len(frame) else frame.iloc[rows].reset_index(drop=True)
     try:
         result = encoder.encode(subset)
         if result.vectors.shape != (len(rows), dim):
