@@ -146,6 +146,34 @@ def test_a_stored_model_embeds_the_same_as_the_trained_one() -> None:
         np.testing.assert_allclose(again.embed(graph, np.arange(300)), encoder.embed(graph, np.arange(300)), atol=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["contrastive", "logistic"])
+def test_either_unsupervised_loss_finds_communities_the_features_barely_show(loss: str) -> None:
+    """Two communities joined by a few edges; each node's features are its community's direction
+    under heavy noise. The vectors' nearest neighbours come from the node's own community far more
+    often than the raw features' do."""
+    rng = np.random.default_rng(3)
+    community = np.repeat([0, 1], 150)
+    src, dst = rng.integers(0, 300, 3000), rng.integers(0, 300, 3000)
+    kept = (community[src] == community[dst]) | (rng.random(3000) < 0.03)
+    features = np.where(community[:, None] == 0, 0.3, -0.3) + rng.normal(size=(300, 8))
+    graph = LocalGraph.from_edges(features, src[kept], dst[kept], "undirected")
+    encoder = GraphSAGEEncoder(16, ["f"], {"type": "graphsage", "loss": loss, "epochs": 3})
+    encoder.fit(lambda: iter([frame_of(graph, [str(i) for i in range(300)], np.arange(300), "k")]))
+    vectors = encoder.embed(graph, np.arange(300))
+    assert np.isfinite(vectors).all()
+    assert _same_community_share(features, community) < 0.8
+    assert _same_community_share(vectors, community) > 0.9
+
+
+def _same_community_share(vectors: np.ndarray, community: np.ndarray) -> float:
+    """Share of each node's 5 nearest (cosine) that belong to its community."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = np.argsort(-similarity, axis=1)[:, :5]
+    return float((community[nearest] == community[:, None]).mean())
+
+
 def test_inference_over_a_neighbourhood_equals_the_whole_graph() -> None:
     """A node's vector from its local L-hop graph (what the worker reads) is its whole-graph vector."""
     rng = np.random.default_rng(4)
