@@ -221,6 +221,56 @@ def finish_batch(
     )
 
 
+#: The condition under which ``finish_current``'s ``write`` writes: true when the batch is current.
+BATCH_CURRENT = sql.SQL("(SELECT current FROM batch)")
+
+
+def finish_current(
+    conn: psycopg.Connection,
+    name: str,
+    ids: Sequence[int],
+    token: datetime,
+    rows: sql.Composable,
+    expected: dict[str, str],
+    write: tuple[sql.Composable, Sequence[Any]],
+    worker_id: str | None = None,
+) -> bool:
+    """A batch's whole write as one statement, made only when the batch is current: every item in
+    ``ids`` still leased under ``token``, and ``rows`` (as for ``confirm_lease_and_lock``) finds
+    every key of ``expected`` unlocked and with the expected value (the input hash that was
+    encoded). Then ``write`` (a statement with positional parameters that writes only under
+    ``BATCH_CURRENT``, such as ``sink.small_upsert``'s) runs, the items are deleted, the keys'
+    failed items forgotten and worker ``worker_id``'s counter moves by the number of keys.
+
+    Returns whether it was made. One statement needs no transaction opened and committed: a lone
+    change's write is one round trip instead of four. When the batch is not current nothing is
+    written, and the caller settles it item by item (``finish_batch`` and its companions)."""
+    keys = list(expected)
+    row = conn.execute(
+        sql.SQL(
+            """
+            WITH held AS (
+                SELECT id FROM vectorsync.queue WHERE id = ANY(%s) AND leased_until = %s FOR UPDATE SKIP LOCKED
+            ), locked AS ({rows}), batch AS (
+                SELECT (SELECT count(*) FROM held) = %s AND (
+                    SELECT count(*) FROM locked l JOIN unnest(CAST(%s AS text[]), CAST(%s AS text[])) AS e (key, value)
+                    ON e.key = l.key AND e.value = l.value) = %s AS current
+            ), written AS ({write}), forgotten AS (
+                DELETE FROM vectorsync.failed WHERE embedding = %s AND key = ANY(%s) AND {current}
+            ), counted AS (
+                UPDATE vectorsync.workers SET embedded = embedded + %s WHERE id = %s AND {current}
+            ), done AS (
+                DELETE FROM vectorsync.queue WHERE id = ANY(%s) AND {current}
+            )
+            SELECT {current}
+            """
+        ).format(rows=rows, write=write[0], current=BATCH_CURRENT),
+        [list(ids), token, keys, len(ids), keys, [expected[k] for k in keys], len(keys), *write[1],
+         name, keys, len(keys), worker_id, list(ids)],
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def record_attempt(
     conn: psycopg.Connection, name: str, key: str, column: str | None, message: str, attempt: int
 ) -> None:

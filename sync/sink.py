@@ -220,10 +220,12 @@ def small_upsert(
     *,
     texts: Sequence[str] | None = None,
     only_older: bool = False,
+    when: sql.Composable | None = None,
 ) -> tuple[sql.Composed, list[Any]]:
     """``upsert`` of a few rows (up to ``SMALL_WRITE``) as one INSERT statement and its positional
     parameters, for ``conn``: no staging table to create, fill and empty. A caller may run it as
-    part of a larger statement (the worker ends a lone change's batch with one)."""
+    part of a larger statement (the worker ends a lone change's batch with one), which ``when``, a
+    condition, can make write nothing."""
     vectors, hashes, bodies = _checked(emb, keys, vectors, input_hashes, texts)
     keywords = _Keywords(emb, only_older)
     _register_dumper(conn)
@@ -233,14 +235,14 @@ def small_upsert(
     texts_or_none: Sequence[str | None] = bodies if bodies is not None else [None] * len(keys)
     query = sql.SQL(
         """
-        INSERT INTO {target} AS t ({key}, embedding, model_version, input_hash, embedded_at{columns}) VALUES {rows}
+        INSERT INTO {target} AS t ({key}, embedding, model_version, input_hash, embedded_at{columns}) {rows}
         {on_conflict}
         """
     ).format(
         target=emb.target,
         key=emb.key,
         columns=keywords.column,
-        rows=sql.SQL(", ").join([row] * len(keys)),
+        rows=_values(sql.SQL(", ").join([row] * len(keys)), when),
         on_conflict=_on_conflict(emb, keywords),
     )
     params = [
@@ -249,6 +251,12 @@ def small_upsert(
         for value in (key, vector, model_version, digest, *([body] if bodies is not None else []))
     ]
     return query, params
+
+
+def _values(rows: sql.Composable, when: sql.Composable | None) -> sql.Composed:
+    if when is None:
+        return sql.SQL("VALUES {}").format(rows)
+    return sql.SQL("SELECT * FROM (VALUES {}) AS v WHERE {}").format(rows, when)
 
 
 def _on_conflict(emb: Embedding, keywords: _Keywords) -> sql.Composable:

@@ -353,6 +353,8 @@ def _write(
         )
     read = source.read
     hashes = dict(zip(read[sources.KEY].tolist(), read[sources.HASH].tolist(), strict=True))
+    if _write_current(conn, emb, lease, keys, hashes, encoded, result, worker_id):
+        return
     with conn.transaction():
         # rows of keys whose lease is lost are locked too, until this short transaction ends: that
         # saves the round trip of locking after the lease is confirmed
@@ -406,6 +408,44 @@ def _write(
             conn, emb.name, [*good, *gone], [i for i in done if i in held], worker_id, embedded_now, failed_now,
             write=last,
         )
+
+
+def _write_current(
+    conn: psycopg.Connection,
+    emb: Embedding,
+    lease: _Lease,
+    keys: list[str],
+    hashes: dict[str, str],
+    encoded: _Encoded,
+    result: BatchResult,
+    worker_id: str | None,
+) -> bool:
+    """The write of a lone change, or of a few: in one statement, when the batch is whole (one
+    generation, every key read and encoded, none unchanged or failed) and still current (leases held,
+    rows unlocked and unchanged; see ``queue.finish_current``). False when it wrote nothing: the
+    caller's transaction then settles the batch key by key."""
+    if len(encoded) != 1:
+        return False
+    target, version, frame, unchanged, vectors, failures = encoded[0]
+    frame_keys = frame[sources.KEY].tolist()
+    if failures or unchanged or len(frame_keys) > sink.SMALL_WRITE or sorted(frame_keys) != sorted(keys):
+        return False
+    texts = sources.search_texts(target, frame, list(range(len(frame_keys))))
+    write = sink.small_upsert(
+        conn, target, frame_keys, vectors, version, [hashes[k] for k in frame_keys], texts=texts,
+        when=queue.BATCH_CURRENT,
+    )
+    ids = [i for k in keys for i in lease.claims[k].ids]
+    expected = {k: hashes[k] for k in frame_keys}
+    # on an autocommit session (a worker's) the statement is its own transaction
+    with nullcontext() if conn.autocommit else conn.transaction():
+        written = queue.finish_current(
+            conn, emb.name, ids, lease.token, sources.lock_rows_query(emb), expected, write, worker_id
+        )
+    if not written:
+        return False
+    result.embedded += len(frame_keys)
+    return True
 
 
 def _count_work(conn: psycopg.Connection, worker_id: str | None, embedded: int, failed: int) -> None:
