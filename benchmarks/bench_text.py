@@ -146,11 +146,13 @@ def _wait(condition, seconds: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def _first_batch(output: str) -> float:
-    found = re.search(r"first batch began encoding \d+\.\ds and was written (\d+\.\d)s", output)
+def _first_batch(output: str) -> tuple[float, float]:
+    """When the first batch began encoding (start-up done: model loaded, batch read) and when it was
+    written (its encoding included: 2,048 rows for a `sync`'s bulk path, 256 for a worker)."""
+    found = re.search(r"first batch began encoding (\d+\.\d)s and was written (\d+\.\d)s", output)
     if found is None:
         raise RuntimeError(f"no time to first batch in the command's output: {output[-2000:]}")
-    return float(found.group(1))
+    return float(found.group(1)), float(found.group(2))
 
 
 def _cli(url: str, config: Path, *args: str, log: Path | None = None) -> subprocess.Popen:
@@ -210,8 +212,10 @@ def against_sentence_transformers(
                st, baseline, "ratio ≥ 1.0"),
         Figure("text peers", f"`sync` texts/s incl. start-up, {len(texts):,} texts, {label}, HNSW", sync_rate,
                "texts/s", st, baseline, "ratio ≥ 0.8"),
-        Figure("text peers", f"worker: time to first batch, {label}", worker_first, "s", target="≤ 2 s"),
-        Figure("text peers", f"`sync`: time to first batch, {label}", sync_first, "s", target="≤ 2 s"),
+        Figure("text peers", f"worker: first batch began encoding, {label}", worker_first[0], "s", target="≤ 2 s"),
+        Figure("text peers", f"worker: first batch written, {label}", worker_first[1], "s"),
+        Figure("text peers", f"`sync`: first batch began encoding, {label}", sync_first[0], "s", target="≤ 2 s"),
+        Figure("text peers", f"`sync`: first batch written, {label}", sync_first[1], "s"),
     ]
 
 

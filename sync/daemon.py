@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from vectorsync.sync import models
-from vectorsync.sync.metrics import WorkerMetrics
 from vectorsync.sync.spec import Config, GraphEmbeddingSpec
 from vectorsync.sync.worker import Worker, first_encode_seconds
 
@@ -32,8 +31,11 @@ def run_workers(
     console: Console | None = None,
 ) -> None:
     specs = config.select(list(names) if names else None)
-    metrics = WorkerMetrics() if metrics_port else None
-    if metrics is not None and metrics_port:
+    metrics = None
+    if metrics_port:
+        from vectorsync.sync.metrics import WorkerMetrics  # prometheus_client: only with a metrics port
+
+        metrics = WorkerMetrics()
         metrics.serve(metrics_port)
     models.share_threads(concurrency)
     # torch itself (seconds to import) is set up when a model that runs on it loads

@@ -89,9 +89,9 @@ def test_sync_and_worker_report_the_time_to_their_first_batch(conn, db_url, tmp_
 HEAVY = ("alembic", "sqlalchemy", "torch", "sentence_transformers", "transformers")
 
 
-def _imported_after(code: str) -> set[str]:
-    """The heavy libraries a fresh interpreter holds after running ``code``."""
-    probe = f"import sys\n{code}\nprint('imported:', *[m for m in {HEAVY!r} if m in sys.modules])"
+def _imported_after(code: str, modules: tuple[str, ...] = HEAVY) -> set[str]:
+    """Which of ``modules`` (the heavy libraries) a fresh interpreter holds after running ``code``."""
+    probe = f"import sys\n{code}\nprint('imported:', *[m for m in {modules!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return set(done.stdout.splitlines()[-1].split()[1:])
@@ -109,6 +109,7 @@ def test_the_worker_and_sync_code_paths_import_neither_alembic_nor_sqlalchemy_no
     # torch and sentence-transformers come with the first model a batch loads, Alembic with `migrate`
     code = "import vectorsync.sync.daemon, vectorsync.sync.service, vectorsync.sync.worker, vectorsync.sync.bulk"
     assert _imported_after(code) == set()
+    assert _imported_after(code, ("prometheus_client",)) == set()  # only a worker with --metrics-port needs it
 
 
 def test_the_alembic_operations_are_registered_inside_an_alembic_run():
