@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from vectorsync.migrations.operations import SEARCH_COLUMN
-from vectorsync.sync.catalog import Embedding
+from vectorsync.sync.catalog import Embedding, statement
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,10 @@ def lease(conn: psycopg.Connection, emb: Embedding, limit: int, seconds: float) 
     transaction got its advisory locks.
     """
     name = emb.name
-    claim = sql.SQL(_SPREAD_AND_CLAIM).format(key=emb.key, target=emb.target, source=emb.source)
+    claim = statement(
+        ("claim", emb.shape),
+        lambda: sql.SQL(_SPREAD_AND_CLAIM).format(key=emb.key, target=emb.target, source=emb.source),
+    )
     with conn.transaction():
         candidates = conn.execute(claim, {"name": name, "limit": limit, "spread": SPREAD_ROWS}).fetchall()
         if not candidates:

@@ -24,7 +24,7 @@ from psycopg import sql
 from vectorsync.encoders.base import InputError
 from vectorsync.migrations.operations import SEARCH_COLUMN
 from vectorsync.sync import queue
-from vectorsync.sync.catalog import Embedding
+from vectorsync.sync.catalog import Embedding, statement
 from vectorsync.sync.spec import MediaSpec, SpecError, TextSpec
 
 KEY = "__key__"
@@ -66,25 +66,27 @@ def read_rows_and_hashes(
 
         return read_neighbourhoods(conn, emb, list(keys)), [{} for _ in stored]
     wanted = [(i, target) for i, target in enumerate(stored) if target is not None]
-    hashes = [
-        sql.SQL("(SELECT t.input_hash FROM {tgt} t WHERE t.{key} = s.{key} AND t.model_version = %s "
-                "AND t.input_hash IS NOT NULL{keywords}) AS {name}").format(
-            tgt=target.target,
-            key=target.key,
-            keywords=sql.SQL(" AND t.{} IS NOT NULL").format(sql.Identifier(SEARCH_COLUMN))
-            if target.text_search else sql.SQL(""),
-            name=sql.Identifier(f"__stored_{i}__"),
+
+    def compose() -> sql.Composed:
+        hashes = [
+            sql.SQL("(SELECT t.input_hash FROM {tgt} t WHERE t.{key} = s.{key} AND t.model_version = %s "
+                    "AND t.input_hash IS NOT NULL{keywords}) AS {name}").format(
+                tgt=target.target,
+                key=target.key,
+                keywords=sql.SQL(" AND t.{} IS NOT NULL").format(sql.Identifier(SEARCH_COLUMN))
+                if target.text_search else sql.SQL(""),
+                name=sql.Identifier(f"__stored_{i}__"),
+            )
+            for i, (target, _) in wanted
+        ]
+        return sql.SQL("SELECT {cols} FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr}))").format(
+            cols=sql.SQL(", ").join([_select_columns(emb), *hashes]), src=emb.source, key=emb.key,
+            karr=emb.key_array_type,
         )
-        for i, (target, _) in wanted
-    ]
-    columns = sql.SQL(", ").join([_select_columns(emb), *hashes])
+
+    shape = ("read", emb.shape, tuple((i, target.shape) for i, (target, _) in wanted))
     with conn.cursor(binary=True) as cur:
-        cur.execute(
-            sql.SQL("SELECT {cols} FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr}))").format(
-                cols=columns, src=emb.source, key=emb.key, karr=emb.key_array_type
-            ),
-            [*[version for _, (_, version) in wanted], list(keys)],
-        )
+        cur.execute(statement(shape, compose), [*[version for _, (_, version) in wanted], list(keys)])
         rows = cur.fetchall()
         names = _names(cur)
     found: list[dict[str, str]] = [{} for _ in stored]
@@ -97,7 +99,7 @@ def read_rows_and_hashes(
     return pd.DataFrame(rows, columns=names, dtype=object), found
 
 
-def lock_rows_query(emb: Embedding) -> sql.Composed:
+def lock_rows_query(emb: Embedding) -> sql.SQL:
     """A SELECT that locks the rows with the keys of its one parameter (text keys) ``FOR SHARE SKIP
     LOCKED`` until the transaction ends, and returns their ``key`` and current input hash as ``value``
     (run by ``queue.confirm_lease_and_lock``).
@@ -106,10 +108,10 @@ def lock_rows_query(emb: Embedding) -> sql.Composed:
     (so it re-queues or removes the vector after it, never before), and a row the application holds
     locked is skipped instead of waited for.
     """
-    return sql.SQL(
+    return statement(("lock", emb.shape), lambda: sql.SQL(
         "SELECT s.{key}::text AS key, {hash} AS value FROM {src} s WHERE s.{key} = ANY(CAST(%s AS {karr})) "
         "FOR SHARE OF s SKIP LOCKED"
-    ).format(key=emb.key, hash=emb.input_hash_expr("s"), src=emb.source, karr=emb.key_array_type)
+    ).format(key=emb.key, hash=emb.input_hash_expr("s"), src=emb.source, karr=emb.key_array_type))
 
 
 def existing_keys(conn: psycopg.Connection, emb: Embedding, keys: Sequence[str]) -> set[str]:
