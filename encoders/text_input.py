@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,9 +145,11 @@ class TokenizedSentenceModel:
         finally:
             self.tokenizer.enable_truncation(max_length=self.max_seq_length)
 
-    def encode(self, texts: list[str], token_budget: int, max_rows: int) -> np.ndarray:
-        """L2-normalised vectors, run in passes of similar length (``token_batches``)."""
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+    def passes(
+        self, texts: list[str], token_budget: int, max_rows: int
+    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+        """Forward passes of similar length (``token_batches``): the texts' positions, their token
+        ids padded to the pass's longest text, and the attention mask."""
         encodings = self.tokenizer.encode_batch(texts)
         for rows in token_batches([len(e.ids) for e in encodings], token_budget, max_rows):
             width = max(len(encodings[i].ids) for i in rows)
@@ -157,6 +159,12 @@ class TokenizedSentenceModel:
                 tokens = encodings[i].ids
                 ids[row, : len(tokens)] = tokens
                 mask[row, : len(tokens)] = 1
+            yield rows, ids, mask
+
+    def encode(self, texts: list[str], token_budget: int, max_rows: int) -> np.ndarray:
+        """L2-normalised vectors, run in passes of similar length."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for rows, ids, mask in self.passes(texts, token_budget, max_rows):
             out[rows] = self.run(ids, mask)
         return out
 
