@@ -136,16 +136,18 @@ def spread(conn: psycopg.Connection, emb: Embedding, limit: int | None = SPREAD_
     return conn.execute(query, {"name": emb.name, "spread": limit}).rowcount
 
 
+#: The leased rows still held under a token (parameters: ids, token), locked; skipped when another
+#: transaction holds them.
+_HELD = sql.SQL("SELECT id FROM vectorsync.queue WHERE id = ANY(%s) AND leased_until = %s FOR UPDATE SKIP LOCKED")
+
+
 def confirm_lease(conn: psycopg.Connection, ids: Sequence[int], token: datetime) -> set[int]:
     """Lock the leased rows still held under ``token`` (inside the write transaction); returns their ids.
 
     Rows whose lease expired and went to another worker, or that were deleted (TRUNCATE), are
     missing: their work is not written twice.
     """
-    rows = conn.execute(
-        "SELECT id FROM vectorsync.queue WHERE id = ANY(%s) AND leased_until = %s FOR UPDATE SKIP LOCKED",
-        (list(ids), token),
-    ).fetchall()
+    rows = conn.execute(_HELD, (list(ids), token)).fetchall()
     return {row[0] for row in rows}
 
 
@@ -158,12 +160,10 @@ def confirm_lease_and_lock(
     found = conn.execute(
         sql.SQL(
             """
-            WITH held AS (
-                SELECT id FROM vectorsync.queue WHERE id = ANY(%s) AND leased_until = %s FOR UPDATE SKIP LOCKED
-            ), locked AS ({rows})
+            WITH held AS ({held}), locked AS ({rows})
             SELECT id, NULL, NULL FROM held UNION ALL SELECT NULL, key, value FROM locked
             """
-        ).format(rows=rows),
+        ).format(held=_HELD, rows=rows),
         [list(ids), token, list(keys)],
     ).fetchall()
     return {i for i, _, _ in found if i is not None}, {key: value for i, key, value in found if i is None}
@@ -252,9 +252,7 @@ def finish_current(
     row = conn.execute(
         sql.SQL(
             """
-            WITH held AS (
-                SELECT id FROM vectorsync.queue WHERE id = ANY(%s) AND leased_until = %s FOR UPDATE SKIP LOCKED
-            ), locked AS ({rows}), batch AS (
+            WITH held AS ({held}), locked AS ({rows}), batch AS (
                 SELECT (SELECT count(*) FROM held) = %s AND (
                     SELECT count(*) FROM locked l JOIN unnest(CAST(%s AS text[]), CAST(%s AS text[])) AS e (key, value)
                     ON e.key = l.key AND e.value = l.value) = %s AS current
@@ -267,7 +265,7 @@ def finish_current(
             )
             SELECT {current}
             """
-        ).format(rows=rows, write=write[0], current=BATCH_CURRENT),
+        ).format(held=_HELD, rows=rows, write=write[0], current=BATCH_CURRENT),
         [list(ids), token, keys, len(ids), keys, [expected[k] for k in keys], len(keys), *write[1],
          name, keys, len(keys), worker_id, list(ids)],
     ).fetchone()
