@@ -136,9 +136,13 @@ def spread(conn: psycopg.Connection, emb: Embedding, limit: int | None = SPREAD_
     return conn.execute(query, {"name": emb.name, "spread": limit}).rowcount
 
 
-#: The leased rows still held under a token (parameters: ids, token), locked; skipped when another
-#: transaction holds them.
-_HELD = sql.SQL("SELECT id FROM vectorsync.queue WHERE id = ANY(%s) AND leased_until = %s FOR UPDATE SKIP LOCKED")
+#: The leased rows still held under a token (parameters: ids, token), locked. A row locked by
+#: another transaction is waited for, not skipped: a concurrent claim whose snapshot predates this
+#: lease locks the row for a moment (its ``FOR UPDATE SKIP LOCKED`` locks before it rechecks the
+#: lease), and skipping it left the item leased, unworked, until its lease expired. The wait is
+#: short and cannot deadlock: claims never wait for a lock, and a writer locks only rows still
+#: leased under its own token.
+_HELD = sql.SQL("SELECT id FROM vectorsync.queue WHERE id = ANY(%s) AND leased_until = %s ORDER BY id FOR UPDATE")
 
 
 def confirm_lease(conn: psycopg.Connection, ids: Sequence[int], token: datetime) -> set[int]:

@@ -8,6 +8,7 @@ and settles its item as a batch of many would.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
 import psycopg
@@ -118,3 +119,28 @@ def test_a_batch_whose_lease_another_worker_took_writes_nothing_and_leaves_the_i
     assert (result.embedded, result.requeued, result.deleted) == (0, 0, 0)
     assert stored(conn, 7) == before
     assert queued(conn, 7) == 1
+
+
+def test_a_queue_row_locked_for_a_moment_by_another_session_is_waited_for_not_left_leased(
+    conn, db_url, items, while_encoding
+):
+    """A concurrent claim whose snapshot predates this batch's lease locks the leased row for a
+    moment (``FOR UPDATE SKIP LOCKED`` locks, then rechecks the lease). The write waits for it: a
+    write that skipped the row left the item leased, unworked, until its lease expired (4 workers
+    on a backlog stalled for a minute at a time)."""
+    claimer = psycopg.connect(db_url)
+    released = threading.Timer(0.5, claimer.commit)
+
+    def lock_the_queue_row() -> None:
+        claimer.execute("SELECT 1 FROM vectorsync.queue WHERE key = '7' FOR UPDATE")
+        released.start()
+
+    try:
+        while_encoding(lock_the_queue_row)
+        result = one_batch(db_url, items)
+    finally:
+        released.join()
+        claimer.close()
+    assert (result.embedded, result.requeued) == (1, 0)
+    assert stored(conn, 7) == input_hash_of(conn, 7)
+    assert queued(conn, 7) == 0
