@@ -31,7 +31,10 @@ from tests.worker_support import (
 
 def test_four_worker_processes_embed_every_change_exactly_once(conn, db_url, tmp_path):
     create_items(conn, 2000)  # written before migrate: no trigger saw them, the workers' backfill must
-    config = items_spec(tmp_path / "vectorsync.toml", batch_size=100)
+    # Leases outlast the test: an item left leased by a batch that did not settle it (as a write
+    # that skipped a row a concurrent claim locked for a moment once did) is never taken over, and
+    # the drain times out instead of merely slowing down.
+    config = items_spec(tmp_path / "vectorsync.toml", batch_size=100, deadline=3600)
     prepare(db_url, config)
     # 20k inserts, each chunk followed by an update of half its keys: a key's two queue entries sit
     # close together, so they often land in batches that different workers claim at the same time.

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 ITEMS_SPEC = """
 [worker]
 batch_size = {batch_size}
+batch_deadline_seconds = {deadline}
 max_wait_ms = 10
 poll_seconds = 1.0
 max_attempts = 3
@@ -44,8 +45,13 @@ encoder = {{ type = "autoencoder", seed = 1, epochs = {epochs}, hidden = [16] }}
 """
 
 
-def items_spec(path: Path, *, batch_size: int = 100, index: str = "hnsw", epochs: int = 3) -> Path:
-    path.write_text(textwrap.dedent(ITEMS_SPEC.format(batch_size=batch_size, index=index, epochs=epochs)))
+def items_spec(
+    path: Path, *, batch_size: int = 100, index: str = "hnsw", epochs: int = 3, deadline: float = 60.0
+) -> Path:
+    """The ``items`` spec; ``deadline`` is ``batch_deadline_seconds``, how long a lease lasts."""
+    path.write_text(
+        textwrap.dedent(ITEMS_SPEC.format(batch_size=batch_size, index=index, epochs=epochs, deadline=deadline))
+    )
     return path
 
 
