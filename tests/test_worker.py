@@ -63,7 +63,8 @@ def test_four_worker_processes_embed_every_change_exactly_once(conn, db_url, tmp
 
 def test_sigkill_mid_batch_loses_nothing_and_duplicates_nothing(conn, db_url, tmp_path):
     create_items(conn, 400)
-    config = items_spec(tmp_path / "vectorsync.toml", batch_size=200, index="none")
+    # the killed batch's items wait for its lease to expire: 10 s, not the default minute
+    config = items_spec(tmp_path / "vectorsync.toml", batch_size=200, index="none", deadline=10)
     prepare(db_url, config)
     add_slow_writes(conn, 0.4)
     insert_items(conn, 400, 2600)
