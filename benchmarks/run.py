@@ -31,6 +31,7 @@ BENCHMARKS = {
     "hybrid": "benchmarks.bench_hybrid",
     "storage": "benchmarks.bench_storage",
     "gpu": "benchmarks.bench_gpu",
+    "workers": "benchmarks.bench_workers",
 }
 
 
