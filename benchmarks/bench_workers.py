@@ -119,7 +119,9 @@ def run(data_dir: Path, quick: bool, repo: Path = REPO) -> list[Figure]:
         config = Path(scratch) / "vectorsync.toml"
         config.write_text(textwrap.dedent(SPEC))
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CREATE TABLE items (id integer PRIMARY KEY, a real, b double precision, c numeric, kind text)")
+            conn.execute(
+                "CREATE TABLE items (id integer PRIMARY KEY, a real, b double precision, c numeric, kind text)"
+            )
             conn.execute(INSERT, (0, 2000))
             for args in (["migrate"], ["train", "items"], ["sync"]):
                 code = main_entry(["--config", str(config), "--database-url", url, *args])
