@@ -39,9 +39,8 @@ def leases_in_flight(conn: psycopg.Connection) -> int:
 
 def test_a_pipelined_worker_killed_mid_run_loses_and_duplicates_nothing(conn, db_url, tmp_path):
     create_items(conn, 400)
-    config = items_spec(tmp_path / "vectorsync.toml", batch_size=100)
     # the killed worker's leases (up to three batches) expire soon, so the restarted worker need not wait long
-    config.write_text(config.read_text().replace("[worker]\n", "[worker]\nbatch_deadline_seconds = 5\n"))
+    config = items_spec(tmp_path / "vectorsync.toml", batch_size=100, deadline=5)
     prepare(db_url, config)
     add_slow_writes(conn, 0.3)
     insert_items(conn, 400, 1600)
