@@ -35,7 +35,6 @@ import os
 import random
 import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +60,12 @@ _RECIPE = 3
 _CONVERTERS = ("onnxruntime", "onnx", "torch", "transformers")
 
 
-def _versions() -> dict[str, str]:
+def library_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """The installed version of each library ("none" when it is not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for name in _CONVERTERS:
+    for name in names:
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -79,38 +79,60 @@ def cache_folder() -> Path:
     return Path(user_cache_dir("vectorsync")) / "models"
 
 
+def cache_tag(recipe: int, versions: dict[str, str]) -> str:
+    """A short name part for files made by ``recipe`` with these library versions."""
+    return hashlib.sha256(json.dumps([recipe, versions], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cached_sha256(target: Path) -> str | None:
+    """The SHA-256 that ``target``'s record (``.json`` beside it) gives, when the file is there and
+    still matches it; None when it must be made (again)."""
+    from vectorsync.encoders.minilm import file_sha256
+
+    try:
+        record = json.loads(target.with_suffix(".json").read_text())
+        if target.is_file() and file_sha256(target) == record.get("sha256"):
+            return str(record["sha256"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def store_cached(made: Path, target: Path, record: dict[str, Any]) -> str:
+    """Move a just-made file to ``target`` and write its record (its SHA-256 and ``record``);
+    returns the SHA-256. The model goes first, then its record: a reader that finds the record
+    finds the file it describes."""
+    digest = _sha256(made)
+    os.replace(made, target)
+    staged = made.with_name(f".{target.name}.json")
+    staged.write_text(json.dumps({"sha256": digest, **record}, indent=1))
+    os.replace(staged, target.with_suffix(".json"))
+    return digest
+
+
 def converted_model(folder: Path, weights_sha256: str, precision: str) -> tuple[Path, str]:
     """The converted model file for these weights and precision, and its SHA-256: taken from the
     cache when its record matches, else converted now (tens of seconds, once; both precisions are
     made and cached together, since int8 starts from the optimised float32 graph)."""
-    from vectorsync.encoders.minilm import file_sha256
-
     if precision not in ONNX_PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(ONNX_PRECISIONS)}, got {precision!r}")
-    versions = _versions()
-    tag = hashlib.sha256(json.dumps([_RECIPE, versions], sort_keys=True).encode()).hexdigest()[:12]
+    versions = library_versions(_CONVERTERS)
+    tag = cache_tag(_RECIPE, versions)
 
     def cached(kind: str) -> Path:
         return cache_folder() / f"{weights_sha256[:16]}-{kind}-{tag}.onnx"
 
     target = cached(precision)
-    try:
-        record = json.loads(target.with_suffix(".json").read_text())
-        if target.is_file() and file_sha256(target) == record.get("sha256"):
-            return target, str(record["sha256"])
-    except (OSError, ValueError, AttributeError):
-        pass
+    digest = cached_sha256(target)
+    if digest is not None:
+        return target, digest
     cache_folder().mkdir(parents=True, exist_ok=True)
     digests: dict[str, str] = {}
     with tempfile.TemporaryDirectory(dir=cache_folder(), prefix=".convert-") as work:
         for kind, made in _convert(folder, Path(work)).items():
-            digests[kind] = _sha256(made)
-            record = {"sha256": digests[kind], "weights_sha256": weights_sha256, "precision": kind, **versions}
-            # Model first, then its record: a reader that finds the record finds the file it describes.
-            os.replace(made, cached(kind))
-            staged = Path(work) / f"{kind}.json"
-            staged.write_text(json.dumps(record, indent=1))
-            os.replace(staged, cached(kind).with_suffix(".json"))
+            digests[kind] = store_cached(
+                made, cached(kind), {"weights_sha256": weights_sha256, "precision": kind, **versions}
+            )
     return target, digests[precision]
 
 
@@ -124,7 +146,7 @@ def _sha256(path: Path) -> str:
 
 def _convert(folder: Path, work: Path) -> dict[str, Path]:
     """Both converted models, by precision, written under ``work``."""
-    from vectorsync.encoders.traced_text import mean_pooled
+    from vectorsync.encoders.traced_text import example_input, mean_pooled, quiet_tracing
 
     try:
         import torch
@@ -139,14 +161,10 @@ def _convert(folder: Path, work: Path) -> dict[str, Path]:
     # Attention op; the SDPA path exports a graph it cannot fuse (1.4x slower).
     pooled = mean_pooled(folder)
     exported = work / "exported.onnx"
-    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])
-    # The tracer warns about shapes it records as constants; those paths (padding the attention mask
-    # to a cache length, causal masks) never run for an encoder, and a user cannot act on them.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_tracing():
         torch.onnx.export(
             pooled,
-            (ids, (ids != 0).long()),
+            example_input(),
             str(exported),
             input_names=["input_ids", "attention_mask"],
             output_names=["embedding"],

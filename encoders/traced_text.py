@@ -13,18 +13,17 @@ torch and ``tokenizers``. Its vectors equal sentence-transformers' (tests/test_s
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import tempfile
 import warnings
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vectorsync.encoders.onnx_text import cache_folder
+from vectorsync.encoders.onnx_text import cache_folder, cache_tag, cached_sha256, library_versions, store_cached
 from vectorsync.encoders.text_input import TokenizedSentenceModel
 from vectorsync.errors import MissingExtraError
 
@@ -70,50 +69,47 @@ def mean_pooled(folder: Path) -> Any:
     return MeanPooled(network).eval()
 
 
+def example_input() -> tuple[Any, Any]:
+    """Token ids and attention mask of two short padded texts, to trace or export a model with
+    (every shape stays dynamic)."""
+    import torch
+
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])
+    return ids, (ids != 0).long()
+
+
+@contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """No gradients, and none of the tracer's warnings about shapes it records as constants: those
+    paths (padding the attention mask to a cache length, causal masks) never run for an encoder,
+    and a user cannot act on them."""
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def traced_model(folder: Path, weights_sha256: str) -> Path:
     """The traced model file for these weights: from the cache when its record matches, else
     traced now (seconds, once per weights and library versions)."""
-    from vectorsync.encoders.minilm import file_sha256
-
-    versions = {name: _version(name) for name in ("torch", "transformers")}
-    tag = hashlib.sha256(json.dumps([_RECIPE, versions], sort_keys=True).encode()).hexdigest()[:12]
-    target = cache_folder() / f"{weights_sha256[:16]}-torchscript-{tag}.pt"
-    record_file = target.with_suffix(".json")
-    try:
-        record = json.loads(record_file.read_text())
-        if target.is_file() and file_sha256(target) == record.get("sha256"):
-            return target
-    except (OSError, ValueError, AttributeError):
-        pass
+    versions = library_versions(("torch", "transformers"))
+    target = cache_folder() / f"{weights_sha256[:16]}-torchscript-{cache_tag(_RECIPE, versions)}.pt"
+    if cached_sha256(target) is not None:
+        return target
     cache_folder().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_folder(), prefix=".trace-") as work:
         made = Path(work) / "model.pt"
         _trace(folder, made)
-        record = {"sha256": file_sha256(made), "weights_sha256": weights_sha256, **versions}
-        # Model first, then its record: a reader that finds the record finds the file it describes.
-        os.replace(made, target)
-        staged = Path(work) / "record.json"
-        staged.write_text(json.dumps(record, indent=1))
-        os.replace(staged, record_file)
+        store_cached(made, target, {"weights_sha256": weights_sha256, **versions})
     return target
-
-
-def _version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "none"
 
 
 def _trace(folder: Path, out: Path) -> None:
     import torch
 
-    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])
-    # The tracer warns about shapes it records as constants; those paths (padding the attention mask
-    # to a cache length, causal masks) never run for an encoder, and a user cannot act on them.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(mean_pooled(folder), (ids, (ids != 0).long()), check_trace=False)
+    with quiet_tracing():
+        traced = torch.jit.trace(mean_pooled(folder), example_input(), check_trace=False)
     traced.save(str(out))
 
 
