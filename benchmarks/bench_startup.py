@@ -12,7 +12,6 @@ The baseline is a bare ``python -c pass``, started the same way in the same roun
 from __future__ import annotations
 
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -22,12 +21,11 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from benchmarks.common import Figure, scratch_database
+from benchmarks.common import FIRST_BATCH, Figure, scratch_database
 
 TABLE = "startup_texts"
 ROWS_PER_ROUND = 256  # one worker batch
 PRECISIONS = ("fp32", "int8", "bf16")
-_FIRST = re.compile(r"first batch began encoding (\d+\.\d)s and was written (\d+\.\d)s")
 
 
 def _config(path: Path) -> Path:
@@ -59,7 +57,7 @@ def _sync(url: str, config: Path, name: str) -> tuple[float, float]:
         [sys.executable, "-m", "vectorsync", "--config", str(config), "sync", name],
         env=_env(url), capture_output=True, text=True, timeout=900,
     )
-    found = _FIRST.search(done.stdout + done.stderr)
+    found = FIRST_BATCH.search(done.stdout + done.stderr)
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"sync {name} failed: {(done.stdout + done.stderr)[-2000:]}")
     return float(found.group(1)), float(found.group(2))
@@ -73,7 +71,7 @@ def _worker(url: str, config: Path, name: str, log: Path) -> tuple[float, float]
         )
     try:
         deadline = time.monotonic() + 900
-        while (found := _FIRST.search(log.read_text(errors="replace"))) is None:
+        while (found := FIRST_BATCH.search(log.read_text(errors="replace"))) is None:
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker {name} wrote no first batch: {log.read_text()[-2000:]}")
             time.sleep(0.1)

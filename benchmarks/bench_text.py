@@ -17,7 +17,6 @@ The corpus-trained LSTM is compared with its own ``encoder.encode`` through the 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from benchmarks.common import Figure, scratch_database, timer
+from benchmarks.common import FIRST_BATCH, Figure, scratch_database, timer
 
 BATCH = 2048  # the ``vectorsync sync`` default
 
@@ -149,7 +148,7 @@ def _wait(condition, seconds: float, what: str) -> None:
 def _first_batch(output: str) -> tuple[float, float]:
     """When the first batch began encoding (start-up done: model loaded, batch read) and when it was
     written (its encoding included: 2,048 rows for a `sync`'s bulk path, 256 for a worker)."""
-    found = re.search(r"first batch began encoding (\d+\.\d)s and was written (\d+\.\d)s", output)
+    found = FIRST_BATCH.search(output)
     if found is None:
         raise RuntimeError(f"no time to first batch in the command's output: {output[-2000:]}")
     return float(found.group(1)), float(found.group(2))

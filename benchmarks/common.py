@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,6 +13,10 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+#: The line ``sync`` and ``worker`` print about their first batch: (began encoding, written), in
+#: seconds since the command started.
+FIRST_BATCH = re.compile(r"first batch began encoding (\d+\.\d)s and was written (\d+\.\d)s")
 
 
 @dataclass
